@@ -1,0 +1,27 @@
+// The growdense operator schemas. Kernels register themselves per device in
+// csrc/cpu/ and csrc/cuda/; fake (meta) kernels and autograd live in growdense/ops.py.
+#include <torch/library.h>
+
+TORCH_LIBRARY(growdense, m) {
+  m.set_python_module("growdense.ops");
+  // y = act(x @ weight[:active_out, :active_in]^T + bias[:active_out])
+  m.def("linear(Tensor x, Tensor weight, Tensor? bias, int active_in, int active_out, str activation) -> Tensor");
+  // Gradients of `linear`: (grad_x, grad_weight, grad_bias). grad_weight and grad_bias
+  // have the capacity shapes and are zero outside the active block. `out` is the
+  // forward's output (needed for relu). An output not asked for in output_mask is
+  // returned empty.
+  m.def(
+      "linear_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor? out, int active_in, "
+      "int active_out, str activation, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  // The same two ops as plain loops: the reference every other kernel is tested against.
+  m.def(
+      "linear_reference(Tensor x, Tensor weight, Tensor? bias, int active_in, int active_out, "
+      "str activation) -> Tensor");
+  m.def(
+      "linear_backward_reference(Tensor grad_out, Tensor x, Tensor weight, Tensor? out, int active_in, "
+      "int active_out, str activation, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  // Fills self[row_start:row_end, col_start:col_end] with N(0, std^2) in place.
+  m.def(
+      "normal_block_(Tensor(a!) self, int row_start, int row_end, int col_start, int col_end, float std, "
+      "Generator? generator=None) -> ()");
+}

@@ -1,0 +1,9 @@
+"""growdense: dense layers that grow and shrink in place while they train."""
+
+from ._extension import build_info, cuda_available, cuda_built
+from .layers import GrowLinear
+from . import ops
+
+__version__ = build_info()["version"]
+
+__all__ = ["GrowLinear", "ops", "build_info", "cuda_available", "cuda_built", "__version__"]

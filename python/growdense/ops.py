@@ -1,0 +1,136 @@
+"""The growdense operators: Python entry points, fake kernels and autograd.
+
+The kernels are registered in C++ (``csrc/``) under the ``growdense`` namespace; this
+module gives them shape inference (so they trace under ``torch.compile``) and
+derivatives.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import _extension  # noqa: F401  (loads the operator library)
+
+__all__ = ["linear", "linear_reference", "normal_block_", "ACTIVATIONS"]
+
+ACTIVATIONS = ("none", "relu")
+
+
+def _activation_name(activation: Optional[str]) -> str:
+    name = "none" if activation is None else activation
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; expected None, 'none' or 'relu'")
+    return name
+
+
+def linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    active_in: int,
+    active_out: int,
+    activation: Optional[str] = None,
+) -> Tensor:
+    """``act(x @ weight[:active_out, :active_in].T + bias[:active_out])``.
+
+    ``weight`` (capacity_out, capacity_in) and ``bias`` (capacity_out) are read in
+    place; ``x`` has shape (..., active_in) and the result (..., active_out).
+    Differentiable in ``x``, ``weight`` and ``bias``; the gradients of ``weight`` and
+    ``bias`` have their capacity shapes and are zero outside the active block.
+    """
+    return torch.ops.growdense.linear(x, weight, bias, active_in, active_out, _activation_name(activation))
+
+
+def linear_reference(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    active_in: int,
+    active_out: int,
+    activation: Optional[str] = None,
+) -> Tensor:
+    """The plain-loop CPU reference of :func:`linear` (differentiable likewise)."""
+    return torch.ops.growdense.linear_reference(
+        x, weight, bias, active_in, active_out, _activation_name(activation)
+    )
+
+
+def normal_block_(
+    tensor: Tensor,
+    rows: tuple[int, int],
+    cols: tuple[int, int],
+    std: float,
+    generator: Optional[torch.Generator] = None,
+) -> Tensor:
+    """Fill ``tensor[rows[0]:rows[1], cols[0]:cols[1]]`` with N(0, std²) in place."""
+    torch.ops.growdense.normal_block_(tensor, rows[0], rows[1], cols[0], cols[1], float(std), generator)
+    return tensor
+
+
+def _out_shape(x: Tensor, active_out: int) -> list:
+    return [*x.shape[:-1], active_out]
+
+
+def _linear_fake(x, weight, bias, active_in, active_out, activation):
+    torch._check(x.shape[-1] == active_in, lambda: f"input has {x.shape[-1]} features, expected {active_in}")
+    torch._check(x.dtype == weight.dtype, lambda: f"input dtype {x.dtype} differs from weight dtype {weight.dtype}")
+    return x.new_empty(_out_shape(x, active_out))
+
+
+def _linear_backward_fake(grad_out, x, weight, out, active_in, active_out, activation, output_mask):
+    grad_x = x.new_empty(x.shape) if output_mask[0] else x.new_empty(0)
+    grad_w = weight.new_empty(weight.shape) if output_mask[1] else x.new_empty(0)
+    grad_b = weight.new_empty(weight.shape[0]) if output_mask[2] else x.new_empty(0)
+    return grad_x, grad_w, grad_b
+
+
+def _normal_block_fake(tensor, row_start, row_end, col_start, col_end, std, generator=None):
+    return None
+
+
+for _name in ("linear", "linear_reference"):
+    torch.library.register_fake(f"growdense::{_name}")(_linear_fake)
+for _name in ("linear_backward", "linear_backward_reference"):
+    torch.library.register_fake(f"growdense::{_name}")(_linear_backward_fake)
+torch.library.register_fake("growdense::normal_block_")(_normal_block_fake)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, active_in, active_out, activation = inputs
+    ctx.widths = (active_in, active_out)
+    ctx.activation = activation
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(x, weight, output if activation == "relu" else None)
+
+
+def _make_backward(backward_op):
+    def backward(ctx, grad_out):
+        x, weight, out = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        mask = [need_x, need_w, need_b and ctx.has_bias]
+        grad_x, grad_w, grad_b = backward_op(grad_out, x, weight, out, *ctx.widths, ctx.activation, mask)
+        return (
+            grad_x if mask[0] else None,
+            grad_w if mask[1] else None,
+            grad_b if mask[2] else None,
+            None,
+            None,
+            None,
+        )
+
+    return backward
+
+
+torch.library.register_autograd(
+    "growdense::linear",
+    _make_backward(torch.ops.growdense.linear_backward),
+    setup_context=_setup_context,
+)
+torch.library.register_autograd(
+    "growdense::linear_reference",
+    _make_backward(torch.ops.growdense.linear_backward_reference),
+    setup_context=_setup_context,
+)
