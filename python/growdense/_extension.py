@@ -24,11 +24,16 @@ def _release(version: str) -> str:
     return version.split("+")[0]
 
 
-if _release(_C.torch_version) != _release(torch.__version__):
-    raise ImportError(
-        f"growdense was built against torch {_C.torch_version} but torch {torch.__version__} is "
-        f"installed; a C++ extension only loads under the torch it was compiled for. {_REBUILD}"
-    )
+def check_torch_version(built: str, installed: str) -> None:
+    """Raise ImportError when the extension was built for another torch release."""
+    if _release(built) != _release(installed):
+        raise ImportError(
+            f"growdense was built against torch {built} but torch {installed} is installed; "
+            f"a C++ extension only loads under the torch it was compiled for. {_REBUILD}"
+        )
+
+
+check_torch_version(_C.torch_version, torch.__version__)
 
 # Next to _C, which an editable install keeps apart from the Python sources.
 _library = next(Path(_C.__file__).parent.glob("libgrowdense_ops*.so"), None)
