@@ -7,3 +7,6 @@ from . import ops
 __version__ = build_info()["version"]
 
 __all__ = ["GrowLinear", "ops", "build_info", "cuda_available", "cuda_built", "__version__"]
+from .wiring import Wiring
+from .schedule import GrowthEvent, GrowthSchedule
+from . import init_strategies, optim_state

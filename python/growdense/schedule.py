@@ -1,0 +1,240 @@
+"""``GrowthSchedule``: when hidden widths shrink and grow, by epoch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping, Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from .wiring import Wiring
+
+__all__ = ["GrowthEvent", "GrowthSchedule"]
+
+
+@dataclass(frozen=True)
+class GrowthEvent:
+    """What happens at the start of (0-based) ``epoch``: first shrink, then grow.
+
+    ``shrink_to`` maps hidden widths to the width they are cut to; ``grow_by`` maps hidden
+    widths to the number of neurons then added.
+    """
+
+    epoch: int
+    shrink_to: Mapping[str, int] = field(default_factory=dict)
+    grow_by: Mapping[str, int] = field(default_factory=dict)
+
+
+def _ints(what: str, values: Sequence[int], count: int) -> list[int]:
+    values = list(values)
+    if len(values) != count:
+        raise ValueError(f"{what} has {len(values)} values for {count} hidden widths")
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{what} must hold ints, got {value!r}")
+    return values
+
+
+class GrowthSchedule:
+    """Hidden widths as a function of the epoch, and the events that change them.
+
+    Build one with :meth:`grow_every` (the study's Approach 1) or :meth:`prune_then_regrow`
+    (Approach 2), or directly from initial widths and :class:`GrowthEvent` s. At the start of
+    each epoch call :meth:`apply`; it changes the wiring only at event epochs.
+
+    Args:
+        initial: ``{name: width}`` during epoch 0 (before any event).
+        events: the events, at distinct epochs >= 0 (an event at epoch 0 applies at the
+            start of training, before the first step).
+    """
+
+    def __init__(self, initial: Mapping[str, int], events: Sequence[GrowthEvent] = ()) -> None:
+        self._initial = dict(initial)
+        for name, width in self._initial.items():
+            if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+                raise ValueError(f"initial width of {name!r} must be an int >= 1, got {width!r}")
+        epochs = [event.epoch for event in events]
+        if len(set(epochs)) != len(epochs):
+            raise ValueError(f"two events share an epoch: {sorted(epochs)}")
+        self._events = sorted(events, key=lambda event: event.epoch)
+        widths = dict(self._initial)
+        for event in self._events:
+            if isinstance(event.epoch, bool) or not isinstance(event.epoch, int) or event.epoch < 0:
+                raise ValueError(f"event epochs must be ints >= 0, got {event.epoch!r}")
+            for name in (*event.shrink_to, *event.grow_by):
+                if name not in widths:
+                    raise ValueError(f"event at epoch {event.epoch} names {name!r}, which has no initial width")
+            for name, to in event.shrink_to.items():
+                if not 1 <= to <= widths[name]:
+                    raise ValueError(
+                        f"event at epoch {event.epoch} shrinks {name!r} to {to}, but it is {widths[name]} wide"
+                    )
+                widths[name] = to
+            for name, n in event.grow_by.items():
+                if n < 0:
+                    raise ValueError(f"event at epoch {event.epoch} grows {name!r} by {n} < 0")
+                widths[name] += n
+
+    # ---- the study's two approaches ------------------------------------------------
+    @classmethod
+    def grow_every(
+        cls,
+        names: Sequence[str],
+        start: Sequence[int],
+        step: Sequence[int],
+        target: Sequence[int],
+        every: int,
+    ) -> "GrowthSchedule":
+        """Start at ``start``; every ``every`` epochs add ``step`` until ``target`` (Approach 1).
+
+        Growth happens at the start of epochs ``every, 2*every, ...``; a width that would pass
+        its target grows only up to it. ``grow_every(["h1", "h2"], (32, 16), (32, 16),
+        (256, 128), 25)`` gives 32/16 during epochs 0-24, 64/32 during 25-49, ...,
+        256/128 from epoch 175 (7 growths).
+        """
+        names = list(names)
+        start, step, target = (_ints(w, v, len(names)) for w, v in (("start", start), ("step", step), ("target", target)))
+        cls._check_every(every)
+        for name, s, d, t in zip(names, start, step, target):
+            if d < 1 or not 1 <= s <= t:
+                raise ValueError(f"{name!r}: need step >= 1 and 1 <= start <= target, got {s}, {d}, {t}")
+        return cls(dict(zip(names, start)), cls._regrow_events(names, start, step, target, every, every))
+
+    @classmethod
+    def prune_then_regrow(
+        cls,
+        names: Sequence[str],
+        full: Sequence[int],
+        cut_to: Sequence[int],
+        step: Sequence[int],
+        at: int,
+        every: int,
+    ) -> "GrowthSchedule":
+        """Start at ``full``; at epoch ``at`` cut to ``cut_to`` and regrow by ``step`` (Approach 2).
+
+        At the start of epoch ``at`` each width is shrunk to ``cut_to`` and, in the same
+        event, grown by ``step``; then it grows by ``step`` every ``every`` epochs until
+        ``full``. ``prune_then_regrow(["h1", "h2"], (256, 128), (32, 16), (32, 16), at=25,
+        every=25)`` gives 256/128 during epochs 0-24, 64/32 during 25-49, ..., 256/128 from
+        epoch 175 (Table 2 of the study).
+        """
+        names = list(names)
+        full, cut_to, step = (_ints(w, v, len(names)) for w, v in (("full", full), ("cut_to", cut_to), ("step", step)))
+        cls._check_every(every)
+        if isinstance(at, bool) or not isinstance(at, int) or at < 0:
+            raise ValueError(f"at must be an int >= 0, got {at!r}")
+        for name, f, c, d in zip(names, full, cut_to, step):
+            if d < 1 or not 1 <= c <= f:
+                raise ValueError(f"{name!r}: need step >= 1 and 1 <= cut_to <= full, got {f}, {c}, {d}")
+        events = cls._regrow_events(names, cut_to, step, full, at, every)
+        cut = dict(zip(names, cut_to))
+        if events and events[0].epoch == at:
+            events[0] = GrowthEvent(at, cut, events[0].grow_by)
+        else:
+            events.insert(0, GrowthEvent(at, cut, {}))
+        return cls(dict(zip(names, full)), events)
+
+    @staticmethod
+    def _check_every(every: int) -> None:
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"every must be an int >= 1, got {every!r}")
+
+    @staticmethod
+    def _regrow_events(names, start, step, target, first: int, every: int) -> list[GrowthEvent]:
+        widths = dict(zip(names, start))
+        events, epoch = [], first
+        while any(widths[n] < t for n, t in zip(names, target)):
+            grow = {}
+            for name, d, t in zip(names, step, target):
+                n = min(d, t - widths[name])
+                if n > 0:
+                    grow[name] = n
+                    widths[name] += n
+            events.append(GrowthEvent(epoch, {}, grow))
+            epoch += every
+        return events
+
+    # ---- queries ---------------------------------------------------------------------
+    @property
+    def events(self) -> list[GrowthEvent]:
+        """The events, by epoch."""
+        return list(self._events)
+
+    def names(self) -> list[str]:
+        return list(self._initial)
+
+    def initial_widths(self) -> dict[str, int]:
+        """Widths during epoch 0, before any event (build the model at these)."""
+        return dict(self._initial)
+
+    def widths_at(self, epoch: int) -> dict[str, int]:
+        """The widths in effect during (0-based) ``epoch``, after that epoch's event."""
+        widths = dict(self._initial)
+        for event in self._events:
+            if event.epoch > epoch:
+                break
+            widths.update(event.shrink_to)
+            for name, n in event.grow_by.items():
+                widths[name] += n
+        return widths
+
+    def growth_epochs(self) -> list[int]:
+        """The epochs at whose start the widths change."""
+        return [event.epoch for event in self._events]
+
+    def event_at(self, epoch: int) -> Optional[GrowthEvent]:
+        """The event at the start of ``epoch``, or ``None``."""
+        for event in self._events:
+            if event.epoch == epoch:
+                return event
+        return None
+
+    def __repr__(self) -> str:
+        return f"GrowthSchedule(initial={self._initial}, events={self._events})"
+
+    # ---- applying -------------------------------------------------------------------
+    def apply(
+        self,
+        epoch: int,
+        wiring: Wiring,
+        *,
+        init: str = "he",
+        keep: Union[str, Sequence[int], Tensor] = "first",
+        generator: Optional[torch.Generator] = None,
+        split_noise: float = 1e-2,
+    ) -> bool:
+        """Apply the event at the start of ``epoch`` to ``wiring``; ``True`` if widths changed.
+
+        Call it at the start of every epoch. At an event epoch the wiring must hold the
+        widths of the epoch before (``widths_at(epoch - 1)``, or the initial widths); it
+        then holds ``widths_at(epoch)``. Shrinks use ``keep``, then growths use ``init`` and
+        ``generator``, names in schedule order. Everything is validated before anything
+        changes. Explicit ``keep`` indices only make sense with a single shrinking width.
+        """
+        event = self.event_at(epoch)
+        if event is None:
+            return False
+        before = self.widths_at(epoch - 1) if epoch > 0 else self.initial_widths()
+        actual = {name: wiring.width(name) for name in self._initial}  # KeyError if unknown
+        if actual != before:
+            raise RuntimeError(
+                f"the wiring's widths {actual} are not the schedule's widths {before} before epoch {epoch}; "
+                f"build the model at schedule.widths_at(epoch - 1) (or restore it from a checkpoint)"
+            )
+        # Validate the whole event first: shrinks against current widths, growths against
+        # the widths after the shrinks.
+        for name, to in event.shrink_to.items():
+            wiring.check_shrink(name, to, keep)
+        for name, n in event.grow_by.items():
+            wiring.check_grow(name, 0, init)  # name, sync and init; capacity below
+            after_shrink = event.shrink_to.get(name, before[name])
+            if after_shrink + n > wiring.capacity(name):
+                raise ValueError(
+                    f"epoch {epoch}: growing {name!r} to {after_shrink + n} exceeds its capacity {wiring.capacity(name)}"
+                )
+        for name, to in event.shrink_to.items():
+            wiring.shrink(name, to, keep=keep)
+        for name, n in event.grow_by.items():
+            wiring.grow(name, n, init=init, generator=generator, split_noise=split_noise)
+        return self.widths_at(epoch) != before

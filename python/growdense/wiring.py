@@ -1,0 +1,349 @@
+"""``Wiring``: coupled growth and shrinking of hidden widths across ``GrowLinear`` layers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from . import optim_state
+from .init_strategies import check_init, grow_neurons_
+from .layers import GrowLinear
+
+__all__ = ["Wiring", "KEEP_CHOICES"]
+
+KEEP_CHOICES = ("first", "norm")
+Keep = Union[str, Sequence[int], Tensor]
+
+
+@dataclass(frozen=True)
+class _Hidden:
+    producer: GrowLinear
+    consumers: tuple[GrowLinear, ...]
+
+    def layers(self) -> tuple[GrowLinear, ...]:
+        return (self.producer, *self.consumers)
+
+
+def _check_int(what: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{what} must be an int, got {type(value).__name__}")
+    return value
+
+
+class Wiring:
+    """Which GrowLinear produces each hidden width and which GrowLinears consume it.
+
+    A hidden width named ``name`` is the output of one ``producer`` (its rows) and the
+    input of every ``consumer`` (their columns); one producer may feed several consumers
+    (e.g. a VAE's last encoder layer feeds the mean and the log-variance heads).
+    :meth:`grow` and :meth:`shrink` change the producer's rows, every consumer's columns,
+    their gradients and, when :attr:`optimizer` is set, the optimizer's state for those
+    slices, all together. Every argument is validated before anything changes, so a call
+    that raises leaves the layers and the optimizer as they were.
+
+    The wiring holds references to the layers, not copies: use it with any module (the
+    layers may live anywhere in it, including inside ``DistributedDataParallel``).
+
+    Args:
+        optimizer: optimizer whose state follows the changes (settable later as
+            ``wiring.optimizer``). State tensors shaped like their parameter are edited in
+            place: new and removed slices are zeroed, permutations applied, everything
+            else left bit-identical. Adam's scalar ``step`` is left alone.
+        broadcast_from: under ``torch.distributed``, the rank whose new weights every rank
+            receives after each :meth:`grow` (a broadcast of the changed layers'
+            parameters). ``None`` (default): no communication; give every rank a generator
+            with the same seed instead.
+        process_group: process group for that broadcast (default: the world).
+    """
+
+    def __init__(
+        self,
+        optimizer: Optional[torch.optim.Optimizer] = None,
+        *,
+        broadcast_from: Optional[int] = None,
+        process_group: Optional[object] = None,
+    ) -> None:
+        self.optimizer = optimizer
+        self.broadcast_from = broadcast_from
+        self.process_group = process_group
+        self._hidden: dict[str, _Hidden] = {}
+
+    @classmethod
+    def chain(
+        cls,
+        layers: Sequence[GrowLinear],
+        names: Optional[Sequence[str]] = None,
+        optimizer: Optional[torch.optim.Optimizer] = None,
+        **kwargs,
+    ) -> "Wiring":
+        """The wiring of an MLP: hidden width ``i`` is ``layers[i]``'s output and ``layers[i+1]``'s input.
+
+        ``names`` defaults to ``"h1"``, ``"h2"``, ... (``len(layers) - 1`` of them).
+        """
+        layers = list(layers)
+        if names is None:
+            names = [f"h{i + 1}" for i in range(len(layers) - 1)]
+        if len(names) != len(layers) - 1:
+            raise ValueError(f"{len(layers)} layers have {len(layers) - 1} hidden widths, got {len(names)} names")
+        wiring = cls(optimizer, **kwargs)
+        for i, name in enumerate(names):
+            wiring.add(name, layers[i], [layers[i + 1]])
+        return wiring
+
+    # ---- registration ----------------------------------------------------------------
+    def add(self, name: str, producer: GrowLinear, consumers: Sequence[GrowLinear]) -> None:
+        """Register hidden width ``name``: ``producer``'s output feeds each of ``consumers``."""
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"a hidden width's name must be a non-empty str, got {name!r}")
+        if name in self._hidden:
+            raise ValueError(f"hidden width {name!r} is already registered")
+        consumers = tuple(consumers)
+        for layer in (producer, *consumers):
+            if not isinstance(layer, GrowLinear):
+                raise TypeError(f"{name!r}: producer and consumers must be GrowLinear, got {type(layer).__name__}")
+        if not consumers:
+            raise ValueError(f"{name!r}: a hidden width needs at least one consumer")
+        if len({id(c) for c in consumers}) != len(consumers):
+            raise ValueError(f"{name!r}: the same consumer is listed twice")
+        if any(c is producer for c in consumers):
+            raise ValueError(f"{name!r}: a layer cannot consume its own output")
+        for other, hidden in self._hidden.items():
+            if hidden.producer is producer:
+                raise ValueError(f"{name!r}: this producer already produces hidden width {other!r}")
+            if any(c is h for c in consumers for h in hidden.consumers):
+                raise ValueError(f"{name!r}: a consumer already consumes hidden width {other!r}")
+        for consumer in consumers:
+            if consumer.in_features != producer.out_features:
+                raise ValueError(
+                    f"{name!r}: producer has out_features={producer.out_features} but a consumer has "
+                    f"in_features={consumer.in_features}; they must match"
+                )
+        self._hidden[name] = _Hidden(producer, consumers)
+
+    def names(self) -> list[str]:
+        """The registered hidden widths, in registration order."""
+        return list(self._hidden)
+
+    def producer(self, name: str) -> GrowLinear:
+        return self._get(name).producer
+
+    def consumers(self, name: str) -> list[GrowLinear]:
+        return list(self._get(name).consumers)
+
+    def width(self, name: str) -> int:
+        """The active width of hidden width ``name`` (its producer's ``out_features``)."""
+        return self._get(name).producer.out_features
+
+    def widths(self) -> dict[str, int]:
+        """``{name: width}`` for every hidden width."""
+        return {name: hidden.producer.out_features for name, hidden in self._hidden.items()}
+
+    def capacity(self, name: str) -> int:
+        """The largest width ``name`` can grow to: the smallest capacity among its coupled layers."""
+        hidden = self._get(name)
+        return min([hidden.producer.capacity_out] + [c.capacity_in for c in hidden.consumers])
+
+    def __repr__(self) -> str:
+        parts = ", ".join(f"{n}={self.width(n)}/{self.capacity(n)}" for n in self._hidden)
+        return f"Wiring({parts})"
+
+    # ---- validation ----------------------------------------------------------------
+    def _get(self, name: str) -> _Hidden:
+        try:
+            return self._hidden[name]
+        except (KeyError, TypeError):
+            raise KeyError(f"unknown hidden width {name!r}; registered: {self.names()}") from None
+
+    def _check_synced(self, name: str) -> _Hidden:
+        hidden = self._get(name)
+        width = hidden.producer.out_features
+        for consumer in hidden.consumers:
+            if consumer.in_features != width:
+                raise RuntimeError(
+                    f"hidden width {name!r} is out of sync: producer out_features={width}, consumer "
+                    f"in_features={consumer.in_features} (was a layer resized outside the Wiring?)"
+                )
+        return hidden
+
+    def check_grow(self, name: str, n: int, init: str = "he") -> None:
+        """Raise (and change nothing) unless ``grow(name, n, init=init)`` is valid."""
+        self._check_synced(name)
+        n = _check_int("n", n)
+        if n < 0:
+            raise ValueError(f"cannot grow {name!r} by {n}: n must be >= 0 (use shrink() to narrow)")
+        check_init(init)
+        width = self.width(name)
+        hidden = self._get(name)
+        if width + n > self.capacity(name):
+            limits = [f"producer capacity_out={hidden.producer.capacity_out}"]
+            limits += [f"consumer {i} capacity_in={c.capacity_in}" for i, c in enumerate(hidden.consumers)]
+            raise ValueError(
+                f"cannot grow {name!r} from {width} to {width + n}: it exceeds the capacity "
+                f"{self.capacity(name)} of its coupled layers ({', '.join(limits)})"
+            )
+
+    def check_shrink(self, name: str, to: int, keep: Keep = "first") -> None:
+        """Raise (and change nothing) unless ``shrink(name, to, keep=keep)`` is valid."""
+        self._kept(name, to, keep)
+
+    def _kept(self, name: str, to: int, keep: Keep) -> Optional[Tensor]:
+        """Validate a shrink; return the kept indices in their new order (``None`` for the first ``to``)."""
+        hidden = self._check_synced(name)
+        to = _check_int("to", to)
+        width = hidden.producer.out_features
+        if not 1 <= to <= width:
+            raise ValueError(
+                f"cannot shrink {name!r} from {width} to {to}: the new width must be between 1 and {width}"
+                + ("; use grow() to widen" if to > width else "")
+            )
+        device = hidden.producer.weight.device
+        if isinstance(keep, str):
+            if keep == "first":
+                return None
+            if keep == "norm":
+                return self._largest_norm(hidden, to)
+            raise ValueError(f"unknown keep {keep!r}; expected one of {KEEP_CHOICES} or a sequence of indices")
+        if isinstance(keep, Tensor):
+            if keep.dim() != 1 or keep.dtype.is_floating_point or keep.dtype.is_complex or keep.dtype == torch.bool:
+                raise TypeError(f"keep indices must be a 1-D integer tensor, got {keep.dtype} of shape {tuple(keep.shape)}")
+            indices = [int(i) for i in keep.tolist()]
+        else:
+            try:
+                indices = [_check_int("keep index", i) for i in keep]
+            except TypeError as error:
+                raise TypeError(f"keep must be 'first', 'norm' or a sequence of int indices: {error}") from None
+        if len(indices) != to:
+            raise ValueError(f"shrinking {name!r} to {to} needs exactly {to} keep indices, got {len(indices)}")
+        bad = [i for i in indices if not 0 <= i < width]
+        if bad:
+            raise ValueError(f"keep indices {bad} are out of range for {name!r} of width {width} (valid: 0..{width - 1})")
+        if len(set(indices)) != len(indices):
+            dups = sorted({i for i in indices if indices.count(i) > 1})
+            raise ValueError(f"keep indices for {name!r} contain duplicates: {dups}")
+        return torch.tensor(indices, dtype=torch.long, device=device)
+
+    @staticmethod
+    @torch.no_grad()
+    def _largest_norm(hidden: _Hidden, to: int) -> Tensor:
+        producer = hidden.producer
+        norms = producer.active_weight.norm(dim=1)
+        order = torch.sort(norms, descending=True, stable=True).indices[:to]
+        return torch.sort(order).values
+
+    # ---- changes ----------------------------------------------------------------------
+    @torch.no_grad()
+    def grow(
+        self,
+        name: str,
+        n: int,
+        *,
+        init: str = "he",
+        generator: Optional[torch.Generator] = None,
+        split_noise: float = 1e-2,
+    ) -> None:
+        """Add ``n`` neurons to hidden width ``name`` (appended after the active ones).
+
+        ``init`` chooses the new weights (see :mod:`growdense.init_strategies`):
+        ``"he"`` (He-normal in and out, the study's), ``"zero_out"`` (He in, zero out:
+        the function is unchanged), ``"split"`` (Net2Net: copy neurons, halve their
+        outgoing weights, ``split_noise`` breaks the symmetry). The new slices' gradients
+        and optimizer state are zero.
+        """
+        self.check_grow(name, n, init)
+        if n == 0:
+            return
+        hidden = self._get(name)
+        start, stop = self.width(name), self.width(name) + n
+        grow_neurons_(hidden.producer, hidden.consumers, n, init, generator=generator, split_noise=split_noise)
+        self._zero_slices(hidden, start, stop)
+        self._broadcast(hidden)
+
+    @torch.no_grad()
+    def shrink(self, name: str, to: int, *, keep: Keep = "first") -> None:
+        """Narrow hidden width ``name`` to ``to`` neurons.
+
+        ``keep`` chooses which neurons stay:
+
+        - ``"first"``: neurons ``0 .. to-1`` (the study's Approach 2);
+        - ``"norm"``: the ``to`` neurons whose *incoming* weight row in the producer (over
+          its active inputs, bias not included) has the largest Euclidean norm; ties go to
+          the lower index. They keep their relative order;
+        - a sequence (or 1-D tensor) of ``to`` distinct indices in ``[0, width)``: those
+          neurons, in that order.
+
+        The kept neurons are moved to the front by one permutation applied together to
+        the producer's rows (weight, bias), every consumer's columns, their gradients and
+        optimizer state; then the rest is zeroed (weights, gradients, optimizer state).
+        The network's output over the kept neurons is unchanged by the permutation.
+        """
+        kept = self._kept(name, to, keep)
+        hidden = self._get(name)
+        width = self.width(name)
+        if kept is not None:
+            rest = torch.ones(width, dtype=torch.bool, device=kept.device)
+            rest[kept] = False
+            perm = torch.cat([kept, rest.nonzero().flatten()])
+            if not torch.equal(perm, torch.arange(width, device=perm.device)):
+                self._permute(hidden, perm)
+        hidden.producer.shrink_out(to)
+        for consumer in hidden.consumers:
+            consumer.shrink_in(to)
+        self._zero_slices(hidden, to, width)
+
+    @torch.no_grad()
+    def permute(self, name: str, perm: Union[Sequence[int], Tensor]) -> None:
+        """Reorder the neurons of hidden width ``name``: new neuron ``i`` is old neuron ``perm[i]``.
+
+        ``perm`` is a permutation of ``range(width)``. Producer rows, consumer columns,
+        gradients and optimizer state move together; the network's function is unchanged.
+        """
+        if isinstance(perm, str):
+            raise TypeError(f"permute() needs a sequence of indices, got the string {perm!r}")
+        indices = self._kept(name, self.width(name), perm)
+        self._permute(self._get(name), indices)
+
+    # ---- internals -------------------------------------------------------------------
+    def _permute(self, hidden: _Hidden, perm: Tensor) -> None:
+        producer = hidden.producer
+        for param in (producer.weight, producer.bias):
+            if param is None:
+                continue
+            optim_state.permute_(param.data, 0, perm)
+            if param.grad is not None:
+                optim_state.permute_(param.grad, 0, perm)
+            optim_state.permute_state_(self.optimizer, param, 0, perm)
+        for consumer in hidden.consumers:
+            param = consumer.weight
+            optim_state.permute_(param.data, 1, perm)
+            if param.grad is not None:
+                optim_state.permute_(param.grad, 1, perm)
+            optim_state.permute_state_(self.optimizer, param, 1, perm)
+
+    def _zero_slices(self, hidden: _Hidden, start: int, stop: int) -> None:
+        """Zero ``[start, stop)`` of the hidden width in gradients and optimizer state."""
+        producer = hidden.producer
+        for param in (producer.weight, producer.bias):
+            if param is None:
+                continue
+            if param.grad is not None:
+                param.grad[start:stop].zero_()
+            optim_state.zero_state_(self.optimizer, param, 0, start, stop)
+        for consumer in hidden.consumers:
+            if consumer.weight.grad is not None:
+                consumer.weight.grad[:, start:stop].zero_()
+            optim_state.zero_state_(self.optimizer, consumer.weight, 1, start, stop)
+
+    def _broadcast(self, hidden: _Hidden) -> None:
+        if self.broadcast_from is None:
+            return
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        for layer in hidden.layers():
+            for param in (layer.weight, layer.bias):
+                if param is not None:
+                    dist.broadcast(param.data, src=self.broadcast_from, group=self.process_group)
