@@ -1,0 +1,2 @@
+"""Experiments: the reproduction of the growing-VAE study (needs the ``experiments`` extra:
+torchvision, matplotlib, tqdm)."""

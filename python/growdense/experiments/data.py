@@ -1,0 +1,71 @@
+"""MNIST through torchvision, as flat float tensors in [0, 1]."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+__all__ = ["MNIST_FILES", "MnistNotFoundError", "load_mnist", "find_mnist"]
+
+MNIST_FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
+
+
+class MnistNotFoundError(FileNotFoundError):
+    """MNIST is not where torchvision looks for it under the given data root."""
+
+
+def find_mnist(data_dir: str | Path) -> Path:
+    """The ``MNIST/raw`` folder under ``data_dir``; raise :class:`MnistNotFoundError` if incomplete."""
+    root = Path(data_dir).expanduser()
+    raw = root / "MNIST" / "raw"
+    missing = [f for f in MNIST_FILES if not (raw / f).is_file() and not (raw / f"{f}.gz").is_file()]
+    if missing:
+        raise MnistNotFoundError(
+            f"MNIST not found: looked in {raw.resolve()} for {', '.join(missing)}. "
+            f"Pass --data-dir pointing at the folder that contains MNIST/raw/ (torchvision's layout), "
+            f"or fetch it there once with: python -c \"from torchvision.datasets import MNIST; "
+            f"MNIST('{root}', download=True); MNIST('{root}', train=False, download=True)\""
+        )
+    return raw
+
+
+def _load_split(root: Path, train: bool) -> Tensor:
+    from torchvision.datasets import MNIST
+
+    try:
+        ds = MNIST(str(root), train=train, download=False)
+    except RuntimeError as error:  # torchvision: "Dataset not found..."
+        raise MnistNotFoundError(f"torchvision could not read MNIST under {root}: {error}") from error
+    return ds.data.reshape(len(ds.data), -1).to(torch.float32).div_(255.0)
+
+
+def load_mnist(
+    data_dir: str | Path = "./data",
+    *,
+    train_subset: Optional[int] = None,
+    test_subset: Optional[int] = None,
+    seed: int = 0,
+) -> tuple[Tensor, Tensor]:
+    """``(train, test)`` images as (N, 784) float32 tensors in [0, 1] (grey levels, not binarised).
+
+    ``train_subset``: that many training images drawn without replacement with ``seed``
+    (all 60,000 if ``None``); ``test_subset``: the first that many test images.
+    """
+    root = Path(data_dir).expanduser()
+    find_mnist(root)
+    train = _load_split(root, True)
+    test = _load_split(root, False)
+    if train_subset is not None and train_subset < len(train):
+        g = torch.Generator().manual_seed(seed)
+        train = train[torch.randperm(len(train), generator=g)[:train_subset]]
+    if test_subset is not None:
+        test = test[:test_subset]
+    return train.contiguous(), test.contiguous()

@@ -1,0 +1,174 @@
+"""Markdown tables and summary of a reproduction."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+__all__ = ["width_table", "write_tables", "write_summary"]
+
+
+def width_table(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Rows (growth index, epoch, h1, h2, params) of a run, as its metrics recorded them."""
+    hist = result["history"]
+    rows = []
+    first = result["events"][0] if result["events"] else None
+    if first is not None and first["epoch"] == 0:
+        rows.append({"growth": "initial", "epochs": "-", "h1": first["h1_before"], "h2": first["h2_before"],
+                     "params": None})
+    else:
+        until = first["epoch"] - 1 if first else hist[-1]["epoch"]
+        rows.append({"growth": "initial", "epochs": f"0-{until}", "h1": hist[0]["h1"], "h2": hist[0]["h2"],
+                     "params": hist[0]["params"]})
+    events = result["events"]
+    for i, e in enumerate(events):
+        end = events[i + 1]["epoch"] - 1 if i + 1 < len(events) else hist[-1]["epoch"]
+        row = hist[e["epoch"]]
+        rows.append({"growth": str(e["index"]), "epochs": f"{e['epoch']}-{end}", "h1": row["h1"], "h2": row["h2"],
+                     "params": row["params"]})
+    return rows
+
+
+def _md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join("" if v is None else str(v) for v in r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _tables_md(results: Sequence[dict[str, Any]]) -> str:
+    parts = []
+    for approach, label in (("1", "Table 1: Approach 1"), ("2", "Table 2: Approach 2")):
+        runs = [r for r in results if r["spec"].approach == approach]
+        if not runs:
+            continue
+        r = runs[0]
+        rows = width_table(r)
+        same = all(width_table(o) == rows for o in runs[1:])
+        parts.append(f"### {label} (widths of the encoder hidden layers, from `{r['spec'].name}`'s metrics)\n")
+        parts.append(_md_table(["growth", "epochs", "hidden layer 1", "hidden layer 2", "active parameters"],
+                               [[x["growth"], x["epochs"], x["h1"], x["h2"], x["params"]] for x in rows]))
+        if len(runs) > 1:
+            parts.append(f"\nThe other Approach {approach} runs ({', '.join(o['spec'].name for o in runs[1:])}) "
+                         f"{'have the same widths at every epoch' if same else 'DIFFER'}.\n")
+        parts.append("\n")
+    return "\n".join(parts)
+
+
+def write_tables(out: Path, results: Sequence[dict[str, Any]], cfg: Any) -> Path:
+    """Write ``tables.md``: the width tables (the study's Tables 1 and 2)."""
+    path = Path(out) / "tables.md"
+    path.write_text("# Width tables\n\n" + _tables_md(results))
+    return path
+
+
+def _f(v: Any, digits: int = 2) -> str:
+    return "" if v is None else f"{v:.{digits}f}"
+
+
+def write_summary(out: Path, meta: dict[str, Any], results: Sequence[dict[str, Any]],
+                  evaluations: dict[str, Any], cfg: Any) -> Path:
+    """Write ``summary.md``: results per model, growth spikes, comparisons, evaluation."""
+    by = {r["spec"].name: r for r in results}
+    lines = ["# growdense reproduce: summary\n"]
+    if meta.get("command"):
+        lines.append(f"Command: `{meta['command']}`\n")
+    lines.append(
+        f"Preset `{cfg.preset}`; {meta['train_images']} training images, {meta['test_images']} test images; "
+        f"{cfg.epochs} epochs per model, growth every {cfg.every} epochs; L = {cfg.samples}, batch "
+        f"{cfg.batch_size}, Adam lr {cfg.lr}; seed {cfg.seed}; device {meta['device']} "
+        f"({meta['threads']} threads); torch {meta['torch']}. Started {meta['started']}, finished "
+        f"{meta.get('finished', '')}.\n")
+    lines.append("Losses are per-image negative ELBO in nats (BCE summed over 784 pixels + KL). Train loss: "
+                 "mean over the epoch's mini-batches; test loss: after the epoch, on the test images, L samples "
+                 "with fixed noise.\n")
+    ks = [str(k) for k in cfg.iwae_ks]
+    kmax = ks[-1]
+    header = ["model", "final h1/h2", "params", "final train loss", "final test loss", "best test loss (epoch)",
+              f"test ELBO (L={cfg.samples})"] + [f"IWAE K={k}" for k in ks] + ["wall time (s)", "s/epoch"]
+    rows = []
+    for name, r in by.items():
+        h = r["history"]
+        last = h[-1]
+        best = min(h, key=lambda x: x["test_loss"])
+        ev = evaluations[name]
+        rows.append([name, f"{last['h1']}/{last['h2']}", last["params"], _f(last["train_loss"]),
+                     _f(last["test_loss"]), f"{_f(best['test_loss'])} ({best['epoch']})", _f(ev["elbo"])]
+                    + [_f(ev["iwae"][k]) for k in ks] + [_f(r["wall_time"], 0), _f(r["wall_time"] / len(h), 1)])
+    lines.append("## Results per model\n")
+    lines.append(f"ELBO and IWAE bounds (nats per image, higher is better) on the first "
+                 f"{next(iter(evaluations.values()))['iwae_images'] if evaluations else 0} test images.\n")
+    lines.append(_md_table(header, rows))
+
+    if "fixed" in by:
+        fixed = by["fixed"]["history"]
+        lines.append("\n## Growing models against Fixed (test loss, nats per image; negative = below Fixed)\n")
+        rows = []
+        for name, r in by.items():
+            if name == "fixed":
+                continue
+            h = r["history"]
+            n = min(len(h), len(fixed))
+            diff = [h[i]["test_loss"] - fixed[i]["test_loss"] for i in range(n)]
+            first_event = r["events"][0]["epoch"] if r["events"] else 0
+            below = [i for i in range(first_event, n) if diff[i] < 0]
+            first_below = below[0] if below else None
+            stays = None
+            if first_below is not None:
+                stays = next((i for i in range(first_below, n) if all(d < 0 for d in diff[i:])), None)
+            tail = max(1, n // 8)
+            rows.append([name, _f(diff[-1]), _f(sum(diff[-tail:]) / tail), first_below, stays,
+                         f"{len(below)}/{n - first_event}"])
+        lines.append(_md_table(["model", "final difference", f"mean difference, last {max(1, len(fixed) // 8)} "
+                                "epochs", "first epoch below Fixed (from the first growth)",
+                                "below Fixed at every epoch from", "epochs below / epochs since first growth"],
+                               rows))
+
+    lines.append("\n## Growth events\n")
+    lines.append("`jump`: loss on a fixed probe batch of test images (fixed noise) right after the growth minus "
+                 f"right before it: how much the growth changed the function. `spike`: highest training batch loss "
+                 f"in the {cfg.spike_window} steps after the growth minus the mean of the {cfg.spike_window} steps "
+                 f"before it.\n")
+    rows = []
+    for name, r in by.items():
+        for e in r["events"]:
+            rows.append([name, e["index"], e["epoch"], f"{e['h1_before']}/{e['h2_before']} -> {e['h1']}/{e['h2']}",
+                         _f(e["probe_before"]), _f(e["probe_after"]), _f(e["jump"]), _f(e["spike"])])
+    lines.append(_md_table(["model", "event", "epoch", "widths", "probe before", "probe after", "jump", "spike"],
+                           rows))
+    rows = []
+    for name, r in by.items():
+        ev = r["events"]
+        if not ev:
+            continue
+        later = ev[1:] if r["spec"].approach == "2" else ev
+        mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
+        rows.append([name, _f(ev[0]["jump"]), _f(ev[0]["spike"]), _f(mean([e["jump"] for e in later])),
+                     _f(mean([e["spike"] for e in later])), _f(max(e["spike"] for e in ev))])
+    lines.append("\n" + _md_table(["model", "first jump", "first spike",
+                                   "mean jump (growths only; Approach 2 without its cut)", "mean spike (same)",
+                                   "largest spike"], rows))
+
+    lines.append("\n## ELBO estimator against L\n")
+    lines.append(f"Standard deviation (nats) of the L-sample ELBO estimate of one image over "
+                 f"{cfg.variance_repeats} independent draws, root-mean-square over "
+                 f"{next(iter(evaluations.values()))['variance_images'] if evaluations else 0} test images; "
+                 f"mean estimate in brackets.\n")
+    names = list(evaluations)
+    if names:
+        ls = [v["L"] for v in evaluations[names[0]]["variance"]]
+        rows = []
+        for i, L in enumerate(ls):
+            rows.append([L] + [f"{_f(evaluations[n]['variance'][i]['std'], 3)} ({_f(evaluations[n]['variance'][i]['mean'])})"
+                               for n in names])
+        lines.append(_md_table(["L"] + names, rows))
+
+    lines.append("\n## Files\n")
+    lines.append("`config.json` (run configuration), `metrics.csv` / `metrics.json` (per-epoch metrics of every "
+                 "model), `steps.csv` (every training batch loss), `growth_events.csv`, `evaluation.json` (IWAE "
+                 "and ELBO variance), `tables.md` (Tables 1 and 2), `figures/` (loss and ELBO curves with growth "
+                 "epochs, growth spikes, batch losses, ELBO variance and IWAE against K, reconstructions: first "
+                 f"row the test digits then one row per model in the order {', '.join(by)}, prior samples per "
+                 "model), `checkpoints/` (final state_dicts).\n")
+    path = Path(out) / "summary.md"
+    path.write_text("\n".join(lines))
+    return path

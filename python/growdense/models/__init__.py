@@ -1,0 +1,15 @@
+"""Models built on growdense layers: the study's MNIST VAE and its evaluation."""
+
+from .evaluation import elbo_estimates, elbo_variance, iwae_bound, log_importance_weights
+from .vae import VAE, bernoulli_nll, gaussian_kl, negative_elbo
+
+__all__ = [
+    "VAE",
+    "negative_elbo",
+    "bernoulli_nll",
+    "gaussian_kl",
+    "iwae_bound",
+    "elbo_estimates",
+    "elbo_variance",
+    "log_importance_weights",
+]
