@@ -10,3 +10,6 @@ __all__ = ["GrowLinear", "ops", "build_info", "cuda_available", "cuda_built", "_
 from .wiring import Wiring
 from .schedule import GrowthEvent, GrowthSchedule
 from . import init_strategies, optim_state
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+__all__ += ["Wiring", "GrowthEvent", "GrowthSchedule", "init_strategies", "optim_state"]
+__all__ += ["CheckpointError", "load_checkpoint", "save_checkpoint"]
