@@ -84,6 +84,21 @@ def test_approach_2_keeps_the_first_neurons_and_zeroes_regrown_state():
     assert torch.all(opt.state[model.enc1.weight]["exp_avg"][32:] == 0)
 
 
+def test_apply_with_keep_per_hidden_width():
+    s = approach_2()
+    model, opt, wiring = study_wiring(h1=256, h2=128)
+    w1 = model.enc1.weight.detach().clone()
+    w2 = model.enc2.weight.detach().clone()
+    largest = sorted(w1[:, :6].norm(dim=1).argsort(descending=True)[:32].tolist())
+    assert largest != list(range(32))
+    s.apply(25, wiring, keep={"h1": "norm"}, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(model.enc1.weight[:32], w1[largest])
+    # h2 keeps its first 16 rows; their columns over h1 were permuted like h1.
+    assert torch.equal(model.enc2.weight[:16, :32], w2[:16][:, largest])
+    with pytest.raises(ValueError, match="not in the schedule"):
+        approach_2().apply(25, wiring, keep={"h3": "norm"})
+
+
 def test_apply_with_zero_out_preserves_the_function():
     s = approach_1()
     model, opt, wiring = study_wiring()

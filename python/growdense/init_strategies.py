@@ -86,7 +86,8 @@ def grow_neurons_(
         return
     # "split": copy sources' incoming rows, split their outgoing columns.
     sources = _split_sources(width, n, producer.weight.device, generator)
-    producer.grow_out(n, generator=generator)  # rows overwritten below
+    # grow_out draws He rows (advancing the generator), overwritten by the copies below.
+    producer.grow_out(n, generator=generator)
     for consumer in consumers:
         consumer.grow_in(n, "zero", generator=generator)
     active_in = producer.in_features
@@ -111,15 +112,14 @@ def grow_neurons_(
 
 
 def _gen_device(generator: Optional[torch.Generator], like: torch.Tensor) -> torch.device:
+    """Where random values are drawn: the generator's device, else the tensor's."""
     return generator.device if generator is not None else like.device
 
 
 def _split_sources(width: int, n: int, device: torch.device, generator: Optional[torch.Generator]) -> torch.Tensor:
     """``n`` source indices in ``[0, width)``: distinct within each round of ``width``."""
-    rounds = []
-    remaining = n
-    while remaining > 0:
-        perm = torch.randperm(width, generator=generator, device=_gen_device(generator, torch.empty(0, device=device)))
-        rounds.append(perm[: min(remaining, width)])
-        remaining -= width
+    draw_on = generator.device if generator is not None else device
+    rounds = [
+        torch.randperm(width, generator=generator, device=draw_on)[: min(width, n - lo)] for lo in range(0, n, width)
+    ]
     return torch.cat(rounds).to(device) if rounds else torch.empty(0, dtype=torch.long, device=device)

@@ -200,7 +200,7 @@ class GrowthSchedule:
         wiring: Wiring,
         *,
         init: str = "he",
-        keep: Union[str, Sequence[int], Tensor] = "first",
+        keep: Union[str, Sequence[int], Tensor, Mapping[str, Union[str, Sequence[int], Tensor]]] = "first",
         generator: Optional[torch.Generator] = None,
         split_noise: float = 1e-2,
     ) -> bool:
@@ -210,8 +210,11 @@ class GrowthSchedule:
         widths of the epoch before (``widths_at(epoch - 1)``, or the initial widths); it
         then holds ``widths_at(epoch)``. Shrinks use ``keep``, then growths use ``init`` and
         ``generator``, names in schedule order. Everything is validated before anything
-        changes. Explicit ``keep`` indices only make sense with a single shrinking width.
+        changes. ``keep`` may be a mapping ``{name: keep}`` to choose per hidden width
+        (names it leaves out keep ``"first"``).
         """
+        if isinstance(keep, Mapping) and not set(keep) <= set(self._initial):
+            raise ValueError(f"keep names {sorted(set(keep) - set(self._initial))} are not in the schedule {self.names()}")
         event = self.event_at(epoch)
         if event is None:
             return False
@@ -224,8 +227,11 @@ class GrowthSchedule:
             )
         # Validate the whole event first: shrinks against current widths, growths against
         # the widths after the shrinks.
+        keeps = {
+            name: (keep.get(name, "first") if isinstance(keep, Mapping) else keep) for name in event.shrink_to
+        }
         for name, to in event.shrink_to.items():
-            wiring.check_shrink(name, to, keep)
+            wiring.check_shrink(name, to, keeps[name])
         for name, n in event.grow_by.items():
             wiring.check_grow(name, 0, init)  # name, sync and init; capacity below
             after_shrink = event.shrink_to.get(name, before[name])
@@ -234,7 +240,7 @@ class GrowthSchedule:
                     f"epoch {epoch}: growing {name!r} to {after_shrink + n} exceeds its capacity {wiring.capacity(name)}"
                 )
         for name, to in event.shrink_to.items():
-            wiring.shrink(name, to, keep=keep)
+            wiring.shrink(name, to, keep=keeps[name])
         for name, n in event.grow_by.items():
             wiring.grow(name, n, init=init, generator=generator, split_noise=split_noise)
         return self.widths_at(epoch) != before
