@@ -6,7 +6,6 @@
 #include <ATen/ops/mm.h>
 #include <ATen/ops/sum.h>
 #include <ATen/ops/threshold_backward.h>
-#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include "args.h"
@@ -14,14 +13,28 @@
 namespace growdense {
 namespace {
 
+// The active block of a 2-D capacity buffer (the buffer itself when it is all active).
+at::Tensor block_of(const at::Tensor& t, int64_t rows, int64_t cols) {
+  if (t.size(0) == rows && t.size(1) == cols) return t;
+  return t.narrow(0, 0, rows).narrow(1, 0, cols);
+}
+
+// `t` seen as a (rows, cols) matrix, without a new view when it already is one.
+at::Tensor as_matrix(const at::Tensor& t, int64_t rows, int64_t cols) {
+  return t.dim() == 2 ? t : t.reshape({rows, cols});
+}
+
 at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                       int64_t active_in, int64_t active_out, c10::string_view activation) {
   const Activation act = parse_activation(activation);
   const int64_t rows = check_linear_args(x, weight, bias, active_in, active_out);
-  const at::Tensor x2 = x.reshape({rows, active_in});
-  const at::Tensor w = weight.narrow(0, 0, active_out).narrow(1, 0, active_in);
-  at::Tensor y = bias.has_value() ? at::addmm(bias->narrow(0, 0, active_out), x2, w.t()) : at::mm(x2, w.t());
+  const at::Tensor x2 = as_matrix(x, rows, active_in);
+  const at::Tensor wt = block_of(weight, active_out, active_in).t();
+  at::Tensor y = bias.has_value()
+                     ? at::addmm(bias->size(0) == active_out ? *bias : bias->narrow(0, 0, active_out), x2, wt)
+                     : at::mm(x2, wt);
   if (act == Activation::Relu) y.relu_();
+  if (x.dim() == 2) return y;
   std::vector<int64_t> sizes(x.sizes().begin(), x.sizes().end());
   sizes.back() = active_out;
   return y.view(sizes);
@@ -33,22 +46,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward_cpu(
   const Activation act = parse_activation(activation);
   const int64_t rows = check_linear_args(x, weight, std::nullopt, active_in, active_out);
   check_backward_args(grad_out, x, out, active_out, act);
-  at::Tensor g = grad_out.reshape({rows, active_out});
-  if (act == Activation::Relu) g = at::threshold_backward(g, out->reshape({rows, active_out}), 0);
+  at::Tensor g = as_matrix(grad_out, rows, active_out);
+  if (act == Activation::Relu) g = at::threshold_backward(g, as_matrix(*out, rows, active_out), 0);
   const auto opts = x.options();
-  at::Tensor grad_x = at::empty({0}, opts), grad_w = at::empty({0}, opts), grad_b = at::empty({0}, opts);
+  const int64_t cap_out = weight.size(0), cap_in = weight.size(1);
+  at::Tensor grad_x, grad_w, grad_b;
   if (output_mask[0]) {
-    grad_x = at::mm(g, weight.narrow(0, 0, active_out).narrow(1, 0, active_in)).view(x.sizes());
+    grad_x = at::mm(g, block_of(weight, active_out, active_in));
+    if (x.dim() != 2) grad_x = grad_x.view(x.sizes());
+  } else {
+    grad_x = at::empty({0}, opts);
   }
-  if (output_mask[1]) {
-    grad_w = at::zeros(weight.sizes(), opts);
-    at::Tensor block = grad_w.narrow(0, 0, active_out).narrow(1, 0, active_in);
-    at::mm_out(block, g.t(), x.reshape({rows, active_in}));
+  if (!output_mask[1]) {
+    grad_w = at::empty({0}, opts);
+  } else if (active_out == cap_out && active_in == cap_in) {
+    grad_w = at::mm(g.t(), as_matrix(x, rows, active_in));
+  } else {
+    // Written once: the GEMM fills the active block, zero_() only what lies outside it.
+    grad_w = at::empty(weight.sizes(), opts);
+    at::Tensor block = block_of(grad_w, active_out, active_in);
+    at::mm_out(block, g.t(), as_matrix(x, rows, active_in));
+    if (active_in < cap_in) grad_w.narrow(0, 0, active_out).narrow(1, active_in, cap_in - active_in).zero_();
+    if (active_out < cap_out) grad_w.narrow(0, active_out, cap_out - active_out).zero_();
   }
-  if (output_mask[2]) {
-    grad_b = at::zeros({weight.size(0)}, opts);
+  if (!output_mask[2]) {
+    grad_b = at::empty({0}, opts);
+  } else if (active_out == cap_out) {
+    grad_b = at::sum(g, {0});
+  } else {
+    grad_b = at::empty({cap_out}, opts);
     at::Tensor block = grad_b.narrow(0, 0, active_out);
     at::sum_out(block, g, {0});
+    grad_b.narrow(0, active_out, cap_out - active_out).zero_();
   }
   return {grad_x, grad_w, grad_b};
 }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Any, Optional
 
 import torch
@@ -10,15 +11,60 @@ from torch import Tensor, nn
 
 from . import ops
 
-__all__ = ["GrowLinear", "INPUT_INITS"]
+__all__ = ["GrowLinear", "INPUT_INITS", "active_block"]
 
 INPUT_INITS = ("he", "zero")
+_linear_op = torch.ops.growdense.linear.default  # ops.linear without its Python wrapper
 _EXTRA_STATE_VERSION = 1
 
 
 def he_std(fan_in: int) -> float:
     """He (Kaiming normal) standard deviation for a ReLU layer of the given fan-in."""
     return math.sqrt(2.0 / fan_in)
+
+
+class _Owner:
+    """A weak reference from a Parameter to its GrowLinear (``param._growdense_owner``).
+
+    It lets code that holds only a Parameter (an optimizer) find the block in use: see
+    :func:`active_block`. It pickles and copies as an empty reference: a copied or
+    unpickled layer registers its own Parameters again.
+    """
+
+    __slots__ = ("ref",)
+
+    def __init__(self, layer: Optional["GrowLinear"] = None) -> None:
+        self.ref = None if layer is None else weakref.ref(layer)
+
+    def __call__(self) -> Optional["GrowLinear"]:
+        return None if self.ref is None else self.ref()
+
+    def __reduce__(self):
+        return (_Owner, ())
+
+    def __deepcopy__(self, memo) -> "_Owner":
+        return _Owner()
+
+
+def active_block(param: Tensor) -> Optional[tuple[slice, ...]]:
+    """The slices of ``param`` that its :class:`GrowLinear` uses now, or ``None``.
+
+    ``(slice(0, out_features), slice(0, in_features))`` for a layer's ``weight``,
+    ``(slice(0, out_features),)`` for its ``bias``; ``None`` for a tensor that is not a
+    GrowLinear's Parameter. Everything outside the block is zero (the weights, their
+    gradients and the optimizer state), which is what lets an optimizer step over the
+    block only (:mod:`growdense.optim`).
+    """
+    owner = getattr(param, "_growdense_owner", None)
+    layer = None if owner is None else owner()
+    if layer is None:
+        return None
+    params = layer._parameters
+    if params["weight"] is param:
+        return (slice(0, layer._active_out), slice(0, layer._active_in))
+    if params["bias"] is param:
+        return (slice(0, layer._active_out),)
+    return None
 
 
 def _check_count(name: str, value: Any) -> int:
@@ -85,7 +131,23 @@ class GrowLinear(nn.Module):
             self.bias = nn.Parameter(torch.empty(capacity_out, **factory))
         else:
             self.register_parameter("bias", None)
+        self._register_owner()
         self.reset_parameters()
+
+    def _register_owner(self) -> None:
+        """Let :func:`active_block` find this layer from its Parameters."""
+        for param in (self.weight, self.bias):
+            if param is not None:
+                param._growdense_owner = _Owner(self)
+
+    def __setstate__(self, state: dict) -> None:  # copy.deepcopy and pickle come through here
+        super().__setstate__(state)
+        self._register_owner()
+
+    def _apply(self, fn, recurse: bool = True):  # .to(), .cuda(), .double() may replace Parameters
+        result = super()._apply(fn, recurse)
+        self._register_owner()
+        return result
 
     # ---- widths --------------------------------------------------------------
     @property
@@ -129,6 +191,16 @@ class GrowLinear(nn.Module):
 
     # ---- forward -------------------------------------------------------------
     def forward(self, input: Tensor) -> Tensor:
+        # The op checks its arguments itself; the descriptive errors below are built only
+        # when it refuses them, so a call costs no more than the op's.
+        try:
+            return _linear_op(input, self.weight, self.bias, self._active_in, self._active_out, self.activation)
+        except (RuntimeError, TypeError, ValueError):
+            if isinstance(input, Tensor):
+                self._check_input(input)
+            raise
+
+    def _check_input(self, input: Tensor) -> None:
         if input.dim() == 0 or input.shape[-1] != self._active_in:
             got = "a 0-d tensor" if input.dim() == 0 else f"shape {tuple(input.shape)}"
             raise ValueError(
@@ -145,7 +217,6 @@ class GrowLinear(nn.Module):
                 f"GrowLinear got input on {input.device} but its weight is on {self.weight.device}; "
                 f"move them to the same device"
             )
-        return ops.linear(input, self.weight, self.bias, self._active_in, self._active_out, self.activation)
 
     # ---- growth and shrinking ------------------------------------------------
     def _check_grow(self, side: str, n: int, active: int, capacity: int) -> None:

@@ -1,8 +1,8 @@
-"""The growdense operators: Python entry points, fake kernels and autograd.
+"""The growdense operators: Python entry points and fake kernels.
 
-The kernels are registered in C++ (``csrc/``) under the ``growdense`` namespace; this
-module gives them shape inference (so they trace under ``torch.compile``) and
-derivatives.
+The kernels are registered in C++ (``csrc/``) under the ``growdense`` namespace, their
+derivatives too (``csrc/cpu/linear_autograd.cpp``); this module gives them shape
+inference (so they trace under ``torch.compile``).
 """
 
 from __future__ import annotations
@@ -77,6 +77,8 @@ def _out_shape(x: Tensor, active_out: int) -> list:
 def _linear_fake(x, weight, bias, active_in, active_out, activation):
     torch._check(x.shape[-1] == active_in, lambda: f"input has {x.shape[-1]} features, expected {active_in}")
     torch._check(x.dtype == weight.dtype, lambda: f"input dtype {x.dtype} differs from weight dtype {weight.dtype}")
+    if x.device != weight.device:  # as the real kernels check (a meta input lands here)
+        raise RuntimeError(f"growdense: input is on {x.device} but weight is on {weight.device}")
     return x.new_empty(_out_shape(x, active_out))
 
 
@@ -98,39 +100,15 @@ for _name in ("linear_backward", "linear_backward_reference"):
 torch.library.register_fake("growdense::normal_block_")(_normal_block_fake)
 
 
-def _setup_context(ctx, inputs, output):
-    x, weight, bias, active_in, active_out, activation = inputs
-    ctx.widths = (active_in, active_out)
-    ctx.activation = activation
-    ctx.has_bias = bias is not None
-    ctx.save_for_backward(x, weight, output if activation == "relu" else None)
-
-
-def _make_backward(backward_op):
-    def backward(ctx, grad_out):
-        x, weight, out = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        mask = [need_x, need_w, need_b and ctx.has_bias]
-        grad_x, grad_w, grad_b = backward_op(grad_out, x, weight, out, *ctx.widths, ctx.activation, mask)
-        return (
-            grad_x if mask[0] else None,
-            grad_w if mask[1] else None,
-            grad_b if mask[2] else None,
-            None,
-            None,
-            None,
+# Derivatives: `linear` and `linear_reference` have their autograd kernel in C++
+# (csrc/cpu/linear_autograd.cpp, registered for the Autograd dispatch key, so it serves
+# every device); their backward calls `linear_backward` / `linear_backward_reference`.
+# It is in C++ because a Python autograd wrapper costs tens of microseconds per
+# forward+backward, as much as a small layer's GEMMs.
+for _name in ("linear", "linear_reference"):
+    if not torch._C._dispatch_has_kernel_for_dispatch_key(f"growdense::{_name}", "Autograd"):
+        raise ImportError(
+            f"growdense's operator library has no autograd kernel for growdense::{_name}: it was built from "
+            "older sources. Rebuild it: `pip install --no-build-isolation --force-reinstall --no-deps .` "
+            "from the source tree."
         )
-
-    return backward
-
-
-torch.library.register_autograd(
-    "growdense::linear",
-    _make_backward(torch.ops.growdense.linear_backward),
-    setup_context=_setup_context,
-)
-torch.library.register_autograd(
-    "growdense::linear_reference",
-    _make_backward(torch.ops.growdense.linear_backward_reference),
-    setup_context=_setup_context,
-)
