@@ -1,0 +1,430 @@
+// Runs the CUDA kernels of csrc/cuda/linear_kernels.cuh on the CPU, each CUDA thread a
+// coroutine and __syncthreads a switch back to the block's scheduler, and checks them
+// against float64 loops.
+// This exercises the kernels' index arithmetic, ragged edges, shared-memory tiling and
+// capacity padding on machines without a GPU; it says nothing about speed, and the
+// host compiler's float rounding stands in for the GPU's. Built and run by
+// tests/test_cuda_kernels_host.py; prints one line per failure, exits 1 if any.
+#include <ATen/OpMathType.h>
+
+#include <ucontext.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <functional>
+#include <limits>
+#include <random>
+#include <string>
+#include <vector>
+
+namespace emu {
+struct Dim3 {
+  unsigned x = 1, y = 1, z = 1;
+};
+Dim3 thread_idx, block_idx, block_dim, grid_dim;
+ucontext_t scheduler;
+ucontext_t* running = nullptr;
+// A CUDA thread waiting at __syncthreads hands control back to the block's scheduler.
+inline void syncthreads() { swapcontext(running, &scheduler); }
+}  // namespace emu
+
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+// Blocks run one after another, so one static array serves as every block's shared memory.
+#define __shared__ static
+#define __syncthreads emu::syncthreads
+#define threadIdx emu::thread_idx
+#define blockIdx emu::block_idx
+#define blockDim emu::block_dim
+#define gridDim emu::grid_dim
+
+#include "cuda/linear_kernels.cuh"
+
+namespace {
+
+using growdense::cuda::FusedGemm;
+using growdense::cuda::LargeTiles;
+using growdense::cuda::SmallTiles;
+
+int failures = 0;
+
+// The CUDA threads of a block run as coroutines on this one OS thread. Each round
+// resumes every unfinished thread until it reaches its next __syncthreads or its end,
+// so a round is one barrier phase; a block whose threads disagree on the number of
+// barriers (some finished, some waiting) is reported.
+struct Block {
+  static constexpr size_t kStack = 64 * 1024;
+  std::vector<ucontext_t> contexts;
+  std::vector<std::vector<char>> stacks;
+  std::vector<char> done;
+};
+Block block_state;
+const std::function<void()>* block_kernel = nullptr;
+unsigned block_thread = 0;
+
+void thread_entry() {
+  (*block_kernel)();
+  block_state.done[block_thread] = 1;
+}  // returns to the scheduler through uc_link
+
+template <typename Kernel>
+void launch(emu::Dim3 grid, emu::Dim3 block, Kernel kernel) {
+  emu::grid_dim = grid;
+  emu::block_dim = block;
+  const unsigned threads = block.x * block.y * block.z;
+  const std::function<void()> body = kernel;
+  block_kernel = &body;
+  Block& b = block_state;
+  b.contexts.resize(threads);
+  b.done.assign(threads, 0);
+  while (b.stacks.size() < threads) b.stacks.emplace_back(Block::kStack);
+  for (unsigned bz = 0; bz < grid.z; ++bz) {
+    for (unsigned by = 0; by < grid.y; ++by) {
+      for (unsigned bx = 0; bx < grid.x; ++bx) {
+        emu::block_idx = {bx, by, bz};
+        for (unsigned t = 0; t < threads; ++t) {
+          getcontext(&b.contexts[t]);
+          b.contexts[t].uc_stack.ss_sp = b.stacks[t].data();
+          b.contexts[t].uc_stack.ss_size = Block::kStack;
+          b.contexts[t].uc_link = &emu::scheduler;
+          makecontext(&b.contexts[t], thread_entry, 0);
+          b.done[t] = 0;
+        }
+        for (bool waiting = true; waiting;) {
+          waiting = false;
+          unsigned finished = 0;
+          for (unsigned t = 0; t < threads; ++t) {
+            if (b.done[t]) continue;
+            emu::thread_idx = {t % block.x, (t / block.x) % block.y, t / (block.x * block.y)};
+            block_thread = t;
+            emu::running = &b.contexts[t];
+            swapcontext(&emu::scheduler, &b.contexts[t]);
+            if (b.done[t]) {
+              ++finished;
+            } else {
+              waiting = true;
+            }
+          }
+          if (waiting && finished > 0) {
+            std::printf("FAIL divergent __syncthreads in block (%u, %u, %u)\n", bx, by, bz);
+            ++failures;
+          }
+        }
+      }
+    }
+  }
+}
+
+template <typename Tiles, typename T>
+void run_fused(FusedGemm<T> first, FusedGemm<T> second) {
+  const int64_t blocks =
+      growdense::cuda::set_tiles<Tiles>(first) + growdense::cuda::set_tiles<Tiles>(second);
+  if (blocks == 0) return;
+  launch({static_cast<unsigned>(blocks), 1, 1}, {Tiles::kThreads, 1, 1},
+         [&] { growdense::cuda::fused_gemm_kernel<T, Tiles>(first, second); });
+}
+
+const double kNaN = std::numeric_limits<double>::quiet_NaN();
+
+template <typename T>
+double epsilon() {
+  if constexpr (std::is_same_v<T, double>) return 0x1p-52;
+  if constexpr (std::is_same_v<T, float>) return 0x1p-23;
+  if constexpr (std::is_same_v<T, c10::Half>) return 0x1p-10;
+  return 0x1p-7;  // bfloat16
+}
+
+template <typename T>
+std::string type_name() {
+  if constexpr (std::is_same_v<T, double>) return "float64";
+  if constexpr (std::is_same_v<T, float>) return "float32";
+  if constexpr (std::is_same_v<T, c10::Half>) return "float16";
+  return "bfloat16";
+}
+
+// got must equal want (NaN matching NaN) within the rounding of the output to T plus
+// the accumulation error of a float (double for double) sum with the given |terms|.
+template <typename T>
+void expect_close(const std::string& what, int64_t index, T got_t, double want, double abs_terms) {
+  const double got = static_cast<double>(got_t);
+  const double acc_eps = std::is_same_v<T, double> ? 0x1p-52 : 0x1p-23;
+  const double tol = 2 * epsilon<T>() * std::abs(want) + 4 * acc_eps * abs_terms + 1e-300;
+  const bool ok = std::isnan(want) ? std::isnan(got) : std::abs(got - want) <= tol;
+  if (!ok) {
+    if (failures < 40) {
+      std::printf("FAIL %s [%s] element %lld: got %.9g, want %.9g (tol %.3g)\n", what.c_str(), type_name<T>().c_str(),
+                  static_cast<long long>(index), got, want, tol);
+    }
+    ++failures;
+  }
+}
+
+struct Rng {
+  std::mt19937_64 engine;
+  explicit Rng(uint64_t seed) : engine(seed) {}
+  int64_t uniform_int(int64_t lo, int64_t hi) { return std::uniform_int_distribution<int64_t>(lo, hi)(engine); }
+  double normal() { return std::normal_distribution<double>(0.0, 1.0)(engine); }
+};
+
+// Values already rounded to T, so that the float64 reference sees what the kernel sees.
+template <typename T>
+std::vector<T> random_values(Rng& rng, int64_t n) {
+  std::vector<T> v(n);
+  for (auto& e : v) e = static_cast<T>(rng.normal());
+  return v;
+}
+
+template <typename T>
+double d(T v) {
+  return static_cast<double>(v);
+}
+
+struct Shape {
+  int64_t rows, cap_in, cap_out, active_in, active_out;
+  std::string str() const {
+    return "rows=" + std::to_string(rows) + " cap=" + std::to_string(cap_out) + "x" + std::to_string(cap_in) +
+           " active=" + std::to_string(active_out) + "x" + std::to_string(active_in);
+  }
+};
+
+// A capacity buffer whose active block holds random values and whose padding holds
+// NaN: a kernel that reads outside the block produces NaN and fails.
+template <typename T>
+std::vector<T> capacity_weight(Rng& rng, const Shape& s, int64_t ld) {
+  std::vector<T> w(s.cap_out * ld, static_cast<T>(kNaN));
+  for (int64_t o = 0; o < s.active_out; ++o) {
+    for (int64_t i = 0; i < s.active_in; ++i) w[o * ld + i] = static_cast<T>(rng.normal());
+  }
+  return w;
+}
+
+template <typename T, typename Tiles>
+void check_forward(Rng& rng, const Shape& s, bool with_bias, bool relu) {
+  const int64_t ld = s.cap_in + rng.uniform_int(0, 2);  // a row stride past the capacity, as a view may have
+  const std::vector<T> x = random_values<T>(rng, s.rows * s.active_in);
+  const std::vector<T> w = capacity_weight<T>(rng, s, ld);
+  std::vector<T> bias(s.cap_out, static_cast<T>(kNaN));
+  for (int64_t o = 0; o < s.active_out; ++o) bias[o] = static_cast<T>(rng.normal());
+  std::vector<T> y(s.rows * s.active_out, static_cast<T>(kNaN));
+
+  run_fused<Tiles>(growdense::cuda::forward_gemm<T>(x.data(), w.data(), ld, with_bias ? bias.data() : nullptr, relu,
+                                                    y.data(), s.rows, s.active_in, s.active_out),
+                   FusedGemm<T>{});
+  const std::string what = "forward " + s.str() + (with_bias ? " bias" : "") + (relu ? " relu" : "");
+  for (int64_t r = 0; r < s.rows; ++r) {
+    for (int64_t o = 0; o < s.active_out; ++o) {
+      double want = with_bias ? d(bias[o]) : 0.0;
+      double terms = std::abs(want);
+      for (int64_t i = 0; i < s.active_in; ++i) {
+        want += d(x[r * s.active_in + i]) * d(w[o * ld + i]);
+        terms += std::abs(d(x[r * s.active_in + i]) * d(w[o * ld + i]));
+      }
+      if (relu && want < 0) want = 0;
+      expect_close<T>(what, r * s.active_out + o, y[r * s.active_out + o], want, terms);
+    }
+  }
+}
+
+// The relu's forward output: random, with exact zeros, and one NaN (whose gradient passes).
+template <typename T>
+std::vector<T> relu_output(Rng& rng, int64_t n) {
+  std::vector<T> out(n);
+  for (auto& e : out) {
+    const double v = rng.normal();
+    e = static_cast<T>(v < -0.3 ? 0.0 : v);
+  }
+  if (n > 2) out[n / 2] = static_cast<T>(kNaN);
+  return out;
+}
+
+template <typename T, typename Tiles>
+void check_backward(Rng& rng, const Shape& s, bool relu, bool need_x, bool need_w, bool need_b) {
+  const std::vector<T> x = random_values<T>(rng, s.rows * s.active_in);
+  const std::vector<T> w = capacity_weight<T>(rng, s, s.cap_in);
+  const std::vector<T> grad = random_values<T>(rng, s.rows * s.active_out);
+  const std::vector<T> out = relu_output<T>(rng, s.rows * s.active_out);
+  const T* keep = relu ? out.data() : nullptr;
+  std::vector<T> grad_x(s.rows * s.active_in, static_cast<T>(kNaN));
+  std::vector<T> grad_w(s.cap_out * s.cap_in, static_cast<T>(kNaN));
+  std::vector<T> grad_b(s.cap_out, static_cast<T>(kNaN));
+
+  FusedGemm<T> gx, gw;
+  if (need_x) {
+    gx = growdense::cuda::grad_input_gemm<T>(grad.data(), keep, w.data(), s.cap_in, grad_x.data(), s.rows,
+                                             s.active_in, s.active_out);
+  }
+  if (need_w) {
+    gw = growdense::cuda::grad_weight_gemm<T>(grad.data(), keep, x.data(), grad_w.data(), s.cap_out, s.cap_in,
+                                              need_b ? grad_b.data() : nullptr, s.rows, s.active_in, s.active_out);
+  }
+  if (need_x) {
+    run_fused<Tiles>(gx, gw);
+  } else {
+    run_fused<Tiles>(gw, FusedGemm<T>{});
+  }
+
+  auto g = [&](int64_t r, int64_t o) {
+    const int64_t k = r * s.active_out + o;
+    return (relu && d(out[k]) <= 0) ? 0.0 : d(grad[k]);
+  };
+  const std::string what = "backward " + s.str() + (relu ? " relu" : "");
+  if (need_x) {
+    for (int64_t r = 0; r < s.rows; ++r) {
+      for (int64_t i = 0; i < s.active_in; ++i) {
+        double want = 0, terms = 0;
+        for (int64_t o = 0; o < s.active_out; ++o) {
+          want += g(r, o) * d(w[o * s.cap_in + i]);
+          terms += std::abs(g(r, o) * d(w[o * s.cap_in + i]));
+        }
+        expect_close<T>(what + " grad_x", r * s.active_in + i, grad_x[r * s.active_in + i], want, terms);
+      }
+    }
+  }
+  if (need_w) {
+    for (int64_t o = 0; o < s.cap_out; ++o) {
+      for (int64_t i = 0; i < s.cap_in; ++i) {
+        double want = 0, terms = 0;
+        if (o < s.active_out && i < s.active_in) {
+          for (int64_t r = 0; r < s.rows; ++r) {
+            want += g(r, o) * d(x[r * s.active_in + i]);
+            terms += std::abs(g(r, o) * d(x[r * s.active_in + i]));
+          }
+        }
+        expect_close<T>(what + " grad_w", o * s.cap_in + i, grad_w[o * s.cap_in + i], want, terms);
+      }
+    }
+    if (need_b) {
+      for (int64_t o = 0; o < s.cap_out; ++o) {
+        double want = 0, terms = 0;
+        if (o < s.active_out) {
+          for (int64_t r = 0; r < s.rows; ++r) {
+            want += g(r, o);
+            terms += std::abs(g(r, o));
+          }
+        }
+        expect_close<T>(what + " grad_b", o, grad_b[o], want, terms);
+      }
+    }
+  }
+}
+
+template <typename T>
+void check_mask_column_sums(Rng& rng, int64_t rows, int64_t cols, int64_t cap, bool relu) {
+  using acc_t = at::opmath_type<T>;
+  const std::vector<T> grad = random_values<T>(rng, rows * cols);
+  const std::vector<T> out = relu_output<T>(rng, rows * cols);
+  const T* keep = relu ? out.data() : nullptr;
+  std::vector<T> masked(rows * cols, static_cast<T>(kNaN));
+  const growdense::cuda::ColumnSumsGrid split = growdense::cuda::column_sums_grid(rows);
+  std::vector<acc_t> partial(split.chunks * cols, static_cast<acc_t>(kNaN));
+  std::vector<T> bias_grad(cap, static_cast<T>(kNaN));
+
+  launch({static_cast<unsigned>((cols + growdense::cuda::kSumCols - 1) / growdense::cuda::kSumCols),
+          static_cast<unsigned>(split.chunks), 1},
+         {growdense::cuda::kSumCols, growdense::cuda::kSumRows, 1}, [&] {
+           growdense::cuda::mask_column_sums_kernel<T>(grad.data(), keep, relu ? masked.data() : nullptr,
+                                                       partial.data(), rows, cols, split.rows_per_chunk);
+         });
+  launch({static_cast<unsigned>((cap + 255) / 256), 1, 1}, {256, 1, 1}, [&] {
+    growdense::cuda::sum_chunks_kernel<T>(partial.data(), split.chunks, cols, bias_grad.data(), cap);
+  });
+
+  const std::string what = "column sums rows=" + std::to_string(rows) + " cols=" + std::to_string(cols) +
+                           " chunks=" + std::to_string(split.chunks) + (relu ? " relu" : "");
+  auto g = [&](int64_t k) { return (relu && d(out[k]) <= 0) ? 0.0 : d(grad[k]); };
+  if (relu) {
+    for (int64_t k = 0; k < rows * cols; ++k) expect_close<T>(what + " masked", k, masked[k], g(k), 0.0);
+  }
+  for (int64_t c = 0; c < cap; ++c) {
+    double want = 0, terms = 0;
+    if (c < cols) {
+      for (int64_t r = 0; r < rows; ++r) {
+        want += g(r * cols + c);
+        terms += std::abs(g(r * cols + c));
+      }
+    }
+    expect_close<T>(what + " sums", c, bias_grad[c], want, terms);
+  }
+}
+
+template <typename T>
+void check_bias_relu(Rng& rng, int64_t rows, int64_t cols, bool with_bias, bool relu) {
+  const std::vector<T> before = random_values<T>(rng, rows * cols);
+  const std::vector<T> bias = random_values<T>(rng, cols);
+  std::vector<T> y = before;
+  // Fewer threads than elements, so the grid-stride loop runs more than once.
+  launch({3, 1, 1}, {32, 1, 1},
+         [&] { growdense::cuda::bias_relu_kernel<T>(y.data(), with_bias ? bias.data() : nullptr, relu, rows, cols); });
+  for (int64_t k = 0; k < rows * cols; ++k) {
+    double want = d(before[k]) + (with_bias ? d(bias[k % cols]) : 0.0);
+    if (relu && want < 0) want = 0;
+    expect_close<T>("bias_relu", k, y[k], want, std::abs(d(before[k])) + std::abs(d(bias[k % cols])));
+  }
+}
+
+template <typename T>
+void check_all(Rng& rng) {
+  std::vector<Shape> shapes = {
+      {1, 1, 1, 1, 1},        {1, 7, 5, 7, 5},      {3, 8, 6, 3, 4},       {17, 9, 5, 1, 1},
+      {33, 70, 65, 70, 65},   {65, 40, 90, 33, 67}, {5, 130, 3, 129, 2},   {130, 16, 16, 16, 16},
+      {2, 100, 100, 64, 64},  {70, 33, 31, 17, 29}, {40, 200, 70, 130, 65},
+  };
+  for (int n = 0; n < 6; ++n) {
+    const int64_t cap_in = rng.uniform_int(1, 150), cap_out = rng.uniform_int(1, 150);
+    shapes.push_back({rng.uniform_int(1, 150), cap_in, cap_out, rng.uniform_int(1, cap_in),
+                      rng.uniform_int(1, cap_out)});
+  }
+  for (const Shape& s : shapes) {
+    for (int variant = 0; variant < 4; ++variant) {
+      const bool with_bias = variant & 1, relu = variant & 2;
+      check_forward<T, LargeTiles>(rng, s, with_bias, relu);
+      check_forward<T, SmallTiles>(rng, s, with_bias, relu);
+    }
+    for (bool relu : {false, true}) {
+      check_backward<T, LargeTiles>(rng, s, relu, true, true, true);
+      check_backward<T, SmallTiles>(rng, s, relu, true, true, true);
+    }
+    check_backward<T, SmallTiles>(rng, s, true, true, false, false);
+    check_backward<T, SmallTiles>(rng, s, true, false, true, false);
+    check_backward<T, LargeTiles>(rng, s, false, false, true, true);
+  }
+  check_mask_column_sums<T>(rng, 1, 1, 1, true);
+  check_mask_column_sums<T>(rng, 7, 45, 50, true);
+  check_mask_column_sums<T>(rng, 300, 33, 40, true);  // five chunks of rows
+  check_mask_column_sums<T>(rng, 300, 33, 33, false);
+  check_mask_column_sums<T>(rng, 70000, 3, 5, true);  // rows_per_chunk above 64
+  for (int variant = 0; variant < 4; ++variant) check_bias_relu<T>(rng, 37, 11, variant & 1, variant & 2);
+}
+
+void check_tile_choice() {
+  FusedGemm<float> small, none;
+  small.c = reinterpret_cast<float*>(16);
+  small.M = 128;
+  small.N = 256;
+  // 2 x 4 large tiles cannot fill 132 SMs; 33 x 64 of them can.
+  if (growdense::cuda::prefer_large_tiles(small, none, 132)) {
+    std::printf("FAIL tile choice: 128 x 256 should use small tiles\n");
+    ++failures;
+  }
+  small.M = 33 * 64;
+  if (!growdense::cuda::prefer_large_tiles(small, none, 132)) {
+    std::printf("FAIL tile choice: 2112 x 256 should use large tiles\n");
+    ++failures;
+  }
+}
+
+}  // namespace
+
+int main() {
+  Rng rng(20240611);
+  check_tile_choice();
+  check_all<double>(rng);
+  check_all<float>(rng);
+  check_all<c10::Half>(rng);
+  check_all<c10::BFloat16>(rng);
+  std::printf("%d failures\n", failures);
+  return failures == 0 ? 0 : 1;
+}
