@@ -39,9 +39,8 @@ import torch
 import growdense
 from growdense import GrowLinear, ops
 
-pytestmark = pytest.mark.skipif(
-    not growdense.cuda_available(), reason="needs a GPU and growdense built with its CUDA kernels"
-)
+if not growdense.cuda_available():
+    pytest.skip("needs a GPU and growdense built with its CUDA kernels", allow_module_level=True)
 
 NAN = float("nan")
 PATHS = ("fused", "blas", "auto")
