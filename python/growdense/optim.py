@@ -70,7 +70,7 @@ def zero_grad_(params, set_to_none: bool = True) -> None:
             continue
         if grad.grad_fn is not None:
             grad.detach_()
-        else:
+        elif grad.requires_grad:
             grad.requires_grad_(False)
         if block is None:
             grad.zero_()
@@ -104,22 +104,24 @@ class _ActiveBlockSteps:
         """Views ``t[block]`` of a Parameter and its state tensors, cached between steps.
 
         Making a view costs microseconds in Python; a step of a small layer costs tens.
-        The cache entry is reused while the block, the tensors and their storage are the
-        same (``param.data = ...`` or a loaded ``state_dict`` make new ones). Gradients are
+        The cache entry is reused while the block and the tensors are the same and the
+        Parameter's storage too (``param.data = ...`` changes it; a loaded ``state_dict``
+        makes new state tensors). Gradients are
         not cached (a view would keep a dropped ``.grad``'s memory alive).
         """
         cache = self.__dict__.setdefault("_growdense_views", {})
-        ptrs = tuple(t.data_ptr() for t in sources)
+        ptr = p.data_ptr()  # `param.data = ...` keeps the Parameter but changes its storage
         entry = cache.get(id(p))
         if (
             entry is not None
             and entry[0] == block
-            and entry[1] == ptrs
+            and entry[1] == ptr
+            and len(entry[2]) == len(sources)
             and all(a is b for a, b in zip(entry[2], sources))
         ):
             return entry[3]
         views = tuple(t[block] for t in sources)
-        cache[id(p)] = (block, ptrs, sources, views)
+        cache[id(p)] = (block, ptr, sources, views)
         return views
 
     def zero_grad(self, set_to_none: bool = True) -> None:
