@@ -1,0 +1,252 @@
+"""One growth event: growdense in place against the reallocating way the study used.
+
+The event takes an n x n layer (n inputs) from n/2 to n output neurons, while it trains
+with Adam. Sides, interleaved in one run:
+
+- ``floor``: drawing the new rows' He values into memory that is already there
+  (``w[n/2:].normal_(0, sqrt(2/n))`` on a preallocated tensor). Any method has to draw
+  them; growdense's goal is to cost no more than 1.2x this.
+- ``growdense``: ``GrowLinear.grow_out(n/2)`` on a layer allocated at capacity n
+  (He rows drawn in place, bias rows zero), then ``optim_state.zero_state_`` on Adam's
+  moments for the new rows, as ``Wiring.grow`` does. The Parameters and the optimizer stay.
+- ``growdense, layer only``: ``grow_out`` without the optimizer-state edit.
+- ``reallocate``: the study's way: a new ``nn.Linear(n, n)`` (allocated and initialised
+  by its constructor), the old weights and bias copied into its first rows, He values
+  drawn for the new rows and their bias zeroed, and a new ``torch.optim.Adam`` built on
+  the new Parameters (the old moments are lost; the new ones are allocated at its first
+  step, which is not counted here).
+
+Bytes newly allocated during one event are counted for each side (``common.NewBytes``:
+every new tensor an op returns; on CUDA also the caching allocator's counter).
+
+    python benchmarks/bench_growth.py                 # CPU, n = 1024, 2048, 4096
+    python benchmarks/bench_growth.py --device cuda
+    python benchmarks/bench_growth.py --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+from growdense import GrowLinear, optim_state  # noqa: E402
+
+try:
+    from growdense.optim import Adam as GrowAdam  # noqa: E402
+except ImportError:  # pragma: no cover
+    GrowAdam = torch.optim.Adam
+
+GOAL_FLOOR = 1.2  # growdense event <= 1.2x the floor
+
+
+def he_std(fan_in: int) -> float:
+    return math.sqrt(2.0 / fan_in)
+
+
+def one_adam_step(params, opt) -> None:
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def make_sides(n: int, device: str, dtype: torch.dtype) -> tuple[dict, dict]:
+    """(timed functions, functions run once for the allocation count) for size n."""
+    half = n // 2
+    std = he_std(n)
+
+    # floor
+    floor_buf = torch.zeros(n, n, device=device, dtype=dtype)
+
+    def floor():
+        floor_buf[half:].normal_(0.0, std)
+
+    # growdense: a layer at capacity n x n, active n/2 rows, with Adam state
+    layer = GrowLinear(n, half, capacity_out=n, device=device, dtype=dtype)
+    opt = GrowAdam(layer.parameters(), lr=1e-3)
+    one_adam_step(list(layer.parameters()), opt)
+    layer_only = GrowLinear(n, half, capacity_out=n, device=device, dtype=dtype)
+
+    def growdense():
+        layer.grow_out(n - half)
+        optim_state.zero_state_(opt, layer.weight, 0, half, n)
+        optim_state.zero_state_(opt, layer.bias, 0, half, n)
+
+    def growdense_reset():
+        layer.shrink_out(half)
+
+    def growdense_layer_only():
+        layer_only.grow_out(n - half)
+
+    def growdense_layer_only_reset():
+        layer_only.shrink_out(half)
+
+    # reallocate: the old nn.Linear and its Adam stay as they were; each event builds anew
+    old = nn.Linear(n, half, device=device, dtype=dtype)
+    old_opt = torch.optim.Adam(old.parameters(), lr=1e-3)
+    one_adam_step(list(old.parameters()), old_opt)
+    keep = {}
+
+    def reallocate():
+        new = nn.Linear(n, n, device=device, dtype=dtype)
+        with torch.no_grad():
+            new.weight[:half].copy_(old.weight)
+            new.bias[:half].copy_(old.bias)
+            new.weight[half:].normal_(0.0, std)
+            new.bias[half:].zero_()
+        keep["layer"], keep["opt"] = new, torch.optim.Adam(new.parameters(), lr=1e-3)
+
+    timed = {
+        "floor": floor,
+        "growdense": _with_reset(growdense, growdense_reset),
+        "growdense, layer only": _with_reset(growdense_layer_only, growdense_layer_only_reset),
+        "reallocate": reallocate,
+    }
+    once = {
+        "floor": floor,
+        "growdense": growdense,
+        "growdense, layer only": growdense_layer_only,
+        "reallocate": reallocate,
+    }
+    resets = {"growdense": growdense_reset, "growdense, layer only": growdense_layer_only_reset}
+    return timed, once, resets
+
+
+class _with_reset:
+    """A timed event and an untimed reset to run after it (see time_events)."""
+
+    def __init__(self, event, reset):
+        self.event, self.reset = event, reset
+
+    def __call__(self):
+        self.event()
+
+
+def time_events(sides: dict, device: str, warmup: int, reps: int, max_seconds: float) -> dict:
+    """Like common.time_interleaved, with each event's untimed reset run after it."""
+    import time
+
+    names = list(sides)
+    samples = {name: [] for name in names}
+    cuda = device.startswith("cuda")
+
+    def run(name):
+        fn = sides[name]
+        common.sync(device)
+        if cuda:
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            fn()
+            end.record()
+            end.synchronize()
+            elapsed = begin.elapsed_time(end) / 1e3
+        else:
+            t0 = time.perf_counter()
+            fn()
+            elapsed = time.perf_counter() - t0
+        if isinstance(fn, _with_reset):
+            fn.reset()
+        common.sync(device)
+        return elapsed
+
+    for _ in range(warmup):
+        for name in names:
+            run(name)
+    started = time.perf_counter()
+    for r in range(reps):
+        for name in names if r % 2 == 0 else names[::-1]:
+            samples[name].append(run(name))
+        if r >= 4 and time.perf_counter() - started > max_seconds:
+            break
+    return samples
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    common.add_common_args(parser)
+    parser.add_argument("--sizes", default="1024,2048,4096", help="layer sizes n (default: %(default)s)")
+    parser.add_argument("--reps", type=int, default=None, help="events per side (default 15)")
+    parser.add_argument("--max-seconds", type=float, default=None, help="time budget per size (default 40 s)")
+    args = parser.parse_args(argv)
+    sizes = [64, 128] if args.quick else [int(s) for s in args.sizes.split(",")]
+    reps = args.reps or (3 if args.quick else 15)
+    warmup = 1 if args.quick else 2
+    max_seconds = args.max_seconds or (2.0 if args.quick else 40.0)
+    dtype = torch.float32
+    info = common.setup(args.threads, args.device)
+    torch.manual_seed(args.seed)
+
+    rows = []
+    for n in sizes:
+        timed, once, resets = make_sides(n, args.device, dtype)
+        allocated = {}
+        for name, fn in once.items():
+            with common.NewBytes(args.device) as nb:
+                fn()
+            if name in resets:
+                resets[name]()
+            allocated[name] = nb
+        samples = time_events(timed, args.device, warmup, reps, max_seconds)
+        floor = samples["floor"]
+        layer_bytes = n * n * torch.finfo(dtype).bits // 8
+        for name, xs in samples.items():
+            row = {
+                "n": n, "event": f"{n // 2}→{n} outputs of {n} inputs", "side": name,
+                "median_s": common.median(xs), "iqr_rel": common.spread(xs), "samples": len(xs),
+                "ratio_to_floor": common.paired_ratio(xs, floor),
+                "ratio_to_reallocate": common.paired_ratio(xs, samples["reallocate"]),
+                "new_bytes": allocated[name].bytes, "largest_new_tensor_bytes": allocated[name].largest,
+                "layer_bytes": layer_bytes,
+                "cuda_allocated_bytes": allocated[name].cuda_allocated,
+            }
+            if name == "growdense":
+                row["goal"] = f"time ≤ {GOAL_FLOOR}x floor, no allocation of the layer's size"
+                row["goal_met"] = bool(row["ratio_to_floor"] <= GOAL_FLOOR and allocated[name].largest < layer_bytes)
+            rows.append(row)
+            print(
+                f"n={n} {name}: {common.fmt_time(row['median_s'])}, x{row['ratio_to_floor']:.2f} floor, "
+                f"x{row['ratio_to_reallocate']:.3f} reallocate, new {common.fmt_bytes(row['new_bytes'])}"
+                + (f"  [{'met' if row['goal_met'] else 'MISSED'}]" if "goal" in row else ""),
+                flush=True,
+            )
+    common.finish(info)
+
+    header = ["layer", "event", "side", "median", "× floor", "× reallocate", "new memory", "goal"]
+    table = []
+    for r in rows:
+        mem = common.fmt_bytes(r["new_bytes"])
+        if r["cuda_allocated_bytes"] is not None:
+            mem += f" (CUDA allocator: {common.fmt_bytes(r['cuda_allocated_bytes'])})"
+        goal = ""
+        if "goal" in r:
+            goal = ("met" if r["goal_met"] else "**missed**") + f" (≤ {GOAL_FLOOR}x floor, no layer-sized allocation)"
+        table.append([
+            f"{r['n']}x{r['n']}", r["event"], r["side"], common.fmt_time(r["median_s"]),
+            f"{r['ratio_to_floor']:.2f}", f"{r['ratio_to_reallocate']:.3f}", mem, goal,
+        ])
+    print()
+    print(f"Machine: {common.machine_line(info)}.")
+    print(f"Medians of up to {reps} interleaved events per side after {warmup} warm-up rounds; ratios are medians "
+          "over rounds of the per-round ratio. float32.")
+    print()
+    print(common.markdown_table(header, table))
+    path = common.write_json(
+        f"bench_growth-{'cuda' if args.device.startswith('cuda') else 'cpu'}" + ("-quick" if args.quick else ""),
+        {"benchmark": "bench_growth", "command": common.command_line(), "machine": info, "reps": reps,
+         "warmup": warmup, "dtype": str(dtype), "rows": rows},
+        args.json,
+    )
+    print(f"\nwrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
