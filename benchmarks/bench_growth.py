@@ -58,8 +58,9 @@ def one_adam_step(params, opt) -> None:
     opt.zero_grad(set_to_none=True)
 
 
-def make_sides(n: int, device: str, dtype: torch.dtype) -> tuple[dict, dict]:
-    """(timed functions, functions run once for the allocation count) for size n."""
+def make_sides(n: int, device: str, dtype: torch.dtype) -> tuple[dict, dict, dict]:
+    """For size n: (timed events, the same events to run once for the allocation count,
+    the untimed resets that bring the growdense layers back to n/2 outputs)."""
     half = n // 2
     std = he_std(n)
 
