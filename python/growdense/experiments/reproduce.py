@@ -322,6 +322,7 @@ def reproduce(cfg: ReproduceConfig, argv: Optional[Sequence[str]] = None) -> Pat
     steps = [{"run": r["spec"].name, "step": i, "epoch": i // math.ceil(train.shape[0] / cfg.batch_size),
               "loss": v} for r in results for i, v in enumerate(r["steps"])]
     _write_csv(out / "metrics.csv", history)
+    (out / "metrics_partial.csv").unlink(missing_ok=True)  # superseded by metrics.csv
     _write_csv(out / "steps.csv", steps)
     _write_csv(out / "growth_events.csv", events)
     summary_runs = {}
