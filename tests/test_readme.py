@@ -20,4 +20,4 @@ def test_readme_examples_run(capsys):
     for block in python_blocks():
         exec(compile(block, str(README), "exec"), {"__name__": "__readme__"})
     out = capsys.readouterr().out
-    assert "out_features=64" in out
+    assert "Wiring(h1=64/256)" in out and "out_features=64" in out

@@ -1,15 +1,29 @@
 """growdense: dense layers that grow and shrink in place while they train."""
 
 from ._extension import build_info, cuda_available, cuda_built
-from .layers import GrowLinear
-from . import ops
+from .layers import GrowLinear, active_block
+from . import init_strategies, ops, optim, optim_state
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .schedule import GrowthEvent, GrowthSchedule
+from .wiring import Wiring
 
 __version__ = build_info()["version"]
 
-__all__ = ["GrowLinear", "ops", "build_info", "cuda_available", "cuda_built", "__version__"]
-from .wiring import Wiring
-from .schedule import GrowthEvent, GrowthSchedule
-from . import init_strategies, optim_state
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-__all__ += ["Wiring", "GrowthEvent", "GrowthSchedule", "init_strategies", "optim_state"]
-__all__ += ["CheckpointError", "load_checkpoint", "save_checkpoint"]
+__all__ = [
+    "GrowLinear",
+    "Wiring",
+    "GrowthEvent",
+    "GrowthSchedule",
+    "save_checkpoint",
+    "load_checkpoint",
+    "CheckpointError",
+    "active_block",
+    "ops",
+    "optim",
+    "optim_state",
+    "init_strategies",
+    "build_info",
+    "cuda_available",
+    "cuda_built",
+    "__version__",
+]
