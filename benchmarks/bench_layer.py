@@ -50,7 +50,7 @@ GPU_WIDTHS = [16, 64, 256, 1024, 4096]
 QUICK_SIZES = [(32, 48, 24), (16, 24, 8)]
 MODES = ("fwd", "fwd+bwd", "step")
 
-# Goals of issue #6 (time ratios growdense / nn.Linear on the CPU; speedups nn / growdense on CUDA).
+# Goals (time ratios growdense / nn.Linear on the CPU; speedups nn / growdense on CUDA).
 CPU_GOAL_FULL = 1.05  # fwd+bwd, active = capacity
 CPU_GOAL_EIGHTH = 1.25  # step, active = capacity / 8
 CUDA_GOAL_VAE = 1.3  # speedup at the VAE sizes

@@ -92,22 +92,21 @@ class _ActiveBlockSteps:
             block = _partial_block(p)
             if block is None:
                 continue
-            sources = (p, exp_avgs[i], exp_avg_sqs[i]) + ((max_exp_avg_sqs[i],) if amsgrad else ())
+            sources = (p, grads[i], exp_avgs[i], exp_avg_sqs[i]) + ((max_exp_avg_sqs[i],) if amsgrad else ())
             views = self._block_views(p, block, sources)
-            params_with_grad[i], exp_avgs[i], exp_avg_sqs[i] = views[:3]
+            params_with_grad[i], grads[i], exp_avgs[i], exp_avg_sqs[i] = views[:4]
             if amsgrad:
-                max_exp_avg_sqs[i] = views[3]
-            grads[i] = grads[i][block]
+                max_exp_avg_sqs[i] = views[4]
         return has_complex
 
     def _block_views(self, p: Tensor, block: tuple[slice, ...], sources: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-        """Views ``t[block]`` of a Parameter and its state tensors, cached between steps.
+        """Views ``t[block]`` of a Parameter, its gradient and its state tensors, cached between steps.
 
         Making a view costs microseconds in Python; a step of a small layer costs tens.
         The cache entry is reused while the block and the tensors are the same and the
         Parameter's storage too (``param.data = ...`` changes it; a loaded ``state_dict``
-        makes new state tensors). Gradients are
-        not cached (a view would keep a dropped ``.grad``'s memory alive).
+        makes new state tensors, a new ``.grad`` a new gradient). The entry holds the
+        last gradient it saw until the Parameter's next step, as ``zero_grad`` here does.
         """
         cache = self.__dict__.setdefault("_growdense_views", {})
         ptr = p.data_ptr()  # `param.data = ...` keeps the Parameter but changes its storage
