@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ import torch
 from growdense.models import VAE, elbo_estimates, elbo_variance, iwae_bound, negative_elbo
 from growdense.schedule import GrowthSchedule
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = Path(os.environ.get("GROWDENSE_MNIST_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 # The study's Tables 1 and 2: widths (h1, h2) after each growth event.
 TABLE1 = [(32, 16), (64, 32), (96, 48), (128, 64), (160, 80), (192, 96), (224, 112), (256, 128)]
