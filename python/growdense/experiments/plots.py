@@ -19,12 +19,26 @@ def _color(name: str) -> str | None:
     return _COLORS.get(name)
 
 
-def _curves(path: Path, results: Sequence[dict[str, Any]], approach: str, title: str) -> None:
+def _pyplot():
+    """matplotlib.pyplot on the non-interactive Agg backend (imported only when plotting)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _curves(path: Path, results: Sequence[dict[str, Any]], approach: str, title: str) -> None:
+    plt = _pyplot()
     chosen = [r for r in results if r["spec"].approach in ("fixed", approach)]
     if not any(r["spec"].approach == approach for r in chosen):
         return
@@ -55,17 +69,11 @@ def _curves(path: Path, results: Sequence[dict[str, Any]], approach: str, title:
     axes[0].legend(fontsize=7)
     axes[1].legend(fontsize=7)
     fig.suptitle(f"{title} (dashed lines: growth epochs)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def _steps(path: Path, results: Sequence[dict[str, Any]]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     growing = [r for r in results if r["events"]]
     if not growing:
         return
@@ -85,17 +93,11 @@ def _steps(path: Path, results: Sequence[dict[str, Any]]) -> None:
         ax.set_yscale("symlog", linthresh=1.0)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def _step_curves(path: Path, results: Sequence[dict[str, Any]]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     growing = [r for r in results if r["events"]]
     if not growing:
         return
@@ -110,17 +112,11 @@ def _step_curves(path: Path, results: Sequence[dict[str, Any]]) -> None:
     ax.set_ylabel("batch loss (nats per image)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def _variance(path: Path, evaluations: dict[str, Any]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
     for name, ev in evaluations.items():
         ls = [v["L"] for v in ev["variance"]]
@@ -138,9 +134,7 @@ def _variance(path: Path, evaluations: dict[str, Any]) -> None:
     for ax in axes:
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def write_figures(out: Path, results: Sequence[dict[str, Any]], evaluations: dict[str, Any], test: torch.Tensor,
