@@ -5,16 +5,21 @@
 #include <c10/util/Exception.h>
 
 #include <optional>
+#include <string>
 #include <string_view>
+
+#include "activation.h"
 
 namespace growdense {
 
-enum class Activation { None, Relu };
-
 inline Activation parse_activation(std::string_view name) {
-  if (name == "none") return Activation::None;
-  if (name == "relu") return Activation::Relu;
-  TORCH_CHECK_VALUE(false, "growdense: unknown activation '", name, "'; expected 'none' or 'relu'");
+  Activation act = Activation::None;
+  if (find_activation(name, act)) return act;
+  std::string known;
+  for (const ActivationName& entry : kActivationNames) {
+    known += (known.empty() ? "'" : ", '") + std::string(entry.name) + "'";
+  }
+  TORCH_CHECK_VALUE(false, "growdense: unknown activation '", name, "'; expected one of ", known);
 }
 
 // Checks x (..., active_in), weight (cap_out, cap_in), bias (cap_out) against the
@@ -46,9 +51,11 @@ inline int64_t check_linear_args(const at::Tensor& x, const at::Tensor& weight,
   return active_in == 0 ? 0 : x.numel() / active_in;
 }
 
-// Checks the extra arguments of the backward op against the forward's.
+// Checks the extra arguments of the backward op against the forward's. `saved` is
+// what the activation's backward reads (backward_needs): the forward's output or its
+// pre-activation, of the shape of grad_out.
 inline void check_backward_args(const at::Tensor& grad_out, const at::Tensor& x,
-                                const std::optional<at::Tensor>& out, int64_t active_out,
+                                const std::optional<at::Tensor>& saved, int64_t active_out,
                                 Activation act) {
   TORCH_CHECK_VALUE(grad_out.dim() == x.dim() && grad_out.size(-1) == active_out,
                     "growdense: grad_out must have shape (..., ", active_out, ") matching the input, got ",
@@ -59,9 +66,16 @@ inline void check_backward_args(const at::Tensor& grad_out, const at::Tensor& x,
   }
   TORCH_CHECK_TYPE(grad_out.scalar_type() == x.scalar_type(), "growdense: grad_out dtype ",
                    grad_out.scalar_type(), " differs from input dtype ", x.scalar_type());
-  if (act == Activation::Relu) {
-    TORCH_CHECK_VALUE(out.has_value() && out->sizes() == grad_out.sizes(),
-                      "growdense: the relu backward needs the forward output, of the shape of grad_out");
+  const ActivationSaves needs = backward_needs(act);
+  if (needs != ActivationSaves::Nothing) {
+    TORCH_CHECK_VALUE(saved.has_value() && saved->sizes() == grad_out.sizes(), "growdense: the ",
+                      activation_name(act), " backward needs the forward's ",
+                      needs == ActivationSaves::Output ? "output" : "pre-activation",
+                      " as `saved`, of the shape of grad_out ", grad_out.sizes());
+    TORCH_CHECK_TYPE(saved->scalar_type() == x.scalar_type(), "growdense: saved dtype ", saved->scalar_type(),
+                     " differs from input dtype ", x.scalar_type());
+    TORCH_CHECK(saved->device() == x.device(), "growdense: saved is on ", saved->device(), " but the input is on ",
+                x.device());
   }
 }
 

@@ -1,27 +1,57 @@
-// The growdense operator schemas. Kernels register themselves per device in
-// csrc/cpu/ and csrc/cuda/; fake (meta) kernels and autograd live in growdense/ops.py.
+// The growdense operator schemas. Kernels register themselves per device in csrc/cpu/
+// and csrc/cuda/, the autograd kernels in csrc/autograd/; the fake (meta) kernels are
+// registered in Python (growdense/ops.py).
 #include <torch/library.h>
+
+#include <string>
+
+#include "gemm_path.h"
+
+namespace growdense {
+namespace {
+
+std::string set_cuda_gemm_path(c10::string_view path) {
+  return gemm_path_name(set_gemm_path(parse_gemm_path(std::string_view(path.data(), path.size()), "path")));
+}
+
+}  // namespace
 
 TORCH_LIBRARY(growdense, m) {
   m.set_python_module("growdense.ops");
-  // y = act(x @ weight[:active_out, :active_in]^T + bias[:active_out])
+  // y = act(x @ weight[:active_out, :active_in]^T + bias[:active_out]). `activation`
+  // is one of the names in csrc/activation.h ("none", "relu", "gelu", "gelu_tanh", "silu").
   m.def("linear(Tensor x, Tensor weight, Tensor? bias, int active_in, int active_out, str activation) -> Tensor");
-  // Gradients of `linear`: (grad_x, grad_weight, grad_bias). grad_weight and grad_bias
-  // have the capacity shapes and are zero outside the active block. `out` is the
-  // forward's output (needed for relu). An output not asked for in output_mask is
-  // returned empty.
+  // `linear` for training: (y, saved), saved being what the activation's backward reads
+  // beyond y: the pre-activation z (y = act(z)) for gelu, gelu_tanh and silu, an empty
+  // tensor for none and relu (whose backward reads y).
   m.def(
-      "linear_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor? out, int active_in, "
+      "linear_forward(Tensor x, Tensor weight, Tensor? bias, int active_in, int active_out, str activation) "
+      "-> (Tensor, Tensor)");
+  // Gradients of `linear`: (grad_x, grad_weight, grad_bias). grad_weight and grad_bias
+  // have the capacity shapes and are zero outside the active block. `saved` is what the
+  // activation's backward reads: the forward's output for relu, its pre-activation for
+  // gelu, gelu_tanh and silu, nothing for none. An output not asked for in output_mask
+  // is returned empty.
+  m.def(
+      "linear_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor? saved, int active_in, "
       "int active_out, str activation, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
-  // The same two ops as plain loops: the reference every other kernel is tested against.
+  // The same three ops as plain loops: the reference every other kernel is tested against.
   m.def(
       "linear_reference(Tensor x, Tensor weight, Tensor? bias, int active_in, int active_out, "
       "str activation) -> Tensor");
   m.def(
-      "linear_backward_reference(Tensor grad_out, Tensor x, Tensor weight, Tensor? out, int active_in, "
+      "linear_forward_reference(Tensor x, Tensor weight, Tensor? bias, int active_in, int active_out, "
+      "str activation) -> (Tensor, Tensor)");
+  m.def(
+      "linear_backward_reference(Tensor grad_out, Tensor x, Tensor weight, Tensor? saved, int active_in, "
       "int active_out, str activation, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
   // Fills self[row_start:row_end, col_start:col_end] with N(0, std^2) in place.
   m.def(
       "normal_block_(Tensor(a!) self, int row_start, int row_end, int col_start, int col_end, float std, "
       "Generator? generator=None) -> ()");
+  // The GEMM path of the CUDA linear ops ("auto", "fused" or "blas"; see gemm_path.h);
+  // returns the previous one. No effect without the CUDA kernels.
+  m.def("_set_cuda_gemm_path(str path) -> str", &set_cuda_gemm_path);
 }
+
+}  // namespace growdense

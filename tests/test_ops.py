@@ -194,7 +194,7 @@ def test_op_argument_errors(which):
     with pytest.raises(TypeError, match="dtype"):
         op(x.double(), w, b, 4, 2)
     with pytest.raises(ValueError, match="activation"):
-        op(x, w, b, 4, 2, "gelu")
+        op(x, w, b, 4, 2, "swish")
 
 
 class TestNormalBlock:

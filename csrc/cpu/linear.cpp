@@ -1,13 +1,16 @@
 // Fast CPU kernels: ATen's GEMM called on the active block as a strided view of the
 // capacity buffer (its leading dimension is the capacity, so nothing is copied out),
-// with the bias fused into the GEMM (addmm) and the relu applied in place.
+// with the bias fused into the GEMM (addmm) and the activation applied in place by
+// ATen's vectorised kernels (activation_aten.h).
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/sum.h>
-#include <ATen/ops/threshold_backward.h>
 #include <torch/library.h>
 
+#include <vector>
+
+#include "activation_aten.h"
 #include "args.h"
 
 namespace growdense {
@@ -24,30 +27,55 @@ at::Tensor as_matrix(const at::Tensor& t, int64_t rows, int64_t cols) {
   return t.dim() == 2 ? t : t.reshape({rows, cols});
 }
 
+std::vector<int64_t> with_last(at::IntArrayRef sizes, int64_t last) {
+  std::vector<int64_t> out(sizes.begin(), sizes.end());
+  out.back() = last;
+  return out;
+}
+
+// z = x W_block^T + b_block as a (rows, active_out) matrix.
+at::Tensor pre_activation(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                          int64_t rows, int64_t active_in, int64_t active_out) {
+  const at::Tensor x2 = as_matrix(x, rows, active_in);
+  const at::Tensor wt = block_of(weight, active_out, active_in).t();
+  return bias.has_value()
+             ? at::addmm(bias->size(0) == active_out ? *bias : bias->narrow(0, 0, active_out), x2, wt)
+             : at::mm(x2, wt);
+}
+
 at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                       int64_t active_in, int64_t active_out, c10::string_view activation) {
   const Activation act = parse_activation(activation);
   const int64_t rows = check_linear_args(x, weight, bias, active_in, active_out);
-  const at::Tensor x2 = as_matrix(x, rows, active_in);
-  const at::Tensor wt = block_of(weight, active_out, active_in).t();
-  at::Tensor y = bias.has_value()
-                     ? at::addmm(bias->size(0) == active_out ? *bias : bias->narrow(0, 0, active_out), x2, wt)
-                     : at::mm(x2, wt);
-  if (act == Activation::Relu) y.relu_();
-  if (x.dim() == 2) return y;
-  std::vector<int64_t> sizes(x.sizes().begin(), x.sizes().end());
-  sizes.back() = active_out;
-  return y.view(sizes);
+  at::Tensor y = pre_activation(x, weight, bias, rows, active_in, active_out);
+  aten_activation_(act, y);
+  return x.dim() == 2 ? y : y.view(with_last(x.sizes(), active_out));
+}
+
+std::tuple<at::Tensor, at::Tensor> linear_forward_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                                      const std::optional<at::Tensor>& bias, int64_t active_in,
+                                                      int64_t active_out, c10::string_view activation) {
+  const Activation act = parse_activation(activation);
+  const int64_t rows = check_linear_args(x, weight, bias, active_in, active_out);
+  at::Tensor z = pre_activation(x, weight, bias, rows, active_in, active_out);
+  if (x.dim() != 2) z = z.view(with_last(x.sizes(), active_out));
+  if (backward_needs(act) != ActivationSaves::PreActivation) {
+    aten_activation_(act, z);
+    return {z, at::empty({0}, x.options())};
+  }
+  return {aten_activation(act, z), z};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward_cpu(
-    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& out,
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& saved,
     int64_t active_in, int64_t active_out, c10::string_view activation, std::array<bool, 3> output_mask) {
   const Activation act = parse_activation(activation);
   const int64_t rows = check_linear_args(x, weight, std::nullopt, active_in, active_out);
-  check_backward_args(grad_out, x, out, active_out, act);
+  check_backward_args(grad_out, x, saved, active_out, act);
   at::Tensor g = as_matrix(grad_out, rows, active_out);
-  if (act == Activation::Relu) g = at::threshold_backward(g, as_matrix(*out, rows, active_out), 0);
+  if (backward_needs(act) != ActivationSaves::Nothing) {
+    g = aten_activation_backward(act, g, as_matrix(*saved, rows, active_out));
+  }
   const auto opts = x.options();
   const int64_t cap_out = weight.size(0), cap_in = weight.size(1);
   at::Tensor grad_x, grad_w, grad_b;
@@ -86,6 +114,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward_cpu(
 
 TORCH_LIBRARY_IMPL(growdense, CPU, m) {
   m.impl("linear", &linear_cpu);
+  m.impl("linear_forward", &linear_forward_cpu);
   m.impl("linear_backward", &linear_backward_cpu);
 }
 

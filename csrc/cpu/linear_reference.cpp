@@ -19,12 +19,15 @@ std::vector<int64_t> with_last(at::IntArrayRef sizes, int64_t last) {
   return out;
 }
 
-at::Tensor linear_reference(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                            int64_t active_in, int64_t active_out, c10::string_view activation) {
-  const Activation act = parse_activation(activation);
+// y = act(z), z = x W_block^T + b, element by element with the activation.h
+// functions; z is returned too when keep_pre (else an empty tensor).
+std::tuple<at::Tensor, at::Tensor> reference_forward(const at::Tensor& x, const at::Tensor& weight,
+                                                     const std::optional<at::Tensor>& bias, int64_t active_in,
+                                                     int64_t active_out, Activation act, bool keep_pre) {
   const int64_t rows = check_linear_args(x, weight, bias, active_in, active_out);
   const at::Tensor x2 = x.reshape({rows, active_in}).contiguous();
   at::Tensor y = at::empty({rows, active_out}, x.options());
+  at::Tensor pre = keep_pre ? at::empty({rows, active_out}, x.options()) : at::empty({0}, x.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "linear_reference", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* xp = x2.const_data_ptr<scalar_t>();
@@ -33,29 +36,47 @@ at::Tensor linear_reference(const at::Tensor& x, const at::Tensor& weight, const
     const scalar_t* bp = bias.has_value() ? bias->const_data_ptr<scalar_t>() : nullptr;
     const int64_t bs = bias.has_value() ? bias->stride(0) : 0;
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+    scalar_t* pp = keep_pre ? pre.mutable_data_ptr<scalar_t>() : nullptr;
     for (int64_t r = 0; r < rows; ++r) {
       for (int64_t o = 0; o < active_out; ++o) {
         acc_t acc = bp ? static_cast<acc_t>(bp[o * bs]) : acc_t(0);
         for (int64_t i = 0; i < active_in; ++i) {
           acc += static_cast<acc_t>(xp[r * active_in + i]) * static_cast<acc_t>(wp[o * ws0 + i * ws1]);
         }
-        if (act == Activation::Relu && acc < acc_t(0)) acc = acc_t(0);
-        yp[r * active_out + o] = static_cast<scalar_t>(acc);
+        if (pp) pp[r * active_out + o] = static_cast<scalar_t>(acc);
+        yp[r * active_out + o] = static_cast<scalar_t>(activation_forward(act, acc));
       }
     }
   });
-  return y.view(with_last(x.sizes(), active_out));
+  const auto sizes = with_last(x.sizes(), active_out);
+  return {y.view(sizes), keep_pre ? pre.view(sizes) : pre};
+}
+
+at::Tensor linear_reference(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                            int64_t active_in, int64_t active_out, c10::string_view activation) {
+  const Activation act = parse_activation(activation);
+  return std::get<0>(reference_forward(x, weight, bias, active_in, active_out, act, false));
+}
+
+std::tuple<at::Tensor, at::Tensor> linear_forward_reference(const at::Tensor& x, const at::Tensor& weight,
+                                                            const std::optional<at::Tensor>& bias,
+                                                            int64_t active_in, int64_t active_out,
+                                                            c10::string_view activation) {
+  const Activation act = parse_activation(activation);
+  return reference_forward(x, weight, bias, active_in, active_out, act,
+                           backward_needs(act) == ActivationSaves::PreActivation);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward_reference(
-    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& out,
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& saved,
     int64_t active_in, int64_t active_out, c10::string_view activation, std::array<bool, 3> output_mask) {
   const Activation act = parse_activation(activation);
   const int64_t rows = check_linear_args(x, weight, std::nullopt, active_in, active_out);
-  check_backward_args(grad_out, x, out, active_out, act);
+  check_backward_args(grad_out, x, saved, active_out, act);
+  const bool with_saved = backward_needs(act) != ActivationSaves::Nothing;
   const at::Tensor x2 = x.reshape({rows, active_in}).contiguous();
   const at::Tensor g2 = grad_out.reshape({rows, active_out}).contiguous();
-  const at::Tensor o2 = act == Activation::Relu ? out->reshape({rows, active_out}).contiguous() : at::Tensor();
+  const at::Tensor s2 = with_saved ? saved->reshape({rows, active_out}).contiguous() : at::Tensor();
   const auto opts = x.options();
   at::Tensor grad_x = output_mask[0] ? at::empty({rows, active_in}, opts) : at::empty({0}, opts);
   at::Tensor grad_w = output_mask[1] ? at::zeros(weight.sizes(), opts) : at::empty({0}, opts);
@@ -65,15 +86,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward_reference(
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* xp = x2.const_data_ptr<scalar_t>();
     const scalar_t* gp = g2.const_data_ptr<scalar_t>();
-    const scalar_t* op = act == Activation::Relu ? o2.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* sp = with_saved ? s2.const_data_ptr<scalar_t>() : nullptr;
     const scalar_t* wp = weight.const_data_ptr<scalar_t>();
     const int64_t ws0 = weight.stride(0), ws1 = weight.stride(1);
 
-    // The gradient before the activation: zero where the relu output is not positive.
+    // The gradient of the pre-activation.
     std::vector<acc_t> g(rows * active_out);
     for (int64_t k = 0; k < rows * active_out; ++k) {
-      const bool masked = op && !(static_cast<acc_t>(op[k]) > acc_t(0)) && !(op[k] != op[k]);
-      g[k] = masked ? acc_t(0) : static_cast<acc_t>(gp[k]);
+      const acc_t s = sp ? static_cast<acc_t>(sp[k]) : acc_t(0);
+      g[k] = activation_backward(act, static_cast<acc_t>(gp[k]), s);
     }
     if (output_mask[0]) {
       scalar_t* gx = grad_x.mutable_data_ptr<scalar_t>();
@@ -113,6 +134,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward_reference(
 
 TORCH_LIBRARY_IMPL(growdense, CPU, m) {
   m.impl("linear_reference", &linear_reference);
+  m.impl("linear_forward_reference", &linear_forward_reference);
   m.impl("linear_backward_reference", &linear_backward_reference);
 }
 

@@ -15,6 +15,7 @@ __all__ = ["GrowLinear", "INPUT_INITS", "active_block"]
 
 INPUT_INITS = ("he", "zero")
 _linear_op = torch.ops.growdense.linear.default  # ops.linear without its Python wrapper
+_functorch_active = ops._functorch_active
 _EXTRA_STATE_VERSION = 1
 
 
@@ -84,7 +85,7 @@ class GrowLinear(nn.Module):
 
     With the capacities equal to the sizes it is a drop-in for :class:`torch.nn.Linear`
     (same initialisation, same output, loads its ``state_dict``), optionally with a
-    fused ReLU.
+    fused activation.
 
     Args:
         in_features: active input width.
@@ -92,7 +93,9 @@ class GrowLinear(nn.Module):
         bias: whether the layer has a bias.
         capacity_in: allocated input width (default: ``in_features``).
         capacity_out: allocated output width (default: ``out_features``).
-        activation: ``None`` or ``"relu"``, fused into the kernel.
+        activation: ``None`` or one of ``"relu"``, ``"gelu"`` (exact, erf form, as
+            :func:`torch.nn.functional.gelu`), ``"gelu_tanh"`` (its tanh approximation)
+            and ``"silu"``, fused into the kernel.
         device, dtype: as for :class:`torch.nn.Linear`.
     """
 
@@ -192,7 +195,12 @@ class GrowLinear(nn.Module):
     # ---- forward -------------------------------------------------------------
     def forward(self, input: Tensor) -> Tensor:
         # The op checks its arguments itself; the descriptive errors below are built only
-        # when it refuses them, so a call costs no more than the op's.
+        # when it refuses them, so a call costs no more than the op's. torch.func
+        # transforms cannot run the op's C++ autograd: they get the composite formula.
+        if _functorch_active():
+            return ops.composite_linear(
+                input, self.weight, self.bias, self._active_in, self._active_out, self.activation
+            )
         try:
             return _linear_op(input, self.weight, self.bias, self._active_in, self._active_out, self.activation)
         except (RuntimeError, TypeError, ValueError):

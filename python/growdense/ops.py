@@ -1,29 +1,61 @@
 """The growdense operators: Python entry points and fake kernels.
 
 The kernels are registered in C++ (``csrc/``) under the ``growdense`` namespace, their
-derivatives too (``csrc/cpu/linear_autograd.cpp``); this module gives them shape
-inference (so they trace under ``torch.compile``).
+derivatives too (``csrc/autograd/linear.cpp``); this module gives them shape
+inference (so they trace under ``torch.compile``), and the composite formula that
+``torch.func`` transforms see in their place.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import functools
+from typing import Callable, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from . import _extension  # noqa: F401  (loads the operator library)
 
 __all__ = ["linear", "linear_reference", "normal_block_", "ACTIVATIONS"]
 
-ACTIVATIONS = ("none", "relu")
+# The activations the ops fuse (csrc/activation.h), each with its torch.nn.functional
+# twin: the composite path computes it, the tests compare against it.
+ACTIVATION_FUNCTIONS: dict[str, Optional[Callable[[Tensor], Tensor]]] = {
+    "none": None,
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "gelu_tanh": functools.partial(F.gelu, approximate="tanh"),
+    "silu": F.silu,
+}
+ACTIVATIONS = tuple(ACTIVATION_FUNCTIONS)
+# The activations whose backward reads the pre-activation (`linear_forward` returns it).
+_SAVES_PRE_ACTIVATION = frozenset({"gelu", "gelu_tanh", "silu"})
+
+# True inside torch.func transforms (grad, vmap, jacrev, ...), which cannot run the
+# C++ autograd kernel: `linear` then takes the composite formula, which they can.
+_functorch_active = torch._C._are_functorch_transforms_active
 
 
 def _activation_name(activation: Optional[str]) -> str:
     name = "none" if activation is None else activation
-    if name not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {activation!r}; expected None, 'none' or 'relu'")
+    if name not in ACTIVATION_FUNCTIONS:
+        raise ValueError(f"unknown activation {activation!r}; expected None or one of {ACTIVATIONS}")
     return name
+
+
+def composite_linear(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], active_in: int, active_out: int, activation: str
+) -> Tensor:
+    """:func:`linear` written with ``F.linear`` on views of the active block.
+
+    What ``torch.func`` transforms run instead of the fused op; differentiable to any
+    order (gradients of ``weight`` and ``bias`` have their capacity shapes, zero
+    outside the active block).
+    """
+    y = F.linear(x, weight[:active_out, :active_in], None if bias is None else bias[:active_out])
+    fn = ACTIVATION_FUNCTIONS[activation]
+    return y if fn is None else fn(y)
 
 
 def linear(
@@ -40,8 +72,12 @@ def linear(
     place; ``x`` has shape (..., active_in) and the result (..., active_out).
     Differentiable in ``x``, ``weight`` and ``bias``; the gradients of ``weight`` and
     ``bias`` have their capacity shapes and are zero outside the active block.
+    ``activation``: ``None`` or one of :data:`ACTIVATIONS`.
     """
-    return torch.ops.growdense.linear(x, weight, bias, active_in, active_out, _activation_name(activation))
+    name = _activation_name(activation)
+    if _functorch_active():
+        return composite_linear(x, weight, bias, active_in, active_out, name)
+    return torch.ops.growdense.linear(x, weight, bias, active_in, active_out, name)
 
 
 def linear_reference(
@@ -82,7 +118,13 @@ def _linear_fake(x, weight, bias, active_in, active_out, activation):
     return x.new_empty(_out_shape(x, active_out))
 
 
-def _linear_backward_fake(grad_out, x, weight, out, active_in, active_out, activation, output_mask):
+def _linear_forward_fake(x, weight, bias, active_in, active_out, activation):
+    y = _linear_fake(x, weight, bias, active_in, active_out, activation)
+    saved = x.new_empty(_out_shape(x, active_out)) if activation in _SAVES_PRE_ACTIVATION else x.new_empty(0)
+    return y, saved
+
+
+def _linear_backward_fake(grad_out, x, weight, saved, active_in, active_out, activation, output_mask):
     grad_x = x.new_empty(x.shape) if output_mask[0] else x.new_empty(0)
     grad_w = weight.new_empty(weight.shape) if output_mask[1] else x.new_empty(0)
     grad_b = weight.new_empty(weight.shape[0]) if output_mask[2] else x.new_empty(0)
@@ -95,14 +137,17 @@ def _normal_block_fake(tensor, row_start, row_end, col_start, col_end, std, gene
 
 for _name in ("linear", "linear_reference"):
     torch.library.register_fake(f"growdense::{_name}")(_linear_fake)
+for _name in ("linear_forward", "linear_forward_reference"):
+    torch.library.register_fake(f"growdense::{_name}")(_linear_forward_fake)
 for _name in ("linear_backward", "linear_backward_reference"):
     torch.library.register_fake(f"growdense::{_name}")(_linear_backward_fake)
 torch.library.register_fake("growdense::normal_block_")(_normal_block_fake)
 
 
 # Derivatives: `linear` and `linear_reference` have their autograd kernel in C++
-# (csrc/cpu/linear_autograd.cpp, registered for the Autograd dispatch key, so it serves
-# every device); their backward calls `linear_backward` / `linear_backward_reference`.
+# (csrc/autograd/linear.cpp, registered for the Autograd dispatch key, so it serves
+# every device); their forward calls `linear_forward` when the activation's backward
+# needs the pre-activation, their backward `linear_backward` / `linear_backward_reference`.
 # It is in C++ because a Python autograd wrapper costs tens of microseconds per
 # forward+backward, as much as a small layer's GEMMs.
 for _name in ("linear", "linear_reference"):
