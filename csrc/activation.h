@@ -84,19 +84,47 @@ constexpr double kGeluTanhCubic = 0.044715;
 // std:: on the host (float overloads), the CUDA math library's overloads on the device.
 #if defined(__CUDA_ARCH__)
 template <typename T>
-__device__ inline T erf_(T x) { return ::erf(x); }
+__device__ inline T erfc_(T x) { return ::erfc(x); }
 template <typename T>
 __device__ inline T exp_(T x) { return ::exp(x); }
-template <typename T>
-__device__ inline T tanh_(T x) { return ::tanh(x); }
 #else
 template <typename T>
-inline T erf_(T x) { return std::erf(x); }
+inline T erfc_(T x) { return std::erfc(x); }
 template <typename T>
 inline T exp_(T x) { return std::exp(x); }
-template <typename T>
-inline T tanh_(T x) { return std::tanh(x); }
 #endif
+
+// The standard normal CDF, without the cancellation of 0.5 (1 + erf(.)) for z < 0.
+template <typename T>
+C10_HOST_DEVICE inline T normal_cdf(T z) {
+  return T(0.5) * erfc_(-z * sqrt1_2<T>());
+}
+
+// For u = sqrt(2/pi) (z + 0.044715 z^3): (1 + tanh(u)) / 2 and 1 - tanh(u)^2, both from
+// e = exp(-2|u|), free of the cancellation of 1 + tanh and 1 - tanh^2 where |tanh| ~ 1.
+template <typename T>
+struct TanhParts {
+  T half_one_plus;
+  T sech2;
+};
+template <typename T>
+C10_HOST_DEVICE inline TanhParts<T> tanh_parts(T u) {
+  const T e = exp_(T(-2) * (u < T(0) ? -u : u));
+  const T inv = T(1) / (T(1) + e);
+  return {u < T(0) ? e * inv : inv, T(4) * e * inv * inv};
+}
+
+// sigmoid(z) and 1 - sigmoid(z), each without cancellation.
+template <typename T>
+struct SigmoidParts {
+  T s, one_minus_s;
+};
+template <typename T>
+C10_HOST_DEVICE inline SigmoidParts<T> sigmoid_parts(T z) {
+  const T e = exp_(z < T(0) ? z : -z);  // in (0, 1]
+  const T inv = T(1) / (T(1) + e);
+  return z < T(0) ? SigmoidParts<T>{e * inv, inv} : SigmoidParts<T>{inv, e * inv};
+}
 }  // namespace activation_detail
 
 // y = act(z). T is float or double.
@@ -109,11 +137,9 @@ C10_HOST_DEVICE inline T activation_forward(Activation act, T z) {
     case Activation::Relu:
       return z < T(0) ? T(0) : z;  // NaN passes, as torch.relu
     case Activation::Gelu:
-      return z * T(0.5) * (T(1) + erf_(z * sqrt1_2<T>()));
-    case Activation::GeluTanh: {
-      const T inner = sqrt_2_pi<T>() * (z + T(kGeluTanhCubic) * z * z * z);
-      return T(0.5) * z * (T(1) + tanh_(inner));
-    }
+      return z * normal_cdf(z);
+    case Activation::GeluTanh:
+      return z * tanh_parts(sqrt_2_pi<T>() * (z + T(kGeluTanhCubic) * z * z * z)).half_one_plus;
     case Activation::Silu:
       return z / (T(1) + exp_(-z));
   }
@@ -129,20 +155,17 @@ C10_HOST_DEVICE inline T activation_derivative(Activation act, T z) {
       return T(1);
     case Activation::Relu:
       return z <= T(0) ? T(0) : T(1);  // as threshold_backward: NaN passes the gradient
-    case Activation::Gelu: {
-      const T cdf = T(0.5) * (T(1) + erf_(z * sqrt1_2<T>()));
-      const T pdf = exp_(T(-0.5) * z * z) * inv_sqrt_2pi<T>();
-      return cdf + z * pdf;
-    }
+    case Activation::Gelu:
+      return normal_cdf(z) + z * exp_(T(-0.5) * z * z) * inv_sqrt_2pi<T>();
     case Activation::GeluTanh: {
       const T z2 = z * z;
-      const T t = tanh_(sqrt_2_pi<T>() * (z + T(kGeluTanhCubic) * z2 * z));
+      const TanhParts<T> t = tanh_parts(sqrt_2_pi<T>() * (z + T(kGeluTanhCubic) * z2 * z));
       const T d_inner = sqrt_2_pi<T>() * (T(1) + T(3 * kGeluTanhCubic) * z2);
-      return T(0.5) * (T(1) + t) + T(0.5) * z * (T(1) - t * t) * d_inner;
+      return t.half_one_plus + T(0.5) * z * t.sech2 * d_inner;
     }
     case Activation::Silu: {
-      const T s = T(1) / (T(1) + exp_(-z));
-      return s * (T(1) + z * (T(1) - s));
+      const SigmoidParts<T> p = sigmoid_parts(z);
+      return p.s * (T(1) + z * p.one_minus_s);
     }
   }
   return T(1);

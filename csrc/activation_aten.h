@@ -4,7 +4,10 @@
 // activation.h cannot give.
 #pragma once
 
+#include <ATen/TensorOperators.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/core/grad_mode.h>
+#include <ATen/ops/sigmoid.h>
 #include <ATen/ops/gelu.h>
 #include <ATen/ops/gelu_backward.h>
 #include <ATen/ops/relu.h>
@@ -67,8 +70,12 @@ inline at::Tensor aten_activation_backward(Activation act, const at::Tensor& gra
       return at::gelu_backward(grad, saved, "none");
     case Activation::GeluTanh:
       return at::gelu_backward(grad, saved, "tanh");
-    case Activation::Silu:
-      return at::silu_backward(grad, saved);
+    case Activation::Silu: {
+      if (!at::GradMode::is_enabled()) return at::silu_backward(grad, saved);
+      // silu_backward has no derivative of its own: the same written out.
+      const at::Tensor s = at::sigmoid(saved);
+      return grad * s * (1 + saved * (1 - s));
+    }
   }
   TORCH_CHECK(false, "growdense: no ATen form of activation ", static_cast<int>(act));
 }

@@ -46,7 +46,8 @@ inline bool accumulates_in_place(const at::Tensor& tensor) {
       grad.scalar_type() != tensor.scalar_type() || grad.device() != tensor.device()) {
     return false;
   }
-  const c10::intrusive_ptr<torch::autograd::Node> acc = torch::autograd::impl::try_get_grad_accumulator(tensor);
+  // std::shared_ptr<Node> up to torch 2.12, c10::intrusive_ptr<Node> from 2.13.
+  const auto acc = torch::autograd::impl::try_get_grad_accumulator(tensor);
   if (!acc || !acc->pre_hooks().empty() || !acc->tensor_pre_hooks().empty() || !acc->retains_grad_hooks().empty() ||
       !acc->post_hooks().empty() || acc->tensor_post_acc_grad_hooks() != nullptr) {
     return false;

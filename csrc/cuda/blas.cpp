@@ -13,6 +13,8 @@
 #include <mutex>
 #include <unordered_map>
 
+#include "torch_internals.h"
+
 namespace growdense::cuda {
 namespace {
 
@@ -31,9 +33,31 @@ cudaDataType_t data_type(c10::ScalarType dtype) {
   }
 }
 
-bool tf32_allowed() {
-  return at::globalContext().float32Precision(at::Float32Backend::CUDA, at::Float32Op::MATMUL) ==
-         at::Float32Precision::TF32;
+bool tf32_allowed() { return internals::cuda_matmul_allows_tf32(); }
+
+// The cuBLASLt epilogue computing act(. + bias) (bias: whether there is one), also
+// writing the pre-activation to an auxiliary output when `aux`; false when it has none.
+// cuBLASLt's GELU is the tanh approximation, so it serves gelu_tanh only.
+bool lt_epilogue(Activation act, bool bias, bool aux, cublasLtEpilogue_t& epilogue) {
+  switch (act) {
+    case Activation::None:
+      if (aux) return false;
+      epilogue = bias ? CUBLASLT_EPILOGUE_BIAS : CUBLASLT_EPILOGUE_DEFAULT;
+      return true;
+    case Activation::Relu:
+      if (aux) return false;
+      epilogue = bias ? CUBLASLT_EPILOGUE_RELU_BIAS : CUBLASLT_EPILOGUE_RELU;
+      return true;
+    case Activation::GeluTanh:
+      if (aux) {
+        epilogue = bias ? CUBLASLT_EPILOGUE_GELU_AUX_BIAS : CUBLASLT_EPILOGUE_GELU_AUX;
+      } else {
+        epilogue = bias ? CUBLASLT_EPILOGUE_GELU_BIAS : CUBLASLT_EPILOGUE_GELU;
+      }
+      return true;
+    default:
+      return false;
+  }
 }
 
 cublasComputeType_t compute_type(c10::ScalarType dtype) {
@@ -160,9 +184,13 @@ void blas_gemm(c10::ScalarType dtype, bool trans_a, bool trans_b, int64_t m, int
 }
 
 bool blaslt_gemm_bias_act(c10::ScalarType dtype, bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k,
-                          const void* a, int64_t lda, const void* b, int64_t ldb, const void* bias, bool relu,
-                          void* d, int64_t ldd) {
+                          const void* a, int64_t lda, const void* b, int64_t ldb, const void* bias, Activation act,
+                          void* pre, void* d, int64_t ldd) {
   if (dtype == c10::kDouble) return false;
+  cublasLtEpilogue_t epilogue = CUBLASLT_EPILOGUE_DEFAULT;
+  if (!lt_epilogue(act, bias != nullptr, pre != nullptr, epilogue)) return false;
+  // The auxiliary output's leading dimension must be a multiple of 8.
+  if (pre != nullptr && (ldd % 8 != 0 || alignment_of(pre) < 16)) return false;
   const cudaDataType_t type = data_type(dtype);
   const cublasComputeType_t compute = compute_type(dtype);
   LtDescriptors desc;
@@ -170,10 +198,15 @@ bool blaslt_gemm_bias_act(c10::ScalarType dtype, bool trans_a, bool trans_b, int
   const cublasOperation_t op_a = operation(trans_a), op_b = operation(trans_b);
   TORCH_CUDABLAS_CHECK(cublasLtMatmulDescSetAttribute(desc.op, CUBLASLT_MATMUL_DESC_TRANSA, &op_a, sizeof(op_a)));
   TORCH_CUDABLAS_CHECK(cublasLtMatmulDescSetAttribute(desc.op, CUBLASLT_MATMUL_DESC_TRANSB, &op_b, sizeof(op_b)));
-  const cublasLtEpilogue_t epilogue = bias != nullptr ? (relu ? CUBLASLT_EPILOGUE_RELU_BIAS : CUBLASLT_EPILOGUE_BIAS)
-                                                      : (relu ? CUBLASLT_EPILOGUE_RELU : CUBLASLT_EPILOGUE_DEFAULT);
   TORCH_CUDABLAS_CHECK(
       cublasLtMatmulDescSetAttribute(desc.op, CUBLASLT_MATMUL_DESC_EPILOGUE, &epilogue, sizeof(epilogue)));
+  if (pre != nullptr) {
+    const int64_t aux_ld = ldd;
+    TORCH_CUDABLAS_CHECK(
+        cublasLtMatmulDescSetAttribute(desc.op, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, &pre, sizeof(pre)));
+    TORCH_CUDABLAS_CHECK(
+        cublasLtMatmulDescSetAttribute(desc.op, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD, &aux_ld, sizeof(aux_ld)));
+  }
   if (bias != nullptr) {
     TORCH_CUDABLAS_CHECK(
         cublasLtMatmulDescSetAttribute(desc.op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof(bias)));

@@ -9,16 +9,20 @@
 
 #include <cstdint>
 
+#include "activation.h"
+
 namespace growdense::cuda {
 
 void blas_gemm(c10::ScalarType dtype, bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const void* a,
                int64_t lda, const void* b, int64_t ldb, void* c, int64_t ldc);
 
 // D = act(op(A) op(B) + bias) in one cuBLASLt call, the bias (length m, may be null)
-// and the relu applied by the GEMM's epilogue. Returns false without doing anything
-// when cuBLASLt has no algorithm for the problem (float64, unusual alignment, ...).
+// and the activation applied by the GEMM's epilogue; `pre` (may be null) receives the
+// pre-activation op(A) op(B) + bias, laid out as D. Returns false without doing
+// anything when cuBLASLt has no epilogue for the activation (with or without `pre`) or
+// no algorithm for the problem (float64, unusual alignment, ...).
 bool blaslt_gemm_bias_act(c10::ScalarType dtype, bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k,
-                          const void* a, int64_t lda, const void* b, int64_t ldb, const void* bias, bool relu,
-                          void* d, int64_t ldd);
+                          const void* a, int64_t lda, const void* b, int64_t ldb, const void* bias, Activation act,
+                          void* pre, void* d, int64_t ldd);
 
 }  // namespace growdense::cuda

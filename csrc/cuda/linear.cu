@@ -2,12 +2,14 @@
 //
 // Two paths, picked per call by size (common.h):
 //  - small GEMMs: one launch of the fused tiled kernel (linear_kernels.cuh) with the
-//    bias, relu, relu mask and bias gradient inside it; the backward's two gradient
-//    GEMMs share that one launch.
-//  - large GEMMs: cuBLASLt with the bias and relu in its epilogue for the forward
-//    (cuBLAS plus an epilogue kernel where cuBLASLt offers no algorithm); for the
-//    backward, one kernel that applies the relu mask and reduces the bias gradient,
-//    then two cuBLAS GEMMs.
+//    bias, the activation (and the pre-activation it saves), the activation's backward
+//    and the bias gradient inside it; the backward's two gradient GEMMs share that one
+//    launch.
+//  - large GEMMs: cuBLASLt with the bias and activation in its epilogue for the forward
+//    where it has one (relu, gelu_tanh), else with the bias only followed by one
+//    element-wise kernel (cuBLAS plus that kernel where cuBLASLt offers no algorithm);
+//    for the backward, one kernel that applies the activation's backward and reduces
+//    the bias gradient, then two cuBLAS GEMMs.
 // Both read the active block of the capacity-shaped weight in place (leading
 // dimension = its row stride) and write grad_weight's active block in place.
 #include <ATen/Dispatch.h>
@@ -74,11 +76,13 @@ void launch_fused_gemm(const FusedGemm<T>& first, const FusedGemm<T>& second, cu
   }
 }
 
-// Masks grad (rows x cols, contiguous) by keep into `masked` (when keep is given) and
-// writes its column sums into bias_grad (when given; length >= cols, zero beyond cols).
+// Writes G = activation_backward(act, grad, saved) (grad: rows x cols, contiguous) into
+// `masked` (when saved is given) and the column sums of G into bias_grad (when given;
+// length >= cols, zero beyond cols).
 template <typename T>
-void mask_and_column_sums(const T* grad, const T* keep, T* masked, T* bias_grad, int64_t bias_length,
-                          int64_t rows, int64_t cols, const at::TensorOptions& options, cudaStream_t stream) {
+void mask_and_column_sums(const T* grad, const T* saved, Activation act, T* masked, T* bias_grad,
+                          int64_t bias_length, int64_t rows, int64_t cols, const at::TensorOptions& options,
+                          cudaStream_t stream) {
   using acc_t = at::opmath_type<T>;
   const ColumnSumsGrid split = column_sums_grid(rows);
   at::Tensor partial;
@@ -88,8 +92,8 @@ void mask_and_column_sums(const T* grad, const T* keep, T* masked, T* bias_grad,
   const dim3 grid(static_cast<unsigned>(ceil_div(cols, kSumCols)), static_cast<unsigned>(split.chunks));
   const dim3 block(kSumCols, kSumRows);
   mask_column_sums_kernel<T><<<grid, block, 0, stream>>>(
-      grad, keep, keep != nullptr ? masked : nullptr, partial.defined() ? partial.mutable_data_ptr<acc_t>() : nullptr,
-      rows, cols, split.rows_per_chunk);
+      grad, saved, act, saved != nullptr ? masked : nullptr,
+      partial.defined() ? partial.mutable_data_ptr<acc_t>() : nullptr, rows, cols, split.rows_per_chunk);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (bias_grad != nullptr) {
     sum_chunks_kernel<T><<<static_cast<unsigned>(ceil_div(bias_length, kThreads)), kThreads, 0, stream>>>(
@@ -99,71 +103,100 @@ void mask_and_column_sums(const T* grad, const T* keep, T* masked, T* bias_grad,
 }
 
 bool use_fused(bool small) {
-  const GemmPath path = gemm_path_from_env();
+  const GemmPath path = gemm_path();
   return path == GemmPath::Fused || (path == GemmPath::Auto && small);
 }
 
+// y = act(z), z = x W_block^T + bias; z is written to `pre` too when it is defined.
 template <typename T>
-void linear_forward(const at::Tensor& x2, const RowMajor& w, const at::Tensor& bias, at::Tensor& y, int64_t rows,
-                    int64_t active_in, int64_t active_out, bool relu) {
+void linear_forward(const at::Tensor& x2, const RowMajor& w, const at::Tensor& bias, at::Tensor& y, at::Tensor& pre,
+                    int64_t rows, int64_t active_in, int64_t active_out, Activation act) {
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const T* x_ptr = x2.const_data_ptr<T>();
   const T* w_ptr = w.tensor.const_data_ptr<T>();
   const T* b_ptr = bias.defined() ? bias.const_data_ptr<T>() : nullptr;
   T* y_ptr = y.mutable_data_ptr<T>();
+  T* pre_ptr = pre.defined() ? pre.mutable_data_ptr<T>() : nullptr;
 
   if (use_fused(fused_pays(rows, active_out, active_in))) {
-    launch_fused_gemm<T>(forward_gemm<T>(x_ptr, w_ptr, w.ld, b_ptr, relu, y_ptr, rows, active_in, active_out),
-                         FusedGemm<T>{}, stream);
+    launch_fused_gemm<T>(
+        forward_gemm<T>(x_ptr, w_ptr, w.ld, b_ptr, act, pre_ptr, y_ptr, rows, active_in, active_out),
+        FusedGemm<T>{}, stream);
     return;
   }
   // Column-major view: y^T (active_out x rows) = W_block (active_out x active_in) x^T,
   // W_block^T being stored with ld = w.ld and x^T with ld = active_in.
   const c10::ScalarType dtype = y.scalar_type();
   if (blaslt_gemm_bias_act(dtype, /*trans_a=*/true, /*trans_b=*/false, active_out, rows, active_in, w_ptr, w.ld,
-                           x_ptr, active_in, b_ptr, relu, y_ptr, active_out)) {
+                           x_ptr, active_in, b_ptr, act, pre_ptr, y_ptr, active_out)) {
     return;
   }
-  blas_gemm(dtype, /*trans_a=*/true, /*trans_b=*/false, active_out, rows, active_in, w_ptr, w.ld, x_ptr, active_in,
-            y_ptr, active_out);
-  if (b_ptr != nullptr || relu) {
+  // No epilogue for this activation: the GEMM (with the bias, where cuBLASLt takes it)
+  // writes z, then one element-wise pass the rest.
+  T* z_ptr = pre_ptr != nullptr ? pre_ptr : y_ptr;
+  const bool bias_done = blaslt_gemm_bias_act(dtype, /*trans_a=*/true, /*trans_b=*/false, active_out, rows,
+                                              active_in, w_ptr, w.ld, x_ptr, active_in, b_ptr, Activation::None,
+                                              nullptr, z_ptr, active_out);
+  if (!bias_done) {
+    blas_gemm(dtype, /*trans_a=*/true, /*trans_b=*/false, active_out, rows, active_in, w_ptr, w.ld, x_ptr,
+              active_in, z_ptr, active_out);
+  }
+  const T* add_bias = bias_done ? nullptr : b_ptr;
+  if (add_bias != nullptr || act != Activation::None) {
     const int64_t blocks = std::min<int64_t>(ceil_div(rows * active_out, kThreads), int64_t{sm_count()} * 8);
-    bias_relu_kernel<T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(y_ptr, b_ptr, relu, rows,
-                                                                                 active_out);
+    bias_act_kernel<T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(z_ptr, pre_ptr, y_ptr, add_bias, act,
+                                                                                rows, active_out);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
 
-at::Tensor linear_cuda(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                       int64_t active_in, int64_t active_out, c10::string_view activation) {
-  const Activation act = parse_activation(activation);
+// (y, pre), pre the pre-activation when keep_pre, else an empty tensor.
+std::tuple<at::Tensor, at::Tensor> linear_forward_both(const at::Tensor& x, const at::Tensor& weight,
+                                                       const std::optional<at::Tensor>& bias, int64_t active_in,
+                                                       int64_t active_out, Activation act, bool keep_pre) {
   const int64_t rows = check_linear_args(x, weight, bias, active_in, active_out);
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor y = at::empty({rows, active_out}, x.options());
+  at::Tensor pre = keep_pre ? at::empty({rows, active_out}, x.options()) : at::Tensor();
   if (rows > 0) {
     const at::Tensor x2 = x.reshape({rows, active_in}).contiguous();
     const RowMajor w = row_major(weight);
     at::Tensor b;
     if (bias.has_value()) b = bias->stride(0) == 1 ? *bias : bias->contiguous();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "growdense_linear_cuda", [&] {
-      linear_forward<scalar_t>(x2, w, b, y, rows, active_in, active_out, act == Activation::Relu);
+      linear_forward<scalar_t>(x2, w, b, y, pre, rows, active_in, active_out, act);
     });
   }
-  return y.view(with_last(x.sizes(), active_out));
+  const auto sizes = with_last(x.sizes(), active_out);
+  return {y.view(sizes), keep_pre ? pre.view(sizes) : at::empty({0}, x.options())};
+}
+
+at::Tensor linear_cuda(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                       int64_t active_in, int64_t active_out, c10::string_view activation) {
+  const Activation act = parse_activation(activation);
+  return std::get<0>(linear_forward_both(x, weight, bias, active_in, active_out, act, false));
+}
+
+std::tuple<at::Tensor, at::Tensor> linear_forward_cuda(const at::Tensor& x, const at::Tensor& weight,
+                                                       const std::optional<at::Tensor>& bias, int64_t active_in,
+                                                       int64_t active_out, c10::string_view activation) {
+  const Activation act = parse_activation(activation);
+  return linear_forward_both(x, weight, bias, active_in, active_out, act,
+                             backward_needs(act) == ActivationSaves::PreActivation);
 }
 
 // grad_x (rows x active_in), grad_w (capacity) and grad_b (capacity) are allocated,
 // uninitialised, when requested; everything requested is written here.
 template <typename T>
-void linear_backward_impl(const at::Tensor& g2, const at::Tensor& x2, const RowMajor& w, const at::Tensor& o2,
-                          std::array<bool, 3> need, at::Tensor& grad_x, at::Tensor& grad_w, at::Tensor& grad_b,
-                          int64_t rows, int64_t active_in, int64_t active_out) {
+void linear_backward_impl(const at::Tensor& g2, const at::Tensor& x2, const RowMajor& w, const at::Tensor& s2,
+                          Activation act, std::array<bool, 3> need, at::Tensor& grad_x, at::Tensor& grad_w,
+                          at::Tensor& grad_b, int64_t rows, int64_t active_in, int64_t active_out) {
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const auto [need_x, need_w, need_b] = need;
   const T* g_ptr = g2.const_data_ptr<T>();
   const T* x_ptr = x2.const_data_ptr<T>();
   const T* w_ptr = w.tensor.const_data_ptr<T>();
-  const T* keep = o2.defined() ? o2.const_data_ptr<T>() : nullptr;
+  const T* saved = s2.defined() ? s2.const_data_ptr<T>() : nullptr;
   T* gx_ptr = need_x ? grad_x.mutable_data_ptr<T>() : nullptr;
   T* gw_ptr = need_w ? grad_w.mutable_data_ptr<T>() : nullptr;
   T* gb_ptr = need_b ? grad_b.mutable_data_ptr<T>() : nullptr;
@@ -173,10 +206,10 @@ void linear_backward_impl(const at::Tensor& g2, const at::Tensor& x2, const RowM
                      (!need_w || fused_pays(active_out, active_in, rows));
   if (use_fused(small)) {
     FusedGemm<T> gx, gw;
-    if (need_x) gx = grad_input_gemm<T>(g_ptr, keep, w_ptr, w.ld, gx_ptr, rows, active_in, active_out);
+    if (need_x) gx = grad_input_gemm<T>(g_ptr, saved, act, w_ptr, w.ld, gx_ptr, rows, active_in, active_out);
     if (need_w) {
-      gw = grad_weight_gemm<T>(g_ptr, keep, x_ptr, gw_ptr, grad_w.size(0), grad_w.size(1), gb_ptr, rows, active_in,
-                               active_out);
+      gw = grad_weight_gemm<T>(g_ptr, saved, act, x_ptr, gw_ptr, grad_w.size(0), grad_w.size(1), gb_ptr, rows,
+                               active_in, active_out);
     }
     if (need_x) {
       launch_fused_gemm<T>(gx, gw, stream);
@@ -184,19 +217,19 @@ void linear_backward_impl(const at::Tensor& g2, const at::Tensor& x2, const RowM
       launch_fused_gemm<T>(gw, FusedGemm<T>{}, stream);
     }
     if (need_b && !need_w) {
-      mask_and_column_sums<T>(g_ptr, keep, nullptr, gb_ptr, cap_out, rows, active_out, g2.options(), stream);
+      mask_and_column_sums<T>(g_ptr, saved, act, nullptr, gb_ptr, cap_out, rows, active_out, g2.options(), stream);
     }
     return;
   }
 
-  // cuBLAS: one pass applies the relu mask (materialising the masked gradient, which
-  // both GEMMs read) and reduces the bias gradient.
+  // cuBLAS: one pass applies the activation's backward (materialising the gradient of
+  // the pre-activation, which both GEMMs read) and reduces the bias gradient.
   at::Tensor masked;
   const T* gm_ptr = g_ptr;
-  if (keep != nullptr || need_b) {
-    if (keep != nullptr) masked = at::empty_like(g2);
+  if (saved != nullptr || need_b) {
+    if (saved != nullptr) masked = at::empty_like(g2);
     T* masked_ptr = masked.defined() ? masked.mutable_data_ptr<T>() : nullptr;
-    mask_and_column_sums<T>(g_ptr, keep, masked_ptr, gb_ptr, cap_out, rows, active_out, g2.options(), stream);
+    mask_and_column_sums<T>(g_ptr, saved, act, masked_ptr, gb_ptr, cap_out, rows, active_out, g2.options(), stream);
     if (masked_ptr != nullptr) gm_ptr = masked_ptr;
   }
   const c10::ScalarType dtype = g2.scalar_type();
@@ -215,17 +248,13 @@ void linear_backward_impl(const at::Tensor& g2, const at::Tensor& x2, const RowM
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward_cuda(
-    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& out,
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& saved,
     int64_t active_in, int64_t active_out, c10::string_view activation, std::array<bool, 3> output_mask) {
   const Activation act = parse_activation(activation);
   const int64_t rows = check_linear_args(x, weight, std::nullopt, active_in, active_out);
-  check_backward_args(grad_out, x, out, active_out, act);
   check_on_device(grad_out, x, "grad_out");
-  if (act == Activation::Relu) {
-    check_on_device(*out, x, "out");
-    TORCH_CHECK_TYPE(out->scalar_type() == x.scalar_type(), "growdense: out dtype ", out->scalar_type(),
-                     " differs from input dtype ", x.scalar_type());
-  }
+  check_backward_args(grad_out, x, saved, active_out, act);
+  const bool with_saved = backward_needs(act) != ActivationSaves::Nothing;
   const c10::cuda::CUDAGuard guard(x.device());
   const auto opts = x.options();
   at::Tensor grad_x = output_mask[0] ? at::empty(x.sizes(), opts) : at::empty({0}, opts);
@@ -240,10 +269,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward_cuda(
 
   const at::Tensor x2 = x.reshape({rows, active_in}).contiguous();
   const at::Tensor g2 = grad_out.reshape({rows, active_out}).contiguous();
-  const at::Tensor o2 = act == Activation::Relu ? out->reshape({rows, active_out}).contiguous() : at::Tensor();
+  const at::Tensor s2 = with_saved ? saved->reshape({rows, active_out}).contiguous() : at::Tensor();
   const RowMajor w = row_major(weight);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "growdense_linear_backward_cuda", [&] {
-    linear_backward_impl<scalar_t>(g2, x2, w, o2, output_mask, grad_x, grad_w, grad_b, rows, active_in, active_out);
+    linear_backward_impl<scalar_t>(g2, x2, w, s2, act, output_mask, grad_x, grad_w, grad_b, rows, active_in,
+                                   active_out);
   });
   return {grad_x, grad_w, grad_b};
 }
@@ -252,6 +282,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward_cuda(
 
 TORCH_LIBRARY_IMPL(growdense, CUDA, m) {
   m.impl("linear", &linear_cuda);
+  m.impl("linear_forward", &linear_forward_cuda);
   m.impl("linear_backward", &linear_backward_cuda);
 }
 

@@ -8,6 +8,8 @@
 
 #include <cstdint>
 
+#include "activation.h"
+
 namespace growdense::cuda {
 
 // ---- the fused GEMM ---------------------------------------------------------------
@@ -16,33 +18,38 @@ namespace growdense::cuda {
 //   C(m, n) = 0                                        for M <= m < M_store or N <= n < N_store
 //
 // A and B are read through element strides, so the active block of a capacity buffer is
-// read in place and either operand may be a transpose. A may be masked by a tensor of
-// its layout (the relu backward: A counts only where the forward's output was
-// positive), and the GEMM can also write the sums of A's rows (the bias gradient).
+// read in place and either operand may be a transpose. A may pass through an
+// activation's backward on the way in, reading a tensor of its layout (the gradient of
+// the output becomes that of the pre-activation: activation_backward(a_act, A, saved)),
+// the GEMM can write the pre-activation too (what the activation's backward will read),
+// and the sums of A's rows (the bias gradient).
 // One launch runs up to two independent GEMMs, each block taking one output tile.
 template <typename T>
 struct FusedGemm {
   const T* a = nullptr;  // A(m, k) = a[m * a_sm + k * a_sk]
   int64_t a_sm = 0, a_sk = 0;
-  const T* a_keep = nullptr;  // optional: A(m, k) counts only where !(a_keep(m, k) <= 0); a's strides
-  const T* b = nullptr;       // B(k, n) = b[k * b_sk + n * b_sn]
+  const T* a_saved = nullptr;  // optional: A(m, k) = activation_backward(a_act, a(m, k), a_saved(m, k)); a's strides
+  Activation a_act = Activation::None;
+  const T* b = nullptr;  // B(k, n) = b[k * b_sk + n * b_sn]
   int64_t b_sk = 0, b_sn = 0;
   int64_t M = 0, N = 0, K = 0;
   T* c = nullptr;  // C(m, n) = c[m * c_sm + n]; null: no GEMM
   int64_t c_sm = 0;
   int64_t M_store = 0, N_store = 0;  // extent of C written, >= (M, N)
   const T* bias = nullptr;           // optional, indexed by n
-  bool relu = false;
+  Activation act = Activation::None;  // applied to C after the bias
+  T* c_pre = nullptr;                 // optional: the pre-activation, C's layout, for m < M, n < N
   T* a_row_sums = nullptr;  // optional: a_row_sums[m] = sum_k A(m, k) for m < M_store (0 beyond M)
   int64_t tiles_n = 1;      // output tiles along n, over N_store (set by set_tiles)
   int64_t tiles = 0;        // output tiles in all (set by set_tiles)
 };
 
 // The forward, y = act(x W_block^T + bias): x (rows x active_in, contiguous), W with
-// element (o, i) at w[o * ldw + i], y (rows x active_out, contiguous).
+// element (o, i) at w[o * ldw + i], y and pre (the pre-activation; may be null) (rows x
+// active_out, contiguous).
 template <typename T>
-FusedGemm<T> forward_gemm(const T* x, const T* w, int64_t ldw, const T* bias, bool relu, T* y, int64_t rows,
-                          int64_t active_in, int64_t active_out) {
+FusedGemm<T> forward_gemm(const T* x, const T* w, int64_t ldw, const T* bias, Activation act, T* pre, T* y,
+                          int64_t rows, int64_t active_in, int64_t active_out) {
   FusedGemm<T> g;
   g.a = x;  // A(r, i) = x(r, i)
   g.a_sm = active_in;
@@ -58,20 +65,22 @@ FusedGemm<T> forward_gemm(const T* x, const T* w, int64_t ldw, const T* bias, bo
   g.M_store = rows;
   g.N_store = active_out;
   g.bias = bias;
-  g.relu = relu;
+  g.act = act;
+  g.c_pre = pre;
   return g;
 }
 
-// grad_x = G W_block, G = grad (rows x active_out, contiguous) masked where keep <= 0
-// (keep may be null); grad_x (rows x active_in, contiguous).
+// grad_x = G W_block, G = activation_backward(act, grad, saved) (rows x active_out,
+// contiguous; saved may be null for the identity); grad_x (rows x active_in, contiguous).
 template <typename T>
-FusedGemm<T> grad_input_gemm(const T* grad, const T* keep, const T* w, int64_t ldw, T* grad_x, int64_t rows,
-                             int64_t active_in, int64_t active_out) {
+FusedGemm<T> grad_input_gemm(const T* grad, const T* saved, Activation act, const T* w, int64_t ldw, T* grad_x,
+                             int64_t rows, int64_t active_in, int64_t active_out) {
   FusedGemm<T> g;
   g.a = grad;  // A(r, o) = G(r, o)
   g.a_sm = active_out;
   g.a_sk = 1;
-  g.a_keep = keep;
+  g.a_saved = saved;
+  g.a_act = act;
   g.b = w;  // B(o, i) = W(o, i)
   g.b_sk = ldw;
   g.b_sn = 1;
@@ -89,13 +98,14 @@ FusedGemm<T> grad_input_gemm(const T* grad, const T* keep, const T* w, int64_t l
 // outside the active block) and, if grad_b is given, grad_b = G^T 1 over the whole
 // capacity (cap_out), from the row sums of this GEMM's A = G^T.
 template <typename T>
-FusedGemm<T> grad_weight_gemm(const T* grad, const T* keep, const T* x, T* grad_w, int64_t cap_out, int64_t cap_in,
-                              T* grad_b, int64_t rows, int64_t active_in, int64_t active_out) {
+FusedGemm<T> grad_weight_gemm(const T* grad, const T* saved, Activation act, const T* x, T* grad_w, int64_t cap_out,
+                              int64_t cap_in, T* grad_b, int64_t rows, int64_t active_in, int64_t active_out) {
   FusedGemm<T> g;
   g.a = grad;  // A(o, r) = G(r, o)
   g.a_sm = 1;
   g.a_sk = active_out;
-  g.a_keep = keep;
+  g.a_saved = saved;
+  g.a_act = act;
   g.b = x;  // B(r, i) = x(r, i)
   g.b_sk = active_in;
   g.b_sn = 1;
@@ -206,9 +216,8 @@ __global__ void __launch_bounds__(Tiles::kThreads)
         acc_t v = acc_t(0);
         if (m < g.M && k < g.K) {
           const int64_t offset = m * g.a_sm + k * g.a_sk;
-          if (g.a_keep == nullptr || !(static_cast<acc_t>(g.a_keep[offset]) <= acc_t(0))) {
-            v = static_cast<acc_t>(g.a[offset]);
-          }
+          v = static_cast<acc_t>(g.a[offset]);
+          if (g.a_saved != nullptr) v = activation_backward(g.a_act, v, static_cast<acc_t>(g.a_saved[offset]));
         }
         a_next[l] = v;
       }
@@ -269,7 +278,8 @@ __global__ void __launch_bounds__(Tiles::kThreads)
       if (m < g.M && n < g.N) {
         v = acc[i][j];
         if (g.bias != nullptr) v += static_cast<acc_t>(g.bias[n]);
-        if (g.relu && v < acc_t(0)) v = acc_t(0);
+        if (g.c_pre != nullptr) g.c_pre[m * g.c_sm + n] = static_cast<T>(v);
+        v = activation_forward(g.act, v);
       }
       g.c[m * g.c_sm + n] = static_cast<T>(v);
     }
@@ -282,17 +292,20 @@ __global__ void __launch_bounds__(Tiles::kThreads)
 
 // ---- the cuBLAS path's element-wise kernels ---------------------------------------
 
-// y (rows x cols, contiguous) = act(y + bias): the epilogue where cuBLASLt cannot do it.
+// The epilogue where cuBLASLt cannot do it, over (rows x cols, contiguous) matrices:
+// z = in + bias (bias may be null), pre = z (if pre is given), out = act(z). in may be
+// pre or out (in place).
 template <typename T>
-__global__ void bias_relu_kernel(T* y, const T* bias, bool relu, int64_t rows, int64_t cols) {
+__global__ void bias_act_kernel(const T* in, T* pre, T* out, const T* bias, Activation act, int64_t rows,
+                                int64_t cols) {
   using acc_t = at::opmath_type<T>;
   const int64_t total = rows * cols;
   const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += step) {
-    acc_t v = static_cast<acc_t>(y[i]);
+    acc_t v = static_cast<acc_t>(in[i]);
     if (bias != nullptr) v += static_cast<acc_t>(bias[i % cols]);
-    if (relu && v < acc_t(0)) v = acc_t(0);
-    y[i] = static_cast<T>(v);
+    if (pre != nullptr) pre[i] = static_cast<T>(v);
+    out[i] = static_cast<T>(activation_forward(act, v));
   }
 }
 
@@ -312,13 +325,14 @@ inline ColumnSumsGrid column_sums_grid(int64_t rows) {
   return {rows_per_chunk, (rows + rows_per_chunk - 1) / rows_per_chunk};
 }
 
-// For grad (rows x cols, contiguous): writes grad masked where keep <= 0 into `masked`
-// (if given; keep may be null), and the column sums of the masked gradient over this
-// block's chunk of rows into partial[blockIdx.y * cols + col] (if given). Grid:
+// For grad (rows x cols, contiguous): writes G = activation_backward(act, grad, saved)
+// into `masked` (if given; saved may be null, G = grad), and the column sums of G over
+// this block's chunk of rows into partial[blockIdx.y * cols + col] (if given). Grid:
 // (ceil(cols / kSumCols), chunks); block: (kSumCols, kSumRows).
 template <typename T>
-__global__ void mask_column_sums_kernel(const T* grad, const T* keep, T* masked, at::opmath_type<T>* partial,
-                                        int64_t rows, int64_t cols, int64_t rows_per_chunk) {
+__global__ void mask_column_sums_kernel(const T* grad, const T* saved, Activation act, T* masked,
+                                        at::opmath_type<T>* partial, int64_t rows, int64_t cols,
+                                        int64_t rows_per_chunk) {
   using acc_t = at::opmath_type<T>;
   __shared__ acc_t sums[kSumRows][kSumCols + 1];
   const int64_t col = static_cast<int64_t>(blockIdx.x) * kSumCols + threadIdx.x;
@@ -329,7 +343,7 @@ __global__ void mask_column_sums_kernel(const T* grad, const T* keep, T* masked,
     for (int64_t r = begin + threadIdx.y; r < end; r += kSumRows) {
       const int64_t offset = r * cols + col;
       acc_t v = static_cast<acc_t>(grad[offset]);
-      if (keep != nullptr && static_cast<acc_t>(keep[offset]) <= acc_t(0)) v = acc_t(0);
+      if (saved != nullptr) v = activation_backward(act, v, static_cast<acc_t>(saved[offset]));
       if (masked != nullptr) masked[offset] = static_cast<T>(v);
       sum += v;
     }
