@@ -23,7 +23,8 @@ def test_build_info_describes_this_build():
 
 
 def test_cpu_kernels_are_registered():
-    for op in ("linear", "linear_backward", "linear_reference", "linear_backward_reference", "normal_block_"):
+    for op in ("linear", "linear_forward", "linear_backward", "linear_reference", "linear_forward_reference",
+               "linear_backward_reference", "normal_block_"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"growdense::{op}", "CPU"), op
 
 

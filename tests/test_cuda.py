@@ -17,8 +17,13 @@ computed by the same reference ops), plus the spacing of the dtype's subnormal n
     bfloat16           a = 2**-7,  b = 2**-6    cuBLAS may reduce partial sums in bfloat16
 
 Outside the active block both ``want`` and ``scale`` are zero, so the capacity padding
-of a gradient must be exactly zero. Each shape runs through both GEMM paths
-(``GROWDENSE_CUDA_GEMM=fused`` and ``=blas``) and the automatic choice. Outputs are
+of a gradient must be exactly zero. Each shape runs through both GEMM paths (``fused``
+and ``blas``, set with ``torch.ops.growdense._set_cuda_gemm_path``, as the environment
+variable ``GROWDENSE_CUDA_GEMM`` does at start-up) and the automatic choice. The
+activations whose backward reads the pre-activation (gelu, gelu_tanh, silu) have a
+slope below 1.2, so their outputs get the bound of the linear part times 1.2, and
+their gradients a scale that counts |grad| as well as |grad * act'| (the derivative
+is computed in the kernel's float precision). Outputs are
 poisoned: the tests run with torch's deterministic mode filling uninitialised memory
 with NaN, so an output element a kernel does not write reads as NaN and fails. The
 inputs' capacity padding holds NaN as well, so a kernel that reads outside the active
@@ -83,10 +88,19 @@ def _shape_id(shape) -> str:
 
 
 # ---- helpers ------------------------------------------------------------------------
+@contextlib.contextmanager
+def forced_gemm_path(path: str) -> Iterator[None]:
+    before = torch.ops.growdense._set_cuda_gemm_path(path)
+    try:
+        yield
+    finally:
+        torch.ops.growdense._set_cuda_gemm_path(before)
+
+
 @pytest.fixture(params=PATHS)
-def gemm_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    monkeypatch.setenv("GROWDENSE_CUDA_GEMM", request.param)
-    return request.param
+def gemm_path(request: pytest.FixtureRequest) -> Iterator[str]:
+    with forced_gemm_path(request.param):
+        yield request.param
 
 
 @pytest.fixture
@@ -247,9 +261,9 @@ def test_backward_computes_what_is_asked(mask, relu, gemm_path, poisoned):
             assert g_.numel() == 0, name
 
 
-def test_float32_honours_the_tf32_flag(monkeypatch):
+@forced_gemm_path("blas")
+def test_float32_honours_the_tf32_flag():
     """Without TF32, a long float32 reduction on the cuBLAS path keeps float32 accuracy."""
-    monkeypatch.setenv("GROWDENSE_CUDA_GEMM", "blas")
     shape = (512, (4096, 256), (4096, 256))
     (x, w, b), want, scale = reference_forward(shape, torch.float32, True, False)
     with allow_tf32(False):
@@ -258,6 +272,94 @@ def test_float32_honours_the_tf32_flag(monkeypatch):
     with allow_tf32(True):
         y = ops.linear(x.cuda(), w.cuda(), b.cuda(), 4096, 256)
     assert_within("y with TF32", y, want, scale, DTYPES["tf32"][2])
+
+
+# ---- the activations that save their pre-activation ----------------------------------
+PRE_ACTIVATIONS = tuple(a for a in ops.ACTIVATIONS if a not in ("none", "relu"))
+ACT_SHAPES = [SHAPES[0], SHAPES[3], SHAPES[4], SHAPES[5], SHAPES[6], (2560, (256, 784), (256, 784))]
+
+
+@functools.lru_cache(maxsize=64)
+def reference_forward_act(shape, dtype, activation, seed=0):
+    rows, (ci, co), (ai, ao) = shape
+    x, w, b = make_inputs(rows, ci, co, ai, ao, True, dtype, seed)
+    want, want_pre = torch.ops.growdense.linear_forward_reference(
+        x.double(), w.double(), b.double(), ai, ao, activation
+    )
+    scale = torch.ops.growdense.linear_reference(x.double().abs(), w.double().abs(), b.double().abs(), ai, ao, "none")
+    return (x, w, b), want, want_pre, scale
+
+
+@pytest.mark.parametrize("shape", ACT_SHAPES, ids=_shape_id)
+@pytest.mark.parametrize("dtype_name", DTYPES)
+@pytest.mark.parametrize("activation", PRE_ACTIVATIONS)
+def test_forward_activations_match_reference(shape, dtype_name, activation, gemm_path, poisoned):
+    dtype, tf32, tol = DTYPES[dtype_name]
+    _, _, (ai, ao) = shape
+    (x, w, b), want, want_pre, scale = reference_forward_act(shape, dtype, activation)
+    with allow_tf32(tf32):
+        y = ops.linear(x.cuda(), w.cuda(), b.cuda(), ai, ao, activation)
+        y2, pre = torch.ops.growdense.linear_forward(x.cuda(), w.cuda(), b.cuda(), ai, ao, activation)
+    assert_within(f"y {activation} [{gemm_path}]", y, want, 1.2 * scale, tol)
+    assert_within(f"y of linear_forward {activation} [{gemm_path}]", y2, want, 1.2 * scale, tol)
+    assert_within(f"pre-activation {activation} [{gemm_path}]", pre, want_pre, scale, tol)
+
+
+@functools.lru_cache(maxsize=64)
+def _backward_case_act(shape, dtype, activation, mask, seed=1):
+    mask = list(mask)
+    rows, (ci, co), (ai, ao) = shape
+    x, w, b = make_inputs(rows, ci, co, ai, ao, True, dtype, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    grad = torch.randn(rows, ao, generator=g, dtype=torch.float64).to(dtype)
+    pre = (2.5 * torch.randn(rows, ao, generator=g, dtype=torch.float64)).to(dtype)
+    want = torch.ops.growdense.linear_backward_reference(
+        grad.double(), x.double(), w.double(), pre.double(), ai, ao, activation, mask
+    )
+    # |act'| < 1.2: 2.2 |grad| bounds |grad act'| plus the derivative's own rounding.
+    scale = torch.ops.growdense.linear_backward_reference(
+        2.2 * grad.double().abs(), x.double().abs(), w.double().abs(), None, ai, ao, "none", mask
+    )
+    return (grad, x, w, pre), want, scale
+
+
+@pytest.mark.parametrize("shape", ACT_SHAPES, ids=_shape_id)
+@pytest.mark.parametrize("dtype_name", DTYPES)
+@pytest.mark.parametrize("activation", PRE_ACTIVATIONS)
+def test_backward_activations_match_reference(shape, dtype_name, activation, gemm_path, poisoned):
+    dtype, tf32, tol = DTYPES[dtype_name]
+    _, _, (ai, ao) = shape
+    for mask in ([True, True, True], [False, True, True], [True, False, False]):
+        (grad, x, w, pre), want, scale = _backward_case_act(shape, dtype, activation, tuple(mask))
+        with allow_tf32(tf32):
+            got = torch.ops.growdense.linear_backward(
+                grad.cuda(), x.cuda(), w.cuda(), pre.cuda(), ai, ao, activation, mask
+            )
+        for name, wanted, g_, w_, s_ in zip(("grad_x", "grad_weight", "grad_bias"), mask, got, want, scale):
+            if wanted:
+                assert_within(f"{name} {activation} {mask} [{gemm_path}]", g_, w_, s_, tol)
+            else:
+                assert g_.numel() == 0
+
+
+@pytest.mark.parametrize("activation", PRE_ACTIVATIONS)
+def test_grow_linear_activation_trains_on_the_gpu(activation, gemm_path):
+    """Autograd end to end on the GPU against F.linear + the functional activation in float64."""
+    torch.manual_seed(0)
+    layer = GrowLinear(20, 10, capacity_in=64, capacity_out=32, activation=activation, device="cuda",
+                       dtype=torch.float64)
+    fn = ops.ACTIVATION_FUNCTIONS[activation]
+    for batch in (3, 300):
+        x = torch.randn(batch, 20, device="cuda", dtype=torch.float64)
+        layer.zero_grad()
+        layer(x).square().sum().backward()
+        w = layer.weight.detach().clone().requires_grad_()
+        b = layer.bias.detach().clone().requires_grad_()
+        y_ref = fn(torch.nn.functional.linear(x, w[:10, :20], b[:10]))
+        y_ref.square().sum().backward()
+        torch.testing.assert_close(layer(x), y_ref, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(layer.weight.grad, w.grad, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(layer.bias.grad, b.grad, rtol=1e-10, atol=1e-10)
 
 
 # ---- layouts, edge cases, streams -----------------------------------------------------
@@ -347,9 +449,16 @@ def test_opcheck_on_cuda():
     w[:4, :5] = torch.randn(4, 5, device="cuda")
     w.requires_grad_(True)
     b = torch.zeros(7, device="cuda", requires_grad=True)
-    for act in ("relu", "none"):
+    for act in ops.ACTIVATIONS:
         torch.library.opcheck(torch.ops.growdense.linear.default, (x, w, b, 5, 4, act))
         torch.library.opcheck(torch.ops.growdense.linear.default, (x, w, None, 5, 4, act))
+        torch.library.opcheck(torch.ops.growdense.linear_forward.default, (x.detach(), w.detach(), None, 5, 4, act))
+    pre = torch.randn(6, 4, device="cuda")
+    for act in ("gelu", "gelu_tanh", "silu"):
+        torch.library.opcheck(
+            torch.ops.growdense.linear_backward.default,
+            (torch.randn(6, 4, device="cuda"), x.detach(), w.detach(), pre, 5, 4, act, [True, True, True]),
+        )
     grad = torch.randn(6, 4, device="cuda")
     out = torch.relu(torch.randn(6, 4, device="cuda"))
     op = torch.ops.growdense.linear_backward.default

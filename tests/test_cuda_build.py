@@ -13,9 +13,9 @@ import torch
 
 import growdense
 
-OPS = ("linear", "linear_backward", "normal_block_")
+OPS = ("linear", "linear_forward", "linear_backward", "normal_block_")
 # The plain-loop references stay CPU-only: the CUDA kernels are compared against them.
-CPU_ONLY_OPS = ("linear_reference", "linear_backward_reference")
+CPU_ONLY_OPS = ("linear_reference", "linear_forward_reference", "linear_backward_reference")
 
 
 def _has_cuda_kernel(op: str) -> bool:

@@ -5,8 +5,10 @@ host C++ compiler, runs each CUDA thread as a coroutine (``__syncthreads`` switc
 to the block's scheduler) and compares every output element with float64 loops: the
 fused GEMM in its forward and backward uses, both tile shapes, ragged edges, capacity
 padding (NaN-filled inputs there must never be read, NaN-poisoned outputs there must be
-overwritten with zeros), the relu mask, the bias gradient, and the cuBLAS path's
-element-wise kernels. It checks the kernels' logic, not the GPU's arithmetic or speed;
+overwritten with zeros), every activation of ``csrc/activation.h`` (forward, the
+pre-activation it saves, its backward from the output or the pre-activation, against
+float64 formulas written independently in the test), the bias gradient, and the cuBLAS
+path's element-wise kernels. It checks the kernels' logic, not the GPU's arithmetic or speed;
 ``tests/test_cuda.py`` does that on a GPU.
 """
 
