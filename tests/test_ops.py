@@ -230,3 +230,16 @@ class TestNormalBlock:
         with pytest.raises(ValueError, match="standard deviation"):
             ops.normal_block_(t, (0, 4), (0, 4), -1.0)
         assert not t.any()
+
+
+def test_cuda_gemm_path_is_set_through_an_op():
+    """The path is read from GROWDENSE_CUDA_GEMM once; the op changes it and returns the previous one."""
+    before = torch.ops.growdense._set_cuda_gemm_path("fused")
+    try:
+        assert before in ("auto", "fused", "blas")
+        assert torch.ops.growdense._set_cuda_gemm_path("blas") == "fused"
+        with pytest.raises(ValueError, match="not one of auto, fused, blas"):
+            torch.ops.growdense._set_cuda_gemm_path("cublas")
+        assert torch.ops.growdense._set_cuda_gemm_path("auto") == "blas"  # the failed call changed nothing
+    finally:
+        torch.ops.growdense._set_cuda_gemm_path(before)
