@@ -338,3 +338,18 @@ def test_grow_linear_with_gelu_is_a_drop_in_for_nn_linear_and_gelu():
     # One float32 GEMM of the same values on each side, then the same erf GELU.
     torch.testing.assert_close(layer(x), F.gelu(ref(x)), rtol=1e-6, atol=1e-6)
     assert "activation=gelu" in repr(layer)
+
+
+@pytest.mark.parametrize("activation", NEW)
+def test_torch_compile_matches_eager(activation):
+    torch.manual_seed(5)
+    layer = GrowLinear(6, 5, capacity_in=9, capacity_out=8, activation=activation, dtype=torch.float64)
+    x = torch.randn(4, 6, dtype=torch.float64)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    y = compiled(x)
+    torch.testing.assert_close(y, layer(x), **F64)
+    y.sum().backward()
+    compiled_grad = layer.weight.grad.clone()
+    layer.zero_grad()
+    layer(x).sum().backward()
+    torch.testing.assert_close(compiled_grad, layer.weight.grad, **F64)
