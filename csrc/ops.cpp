@@ -24,4 +24,14 @@ TORCH_LIBRARY(growdense, m) {
   m.def(
       "normal_block_(Tensor(a!) self, int row_start, int row_end, int col_start, int col_end, float std, "
       "Generator? generator=None) -> ()");
+  // Per-image negative ELBO of a Bernoulli decoder and a Gaussian posterior:
+  // mean over the L samples of sum_d BCE(sigmoid(logits[l, b, d]), target[b, d]) plus
+  // KL(N(mu[b], exp(logvar[b])) || N(0, I)). logits (L, B, D); target (B, D), mu and
+  // logvar (B, Z) in the logits' accumulation type (float32 for 16-bit logits); -> (B,).
+  m.def("negative_elbo(Tensor logits, Tensor target, Tensor mu, Tensor logvar) -> Tensor");
+  // Gradients of `negative_elbo` (logits, target, mu, logvar), given that of its output;
+  // an output not asked for in output_mask is returned empty.
+  m.def(
+      "negative_elbo_backward(Tensor grad, Tensor logits, Tensor target, Tensor mu, Tensor logvar, "
+      "bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
 }
