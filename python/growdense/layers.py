@@ -207,10 +207,12 @@ class GrowLinear(nn.Module):
                 f"GrowLinear expected input of shape (..., {self._active_in}) (its active in_features), "
                 f"got {got}; grow or shrink the layer's inputs with grow_in()/shrink_in() to match"
             )
-        if input.dtype != self.weight.dtype:
+        # Under torch.autocast the op casts input and weight to the autocast dtype itself.
+        if input.dtype != self.weight.dtype and not torch.is_autocast_enabled(input.device.type):
             raise TypeError(
                 f"GrowLinear got input of dtype {input.dtype} but its weight is {self.weight.dtype}; "
-                f"convert one of them (e.g. input.to({self.weight.dtype}) or layer.to({input.dtype}))"
+                f"convert one of them (e.g. input.to({self.weight.dtype}) or layer.to({input.dtype})), "
+                f"or run the model under torch.autocast for mixed precision"
             )
         if input.device != self.weight.device:
             raise RuntimeError(
