@@ -183,3 +183,24 @@ def test_baseline_cpu_kernel_matches_too():
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.strip() == "ok DEFAULT"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(1, 1, 7), (20, 128, 784), (3, 5, 33)], ids=lambda s: "x".join(map(str, s)))
+def test_cuda_kernels_match_the_float64_formula(shape, dtype):
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("growdense::negative_elbo", "CUDA"):
+        pytest.skip("growdense was built without its CUDA kernels")
+    inputs = [t.detach().cuda().requires_grad_() for t in make(*shape, dtype=dtype)]
+    out = ops.negative_elbo(*inputs)
+    assert out.dtype == torch.float32 and out.is_cuda
+    leaves = [t.detach().double().cpu().requires_grad_() for t in inputs]
+    ref = formula(*leaves)
+    # float32 arithmetic on the GPU (expf/log1pf within a few ulp), as on the CPU
+    torch.testing.assert_close(out.double().cpu(), ref.detach(), rtol=0, atol=1e-5 * ref.abs().max().item())
+    g = torch.randn(shape[1])
+    got = torch.autograd.grad(out, inputs, g.cuda())
+    want = torch.autograd.grad(ref, leaves, g.double())
+    for name, a, b in zip(("logits", "target", "mu", "logvar"), got, want):
+        rel = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-10}.get(dtype, 1e-5) if name == "logits" else 1e-5
+        torch.testing.assert_close(a.double().cpu(), b, rtol=rel, atol=1e-6 * b.abs().max().item() + 1e-30, msg=name)
