@@ -86,6 +86,7 @@ def test_widths_stay_plain_ints_to_eager_code_and_checkpoints():
     extra = state["_extra_state"]
     assert type(extra["in_features"]) is int and extra == {**extra, "in_features": 5, "out_features": 4}
     assert type(layer.in_features) is int and layer.in_features == 5
+    assert "in_features=5, out_features=4," in repr(layer)  # printed as plain ints
     buffer = __import__("io").BytesIO()
     torch.save(state, buffer)
     buffer.seek(0)

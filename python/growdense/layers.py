@@ -174,8 +174,9 @@ class GrowLinear(nn.Module):
     def __setstate__(self, state: dict) -> None:  # copy.deepcopy and pickle come through here
         super().__setstate__(state)
         for name in _WIDTH_ATTRS:
-            if type(self.__dict__.get(name)) is int:
-                self.__dict__[name] = _Width(self.__dict__[name])
+            value = self.__dict__.get(name)
+            if isinstance(value, int) and type(value) is not _Width:
+                self.__dict__[name] = _Width(int(value))
         self._register_owner()
 
     def _apply(self, fn, recurse: bool = True):  # .to(), .cuda(), .double() may replace Parameters
@@ -225,8 +226,8 @@ class GrowLinear(nn.Module):
 
     # ---- forward -------------------------------------------------------------
     def __setattr__(self, name: str, value: Any) -> None:
-        if name in _WIDTH_ATTRS and type(value) is int:
-            value = _Width(value)
+        if name in _WIDTH_ATTRS and type(value) is not _Width and isinstance(value, int):
+            value = _Width(int(value))  # DynamicInt's arithmetic returns DynamicInt
         super().__setattr__(name, value)
 
     def forward(self, input: Tensor) -> Tensor:
