@@ -22,6 +22,7 @@ growth every 25): the table says which.
     python benchmarks/bench_train.py                  # CPU: 4,096 images, 8 epochs, growth every epoch
     python benchmarks/bench_train.py --device cuda --train-subset 60000
     python benchmarks/bench_train.py --quick
+    python benchmarks/bench_train.py --peers [--threads 1]   # growdense fp32/bf16 against plain PyTorch peers
 """
 
 from __future__ import annotations
@@ -82,9 +83,136 @@ class Side:
         self.opt = self._grow(self.model, self.opt) or self.opt
 
 
+PEER_GOALS = {"best peer": 3.0, "plain autocast bf16": 2.0, "plain fp32": 3.5}
+
+
+def peer_sides(args, device: str) -> dict:
+    """Training steps of the study's fixed 256/128 VAE as a user would write them.
+
+    Every side has its own model (same seed), optimizer and noise stream; a call runs one
+    step (zero_grad, forward with L samples, loss, backward, Adam) on the next batch.
+    """
+    L = args.samples
+    autocast = lambda: torch.autocast(device.split(":")[0], dtype=torch.bfloat16)  # noqa: E731
+
+    def plain(name: str, amp: bool, compiled: bool):
+        torch.manual_seed(args.seed)
+        model = ReallocVAE(256, 128, device=device)
+        opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+
+        def loss_of(xb):
+            return negative_elbo(xb, *model(xb, L)).mean()
+
+        fn = torch.compile(loss_of) if compiled else loss_of
+
+        def step(xb):
+            opt.zero_grad()
+            if amp:
+                with autocast():
+                    loss = fn(xb)
+            else:
+                loss = fn(xb)
+            loss.backward()
+            opt.step()
+            return loss
+
+        return step
+
+    def grow(name: str, amp: bool):
+        torch.manual_seed(args.seed)
+        model = VAE(256, 128, capacity=(256, 128), device=device)
+        opt = GrowAdam(model.parameters(), lr=args.lr)
+        gen = torch.Generator(device=device).manual_seed(args.seed + 1)
+
+        def step(xb):
+            opt.zero_grad()
+            if amp:
+                with autocast():
+                    loss = model.loss(xb, L, gen)
+            else:
+                loss = model.loss(xb, L, gen)
+            loss.backward()
+            opt.step()
+            return loss
+
+        return step
+
+    return {
+        "plain fp32": plain("plain fp32", False, False),
+        "plain autocast bf16": plain("plain autocast bf16", True, False),
+        "plain compile + autocast bf16": plain("plain compile + autocast bf16", True, True),
+        "growdense fp32": grow("growdense fp32", False),
+        "growdense bf16": grow("growdense bf16", True),
+    }
+
+
+def run_peers(args) -> int:
+    """``--peers``: step medians of growdense against the peers a user would pick."""
+    device = args.device
+    info = common.setup(args.threads, device)
+    train, data_note = load_images(args)
+    train = train.to(device)
+    steps = peer_sides(args, device)
+    batches = [train[i : i + args.batch_size] for i in range(0, train.shape[0] - args.batch_size + 1, args.batch_size)]
+    cursor = {name: 0 for name in steps}
+
+    def call(name):
+        def run():
+            xb = batches[cursor[name] % len(batches)]
+            cursor[name] += 1
+            steps[name](xb)
+
+        return run
+
+    reps = 5 if args.quick else args.reps
+    samples = common.time_interleaved({name: call(name) for name in steps}, device=device, warmup=3, reps=reps)
+    common.finish(info)
+    med = {name: common.median(xs) for name, xs in samples.items()}
+    gd = samples["growdense bf16"]
+    peers = ["plain fp32", "plain autocast bf16", "plain compile + autocast bf16"]
+    best = min(peers, key=lambda n: med[n])
+    ratios = {name: common.paired_ratio(samples[name], gd) for name in samples}
+    goals = {
+        "best peer": (best, PEER_GOALS["best peer"]),
+        "plain autocast bf16": ("plain autocast bf16", PEER_GOALS["plain autocast bf16"]),
+        "plain fp32": ("plain fp32", PEER_GOALS["plain fp32"]),
+    }
+    steps_per_epoch = 60000 // args.batch_size
+    rows = [[name, common.fmt_time(med[name]), f"{common.spread(samples[name]):.2f}",
+             f"{med[name] * steps_per_epoch:.1f} s", f"{ratios[name]:.2f}x"] for name in samples]
+    print()
+    print(f"Machine: {common.machine_line(info)}.")
+    print(f"The study's VAE at 256/128, batch {args.batch_size}, L = {args.samples}, Adam lr {args.lr}, {data_note}; "
+          f"{reps} interleaved rounds after 3 warm-up rounds, medians. 'epoch' = 468 steps x the median step "
+          "(60,000 images, steps only). 'growdense bf16 is' = median over rounds of (side's step / growdense bf16's "
+          "step).")
+    print()
+    print(common.markdown_table(["side", "median step", "IQR/median", "epoch (steps)", "growdense bf16 is"], rows))
+    print()
+    verdicts = {}
+    for label, (name, goal) in goals.items():
+        met = ratios[name] >= goal
+        verdicts[label] = {"against": name, "ratio": ratios[name], "goal": goal, "met": bool(met)}
+        print(f"Goal: growdense bf16 >= {goal}x {label} ({name}): {ratios[name]:.2f}x, {'met' if met else 'MISSED'}.")
+    path = common.write_json(
+        f"bench_train-peers-{'cuda' if device.startswith('cuda') else 'cpu'}-{torch.get_num_threads()}threads"
+        + ("-quick" if args.quick else ""),
+        {"benchmark": "bench_train --peers", "command": common.command_line(), "machine": info,
+         "summary": common.summarize(samples), "ratios": ratios, "goals": verdicts,
+         "sizes": {"batch": args.batch_size, "samples_L": args.samples, "h1": 256, "h2": 128}},
+        args.json,
+    )
+    print(f"\nwrote {path}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     common.add_common_args(parser)
+    parser.add_argument("--peers", action="store_true",
+                        help="instead of Approach 1: step times of the fixed 256/128 VAE, growdense fp32/bf16 "
+                             "against plain PyTorch fp32, under autocast bf16, and compiled + autocast")
+    parser.add_argument("--reps", type=int, default=30, help="--peers: interleaved rounds (default %(default)s)")
     parser.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"),
                         help="folder holding MNIST/raw (default: %(default)s)")
     parser.add_argument("--train-subset", type=int, default=None, help="training images (default 4096)")
@@ -100,6 +228,8 @@ def main(argv=None) -> int:
         args.samples = min(args.samples, 2)
     args.train_subset = args.train_subset or 4096
     args.epochs = args.epochs or 8
+    if args.peers:
+        return run_peers(args)
     device = args.device
     info = common.setup(args.threads, device)
     train, data_note = load_images(args)

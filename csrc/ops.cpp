@@ -52,6 +52,16 @@ TORCH_LIBRARY(growdense, m) {
   // The GEMM path of the CUDA linear ops ("auto", "fused" or "blas"; see gemm_path.h);
   // returns the previous one. No effect without the CUDA kernels.
   m.def("_set_cuda_gemm_path(str path) -> str", &set_cuda_gemm_path);
+  // Per-image negative ELBO of a Bernoulli decoder and a Gaussian posterior:
+  // mean over the L samples of sum_d BCE(sigmoid(logits[l, b, d]), target[b, d]) plus
+  // KL(N(mu[b], exp(logvar[b])) || N(0, I)). logits (L, B, D); target (B, D), mu and
+  // logvar (B, Z) in the logits' accumulation type (float32 for 16-bit logits); -> (B,).
+  m.def("negative_elbo(Tensor logits, Tensor target, Tensor mu, Tensor logvar) -> Tensor");
+  // Gradients of `negative_elbo` (logits, target, mu, logvar), given that of its output;
+  // an output not asked for in output_mask is returned empty.
+  m.def(
+      "negative_elbo_backward(Tensor grad, Tensor logits, Tensor target, Tensor mu, Tensor logvar, "
+      "bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 }  // namespace growdense

@@ -7,15 +7,44 @@ import weakref
 from typing import Any, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import ops
+
+try:
+    from torch.fx.experimental.sym_node import DynamicInt
+except ImportError:  # pragma: no cover - older torch: widths specialise under torch.compile
+    DynamicInt = int
+
+
+class _Width(DynamicInt):
+    """An active width: an int to eager code, a dynamic size to torch.compile.
+
+    Prints and pickles as a plain int (a checkpoint never holds this type).
+    """
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return int.__repr__(self)
+
+    __str__ = __repr__
+
+    def __format__(self, spec: str) -> str:
+        return int.__format__(int(self), spec)
+
+    def __reduce__(self):
+        return (int, (int(self),))
 
 __all__ = ["GrowLinear", "INPUT_INITS", "active_block"]
 
 INPUT_INITS = ("he", "zero")
 _linear_op = torch.ops.growdense.linear.default  # ops.linear without its Python wrapper
 _functorch_active = ops._functorch_active
+# The active widths, stored as DynamicInt so that a torch.compile'd model traces them as
+# symbolic sizes: one graph serves every width (see GrowLinear.forward).
+_WIDTH_ATTRS = frozenset(("_active_in", "_active_out"))
 _EXTRA_STATE_VERSION = 1
 
 
@@ -145,6 +174,10 @@ class GrowLinear(nn.Module):
 
     def __setstate__(self, state: dict) -> None:  # copy.deepcopy and pickle come through here
         super().__setstate__(state)
+        for name in _WIDTH_ATTRS:
+            value = self.__dict__.get(name)
+            if isinstance(value, int) and type(value) is not _Width:
+                self.__dict__[name] = _Width(int(value))
         self._register_owner()
 
     def _apply(self, fn, recurse: bool = True):  # .to(), .cuda(), .double() may replace Parameters
@@ -156,12 +189,12 @@ class GrowLinear(nn.Module):
     @property
     def in_features(self) -> int:
         """The active input width."""
-        return self._active_in
+        return int(self._active_in)
 
     @property
     def out_features(self) -> int:
         """The active output width."""
-        return self._active_out
+        return int(self._active_out)
 
     @property
     def capacity_in(self) -> int:
@@ -193,7 +226,14 @@ class GrowLinear(nn.Module):
             nn.init.uniform_(self.active_bias, -bound, bound)
 
     # ---- forward -------------------------------------------------------------
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _WIDTH_ATTRS and type(value) is not _Width and isinstance(value, int):
+            value = _Width(int(value))  # DynamicInt's arithmetic returns DynamicInt
+        super().__setattr__(name, value)
+
     def forward(self, input: Tensor) -> Tensor:
+        if torch.compiler.is_compiling():
+            return self._forward_traced(input)
         # The op checks its arguments itself; the descriptive errors below are built only
         # when it refuses them, so a call costs no more than the op's. torch.func
         # transforms cannot run the op's C++ autograd: they get the composite formula.
@@ -208,6 +248,21 @@ class GrowLinear(nn.Module):
                 self._check_input(input)
             raise
 
+    def _forward_traced(self, input: Tensor) -> Tensor:
+        """The forward as torch.compile sees it: aten ops on views of the active block.
+
+        The widths are symbolic there (they are DynamicInt), so the graph holds for every
+        width and inductor fuses the bias and activation itself; the op's int arguments
+        would specialise the graph to one width. Same values and gradients as the op
+        (zero outside the block, through the views).
+        """
+        ai, ao = self._active_in, self._active_out
+        # narrow, not [:ao]: a slice's bound check would tell width == capacity apart
+        bias = None if self.bias is None else self.bias.narrow(0, 0, ao)
+        y = F.linear(input, self.weight.narrow(0, 0, ao).narrow(1, 0, ai), bias)
+        act = ops.ACTIVATION_FUNCTIONS[self.activation]
+        return y if act is None else act(y)
+
     def _check_input(self, input: Tensor) -> None:
         if input.dim() == 0 or input.shape[-1] != self._active_in:
             got = "a 0-d tensor" if input.dim() == 0 else f"shape {tuple(input.shape)}"
@@ -215,10 +270,12 @@ class GrowLinear(nn.Module):
                 f"GrowLinear expected input of shape (..., {self._active_in}) (its active in_features), "
                 f"got {got}; grow or shrink the layer's inputs with grow_in()/shrink_in() to match"
             )
-        if input.dtype != self.weight.dtype:
+        # Under torch.autocast the op casts input and weight to the autocast dtype itself.
+        if input.dtype != self.weight.dtype and not torch.is_autocast_enabled(input.device.type):
             raise TypeError(
                 f"GrowLinear got input of dtype {input.dtype} but its weight is {self.weight.dtype}; "
-                f"convert one of them (e.g. input.to({self.weight.dtype}) or layer.to({input.dtype}))"
+                f"convert one of them (e.g. input.to({self.weight.dtype}) or layer.to({input.dtype})), "
+                f"or run the model under torch.autocast for mixed precision"
             )
         if input.device != self.weight.device:
             raise RuntimeError(
@@ -333,8 +390,8 @@ class GrowLinear(nn.Module):
     def get_extra_state(self) -> dict[str, int]:
         return {
             "version": _EXTRA_STATE_VERSION,
-            "in_features": self._active_in,
-            "out_features": self._active_out,
+            "in_features": int(self._active_in),
+            "out_features": int(self._active_out),
         }
 
     def set_extra_state(self, state: dict[str, int]) -> None:

@@ -157,3 +157,62 @@ for _name in ("linear", "linear_reference"):
             "older sources. Rebuild it: `pip install --no-build-isolation --force-reinstall --no-deps .` "
             "from the source tree."
         )
+
+
+# ---- the fused negative ELBO -------------------------------------------------------
+# growdense::negative_elbo(logits, target, mu, logvar): CPU kernels in csrc/cpu/elbo.cpp,
+# CUDA in csrc/cuda/elbo.cu, autograd in csrc/cpu/elbo_autograd.cpp, autocast in
+# csrc/cpu/autocast.cpp.
+
+__all__ += ["negative_elbo"]
+
+
+def negative_elbo(logits: Tensor, target: Tensor, mu: Tensor, logvar: Tensor) -> Tensor:
+    """Per-image negative ELBO, fused: (B,) in float32 (float64 for float64 logits).
+
+    ``mean_l sum_d BCE(sigmoid(logits[l, b, d]), target[b, d]) + KL(N(mu[b], exp(logvar[b])) || N(0, I))``
+    for ``logits`` (L, B, D) (float32, bfloat16, float16 or float64), ``target`` (B, D)
+    and ``mu``, ``logvar`` (B, Z). Reads the logits once forward and once backward,
+    accumulating in float32; ``target``, ``mu`` and ``logvar`` are converted to that
+    accumulation type first. Differentiable in all four.
+    """
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    return torch.ops.growdense.negative_elbo(logits, target.to(acc), mu.to(acc), logvar.to(acc))
+
+
+def _elbo_check_fake(logits, target, mu, logvar) -> None:
+    torch._check(logits.dim() == 3, lambda: f"negative_elbo needs logits of shape (L, B, D), got {tuple(logits.shape)}")
+    torch._check(
+        target.dim() == 2 and target.shape[0] == logits.shape[1] and target.shape[1] == logits.shape[2],
+        lambda: f"negative_elbo's target must have shape (B, D) matching logits {tuple(logits.shape)}",
+    )
+    torch._check(mu.dim() == 2 and mu.shape[0] == logits.shape[1], lambda: "negative_elbo's mu must be (B, Z)")
+    torch._check(logvar.shape == mu.shape, lambda: "negative_elbo's logvar must have the shape of mu")
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    for name, t in (("target", target), ("mu", mu), ("logvar", logvar)):
+        if t.dtype != acc:
+            raise TypeError(f"growdense: negative_elbo's {name} must be {acc}, got {t.dtype}")
+
+
+@torch.library.register_fake("growdense::negative_elbo")
+def _negative_elbo_fake(logits, target, mu, logvar):
+    _elbo_check_fake(logits, target, mu, logvar)
+    return target.new_empty(logits.shape[1])
+
+
+@torch.library.register_fake("growdense::negative_elbo_backward")
+def _negative_elbo_backward_fake(grad, logits, target, mu, logvar, output_mask):
+    _elbo_check_fake(logits, target, mu, logvar)
+    return (
+        logits.new_empty(logits.shape) if output_mask[0] else logits.new_empty(0),
+        target.new_empty(target.shape) if output_mask[1] else target.new_empty(0),
+        mu.new_empty(mu.shape) if output_mask[2] else target.new_empty(0),
+        logvar.new_empty(logvar.shape) if output_mask[3] else target.new_empty(0),
+    )
+
+
+if not torch._C._dispatch_has_kernel_for_dispatch_key("growdense::negative_elbo", "Autograd"):
+    raise ImportError(
+        "growdense's operator library has no autograd kernel for growdense::negative_elbo: it was built from "
+        "older sources. Rebuild it: `pip install --no-build-isolation --force-reinstall --no-deps .`"
+    )

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import ops
 from ..layers import GrowLinear
 from ..wiring import Wiring
 
@@ -41,8 +42,20 @@ def negative_elbo(x: Tensor, logits: Tensor, mu: Tensor, logvar: Tensor) -> Tens
     ``x``: (B, D) targets in [0, 1]; ``logits``: (L, B, D) decoder logits for L latent
     samples per image; ``mu``, ``logvar``: (B, J). Returns (B,): the mean over the L
     samples of the BCE summed over pixels, plus the analytic KL to N(0, I).
+
+    Computed by the fused op :func:`growdense.ops.negative_elbo` (one pass over the logits
+    forward and one backward, float32 accumulation, float32 or bfloat16 logits): the same
+    quantity as ``bernoulli_nll(logits, x).mean(0) + gaussian_kl(mu, logvar)``. ``x`` may
+    be any shape that broadcasts to (B, D).
     """
-    return bernoulli_nll(logits, x).mean(0) + gaussian_kl(mu, logvar)
+    if logits.dim() != 3:
+        raise ValueError(
+            f"negative_elbo needs logits of shape (L, B, D) (L latent samples per image), got "
+            f"{tuple(logits.shape)}; for a single sample pass logits.unsqueeze(0)"
+        )
+    if x.shape != logits.shape[1:]:
+        x = x.expand(logits.shape[1:])
+    return ops.negative_elbo(logits, x, mu, logvar)
 
 
 class VAE(nn.Module):
