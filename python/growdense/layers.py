@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import torch
 from torch import Tensor, nn
@@ -424,10 +424,12 @@ class GrowLinear(nn.Module):
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ) -> None:
-        # nn.Linear's semantics (strict, unexpected keys, partial states, assign=True), with
-        # one difference: this layer is loaded all or nothing. Everything is checked first;
-        # a layer whose keys are wrong (strict=True) or whose tensors do not fit is left as
-        # it was, and load_state_dict then raises.
+        # nn.Linear's semantics (missing and unexpected keys, partial states, assign=True),
+        # except that a layer whose tensors do not fit is left as it was (load_state_dict
+        # then raises). nn.Module always passes strict=True here and applies the caller's
+        # `strict` afterwards, so within a container a missing key is reported after the
+        # present ones were loaded, as for nn.Linear; GrowLinear.load_state_dict checks its
+        # keys first.
         #
         # A state_dict with extra state is a GrowLinear's: its tensors have the capacity
         # shapes and it sets the active widths. One without is an nn.Linear's: its tensors
@@ -447,8 +449,6 @@ class GrowLinear(nn.Module):
             ]
         missing_keys.extend(missing)
         unexpected_keys.extend(unexpected)
-        if strict and (missing or unexpected):
-            return
         errors = []
         if extra_key in state_dict:
             try:
@@ -495,6 +495,27 @@ class GrowLinear(nn.Module):
                 else:
                     param[tuple(slice(0, n) for n in value.shape)] = value
             self._set_widths_zeroing_outside(*widths)
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
+        """As :meth:`torch.nn.Module.load_state_dict`; with ``strict=True`` wrong keys raise before anything changes.
+
+        A GrowLinear's own state_dict (with ``_extra_state``) sets the active widths and
+        has the capacity shapes; an :class:`torch.nn.Linear`'s fills the active block.
+        With ``strict=False`` the tensors it lacks keep their values (whatever falls
+        outside the new active block is zeroed).
+        """
+        if strict and isinstance(state_dict, Mapping):
+            names = [name for name, param in self._parameters.items() if param is not None]
+            missing = [name for name in names if name not in state_dict]
+            unexpected = [key for key in state_dict if key not in names and key != "_extra_state"]
+            if missing or unexpected:
+                msgs = []
+                if missing:
+                    msgs.append("Missing key(s) in state_dict: {}. ".format(", ".join(f'"{k}"' for k in missing)))
+                if unexpected:
+                    msgs.append("Unexpected key(s) in state_dict: {}. ".format(", ".join(f'"{k}"' for k in unexpected)))
+                raise RuntimeError(f"Error(s) in loading state_dict for {type(self).__name__}:\n\t" + "\n\t".join(msgs))
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def _assign(self, name: str, value: Tensor) -> None:
         """``load_state_dict(..., assign=True)``: ``value`` becomes the Parameter, as in nn.Module."""

@@ -118,6 +118,8 @@ class Wiring:
             raise TypeError(f"a hidden width's name must be a non-empty str, got {name!r}")
         if name in self._hidden:
             raise ValueError(f"hidden width {name!r} is already registered")
+        if isinstance(consumers, GrowLinear):
+            raise TypeError(f"{name!r}: consumers must be a sequence of GrowLinear; wrap a single one in a list")
         consumers = tuple(consumers)
         for layer in (producer, *consumers):
             if not isinstance(layer, GrowLinear):
