@@ -43,7 +43,7 @@ import torch.nn.functional as F
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule  # noqa: E402
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule  # noqa: E402
 
 import growdense.optim  # noqa: E402
 from growdense import CheckpointError, GrowLinear, GrowthEvent, GrowthSchedule, Wiring  # noqa: E402
@@ -209,9 +209,10 @@ class GrowthMachine(RuleBasedStateMachine):
         save_checkpoint(path, self.model, self.optimizer, wiring=self.wiring, generators={"g": self.generator})
         self.saved = (path, self.comparable_snapshot())
 
-    @precondition(lambda self: self.saved is not None)
     @rule()
     def load(self):
+        if self.saved is None:
+            self.save()
         path, expected = self.saved
         load_checkpoint(path, self.model, self.optimizer, wiring=self.wiring, generators={"g": self.generator})
         assert_same(self.comparable_snapshot(), expected)

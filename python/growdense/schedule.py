@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from ._checks import check_int
-from .policies import check_generator, check_init, check_split_noise
+from .policies import KEEP_CHOICES, check_generator, check_init, check_split_noise
 from .wiring import Wiring
 
 __all__ = ["GrowthEvent", "GrowthSchedule"]
@@ -247,6 +247,9 @@ class GrowthSchedule:
         check_init(init)
         check_split_noise(split_noise)
         check_generator(generator)
+        for policy in keep.values() if isinstance(keep, Mapping) else (keep,):
+            if isinstance(policy, str) and policy not in KEEP_CHOICES:
+                raise ValueError(f"unknown keep {policy!r}; expected one of {KEEP_CHOICES} or a sequence of indices")
         if isinstance(keep, Mapping) and not set(keep) <= set(self._initial):
             raise ValueError(f"keep names {sorted(set(keep) - set(self._initial))} are not in the schedule {self.names()}")
         event = self.event_at(epoch)

@@ -247,7 +247,7 @@ class Wiring:
     ) -> None:
         """Add ``n`` neurons to hidden width ``name`` (appended after the active ones).
 
-        ``init`` chooses the new weights (see :mod:`growdense.init_strategies`):
+        ``init`` chooses the new weights (see :mod:`growdense.policies`):
         ``"he"`` (He-normal in and out, the study's), ``"zero_out"`` (He in, zero out:
         the function is unchanged), ``"split"`` (Net2Net: copy neurons, halve their
         outgoing weights, ``split_noise`` breaks the symmetry). The new slices' gradients
