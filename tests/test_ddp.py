@@ -9,12 +9,23 @@ Tolerance for (2): float64 throughout; DDP averages the two half-batch gradients
 the sums run in another order. After a few Adam steps that is ~1e-15 relative; 1e-10 is far
 below the effect of any real mismatch (a wrong growth or a rank using other weights moves
 parameters by ~1e-2).
+
+Teardown is deterministic (it used to abort about one run in five with ``terminate called
+without an active exception``): ``DistributedDataParallel`` sits in a reference cycle, so
+it outlived ``run_rank`` and kept the gloo process group (and its worker threads, holding
+the last collective's tensors) alive through ``destroy_process_group`` until interpreter
+shutdown, where those threads race the interpreter's teardown (a thread stopped there in
+the middle of a C++ frame makes the C++ runtime abort). Each worker now waits for the other (barrier), collects the cycle, destroys the
+group (which joins gloo's threads) and leaves with ``os._exit(0)``, skipping interpreter
+shutdown altogether. Ranks meet through a file store in the test's temporary folder, so
+there is no free-port race either.
 """
 
 from __future__ import annotations
 
+import gc
 import os
-import socket
+import sys
 
 import pytest
 import torch
@@ -62,15 +73,20 @@ def train(model, forward, optimizer, wiring, generator, x, y, after_step=None):
             after_step(step)
 
 
-def worker(rank: int, port: int, out_dir: str) -> None:
+def worker(rank: int, store: str, out_dir: str) -> None:
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
     try:
         for mode in MODES:
             run_rank(rank, out_dir, mode)
+        dist.barrier()  # neither rank tears down while the other is still in a collective
     finally:
+        gc.collect()  # frees the DDP objects' cycle, their hold on the process group with it
         dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # no interpreter shutdown racing any thread a library left behind
 
 
 def run_rank(rank: int, out_dir: str, mode: str) -> None:
@@ -101,12 +117,6 @@ def run_rank(rank: int, out_dir: str, mode: str) -> None:
     torch.save(model.state_dict(), os.path.join(out_dir, f"{mode}-rank{rank}.pt"))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def single_process():
     model = build()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
@@ -121,7 +131,7 @@ def ddp_results(tmp_path_factory):
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
     out = tmp_path_factory.mktemp("ddp")
-    mp.spawn(worker, args=(free_port(), str(out)), nprocs=WORLD, join=True)
+    mp.spawn(worker, args=(str(out / "store"), str(out)), nprocs=WORLD, join=True)
     return {
         mode: [torch.load(out / f"{mode}-rank{r}.pt", weights_only=True) for r in range(WORLD)] for mode in MODES
     }

@@ -2,7 +2,7 @@
 
 from ._extension import build_info, cuda_available, cuda_built
 from .layers import GrowLinear, active_block
-from . import init_strategies, ops, optim, optim_state
+from . import init_strategies, ops, optim, optim_state, policies
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .schedule import GrowthEvent, GrowthSchedule
 from .wiring import Wiring
@@ -22,6 +22,7 @@ __all__ = [
     "optim",
     "optim_state",
     "init_strategies",
+    "policies",
     "build_info",
     "cuda_available",
     "cuda_built",

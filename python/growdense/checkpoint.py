@@ -15,13 +15,16 @@ names, shapes, i.e. capacities, optimizer groups) before changing anything.
 
 from __future__ import annotations
 
+import io
 import os
+import pickle
 import tempfile
 from typing import Any, Mapping, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
+from .layers import GrowLinear
 from .wiring import Wiring
 
 __all__ = ["save_checkpoint", "load_checkpoint", "CheckpointError"]
@@ -53,10 +56,14 @@ def save_checkpoint(
         optimizer: its optimizer, if any.
         generators: named generators whose states to save (growth, data order, ...).
         wiring: if given, its widths are saved and checked on load.
-        extra: user values (ints, floats, strings, tensors, and lists / dicts of them;
-            loading uses ``torch.load(weights_only=True)``).
+        extra: user values: anything ``torch.load(weights_only=True)`` reads back (ints,
+            floats, strings, ``None``, tensors, and lists / tuples / dicts of them; not
+            NumPy scalars or arrays, nor ``pathlib`` paths: convert them with ``float()``,
+            ``int()``, ``torch.from_numpy()`` or ``str()``). Checked before anything is
+            written: on an error the previous file at ``path`` is left as it was.
         save_global_rng: also save the global CPU RNG state (``torch.get_rng_state()``).
     """
+    _check_save_arguments(model, optimizer, generators, wiring, extra)
     payload: dict[str, Any] = {
         "format": _FORMAT,
         "version": _VERSION,
@@ -113,7 +120,11 @@ def load_checkpoint(
 
     The model must have the checkpoint's capacities (every tensor's shape); its active
     widths are restored from the checkpoint. Everything is checked before anything is
-    loaded: on a :class:`CheckpointError` the model, optimizer and generators are unchanged.
+    loaded (the file, the model's keys, shapes and widths, the optimizer's groups and
+    state, the generators' states, the wiring's widths after loading): on a
+    :class:`CheckpointError` the model, the optimizer, the generators and the global RNG
+    are unchanged. A file that is truncated, corrupted or not a growdense checkpoint gives
+    a :class:`CheckpointError` naming it.
 
     Args:
         path: the checkpoint file.
@@ -123,24 +134,27 @@ def load_checkpoint(
         restore_global_rng: also restore the global CPU RNG state, if saved.
         map_location: as for :func:`torch.load`.
     """
-    payload = torch.load(os.fspath(path), map_location=map_location, weights_only=True)
-    if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
-        raise CheckpointError(f"{os.fspath(path)!r} is not a growdense checkpoint")
-    if payload.get("version") != _VERSION:
-        raise CheckpointError(f"unsupported growdense checkpoint version {payload.get('version')!r} (expected {_VERSION})")
+    _check_type("model", model, nn.Module)
+    _check_type("optimizer", optimizer, torch.optim.Optimizer, optional=True)
+    _check_type("wiring", wiring, Wiring, optional=True)
+    generators = _check_generators(generators)
+    path = os.fspath(path)
+    payload = _read(path, map_location)
+
     _check_model(payload["model"], model)
     if optimizer is not None:
         if payload["optimizer"] is None:
-            raise CheckpointError("the checkpoint has no optimizer state, but an optimizer was given")
+            raise CheckpointError(f"{path!r} has no optimizer state, but an optimizer was given")
         _check_optimizer(payload["optimizer"], optimizer)
-    generators = dict(generators or {})
     missing = sorted(set(generators) - set(payload["generators"]))
     if missing:
         raise CheckpointError(f"generators {missing} are not in the checkpoint (it has {sorted(payload['generators'])})")
-    if wiring is not None and payload["widths"] is not None and set(payload["widths"]) != set(wiring.names()):
-        raise CheckpointError(
-            f"the checkpoint's hidden widths {sorted(payload['widths'])} differ from the wiring's {wiring.names()}"
-        )
+    for name, generator in generators.items():
+        _check_rng_state(f"generator {name!r}", payload["generators"][name], generator.get_state())
+    if restore_global_rng and payload["global_rng"] is not None:
+        _check_rng_state("the global RNG", payload["global_rng"], torch.get_rng_state())
+    if wiring is not None:
+        _check_wiring(payload, model, wiring)
 
     model.load_state_dict(payload["model"], strict=True)
     if optimizer is not None:
@@ -149,15 +163,119 @@ def load_checkpoint(
         generator.set_state(payload["generators"][name])
     if restore_global_rng and payload["global_rng"] is not None:
         torch.set_rng_state(payload["global_rng"])
-    if wiring is not None and payload["widths"] is not None:
-        for name in wiring.names():
-            wiring.check_grow(name, 0)  # producer and consumers agree
-        if wiring.widths() != payload["widths"]:
-            raise CheckpointError(
-                f"after loading, the wiring's widths {wiring.widths()} differ from the saved {payload['widths']}; "
-                f"does the wiring refer to this model's layers?"
-            )
     return payload["extra"]
+
+
+# ---- checks ------------------------------------------------------------------------------
+def _check_type(what: str, value: Any, kind: type, optional: bool = False) -> None:
+    if (value is None and optional) or isinstance(value, kind):
+        return
+    raise TypeError(f"{what} must be a {kind.__module__}.{kind.__qualname__}{' or None' if optional else ''}, "
+                    f"got {type(value).__name__}")
+
+
+def _check_generators(generators: Optional[Mapping[str, torch.Generator]]) -> dict[str, torch.Generator]:
+    if generators is None:
+        return {}
+    if not isinstance(generators, Mapping):
+        raise TypeError(f"generators must be a mapping {{name: torch.Generator}}, got {type(generators).__name__}")
+    for name, generator in generators.items():
+        if not isinstance(name, str) or not isinstance(generator, torch.Generator):
+            raise TypeError(f"generators must map str names to torch.Generator, got {name!r}: {type(generator).__name__}")
+    return dict(generators)
+
+
+def _check_save_arguments(model, optimizer, generators, wiring, extra) -> None:
+    _check_type("model", model, nn.Module)
+    _check_type("optimizer", optimizer, torch.optim.Optimizer, optional=True)
+    _check_type("wiring", wiring, Wiring, optional=True)
+    _check_generators(generators)
+    if extra is None:
+        return
+    if not isinstance(extra, Mapping):
+        raise TypeError(f"extra must be a mapping of str keys to values, got {type(extra).__name__}")
+    for key, value in extra.items():
+        if not isinstance(key, str):
+            raise TypeError(f"extra keys must be str, got {key!r}")
+        bad = _not_weights_only(value, f"extra[{key!r}]")
+        if bad is not None:
+            where, obj = bad
+            raise TypeError(
+                f"{where} is a {type(obj).__module__}.{type(obj).__qualname__} ({obj!r:.60}), which "
+                f"torch.load(weights_only=True) cannot read back, so the checkpoint could not be loaded; "
+                f"store plain Python values or tensors instead (float(), int(), str(), torch.from_numpy())"
+            )
+
+
+def _loads_weights_only(value: Any) -> bool:
+    buffer = io.BytesIO()
+    try:
+        torch.save(value, buffer)
+        buffer.seek(0)
+        torch.load(buffer, weights_only=True)
+    except Exception:
+        return False
+    return True
+
+
+def _not_weights_only(value: Any, where: str) -> Optional[tuple[str, Any]]:
+    """``(where, object)`` of the innermost part of ``value`` weights-only loading refuses, or ``None``."""
+    if _loads_weights_only(value):
+        return None
+    if isinstance(value, Mapping):
+        children = [(f"{where}[{k!r}]", v) for k, v in value.items()] + [(f"a key of {where}", k) for k in value]
+    elif isinstance(value, (list, tuple, set, frozenset)):
+        children = [(f"{where}[{i}]", v) for i, v in enumerate(value)]
+    else:
+        children = []
+    for child_where, child in children:
+        bad = _not_weights_only(child, child_where)
+        if bad is not None:
+            return bad
+    return where, value
+
+
+_PAYLOAD_KEYS = ("format", "version", "model", "optimizer", "generators", "global_rng", "widths", "extra")
+
+
+def _read(path: str, map_location) -> dict[str, Any]:
+    """The checkpoint's payload, checked for form; ``CheckpointError`` naming ``path`` otherwise."""
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        raise
+    except (Exception, pickle.UnpicklingError) as error:  # truncated, corrupted, foreign
+        raise CheckpointError(
+            f"{path!r} is not a readable growdense checkpoint: it is truncated, corrupted or was not written by "
+            f"growdense.save_checkpoint ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
+        ) from error
+    if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
+        raise CheckpointError(f"{path!r} is not a growdense checkpoint (no growdense format marker)")
+    if payload.get("version") != _VERSION:
+        raise CheckpointError(
+            f"{path!r}: unsupported growdense checkpoint version {payload.get('version')!r} (expected {_VERSION})"
+        )
+    missing = [key for key in _PAYLOAD_KEYS if key not in payload]
+    kinds = {"model": dict, "generators": dict, "extra": dict}
+    wrong = [key for key, kind in kinds.items() if key in payload and not isinstance(payload[key], kind)]
+    wrong += [key for key in ("optimizer", "widths") if payload.get(key) is not None and not isinstance(payload[key], dict)]
+    if payload.get("global_rng") is not None and not isinstance(payload["global_rng"], Tensor):
+        wrong.append("global_rng")
+    if missing or wrong:
+        raise CheckpointError(
+            f"{path!r} is not a readable growdense checkpoint: "
+            + "; ".join(([f"missing {missing}"] if missing else []) + ([f"malformed {wrong}"] if wrong else []))
+        )
+    return payload
+
+
+def _check_rng_state(what: str, saved: Any, current: Tensor) -> None:
+    if not isinstance(saved, Tensor) or saved.dtype != current.dtype or saved.shape != current.shape:
+        got = f"{saved.dtype} of shape {tuple(saved.shape)}" if isinstance(saved, Tensor) else type(saved).__name__
+        raise CheckpointError(
+            f"the checkpoint's state for {what} ({got}) does not fit it ({current.dtype} of shape "
+            f"{tuple(current.shape)}): was it saved from a generator of another kind or device?"
+        )
 
 
 def _check_model(saved: Mapping[str, Any], model: nn.Module) -> None:
@@ -171,10 +289,19 @@ def _check_model(saved: Mapping[str, Any], model: nn.Module) -> None:
         problems.append(f"not in the model: {unexpected}")
     for key, value in current.items():
         other = saved.get(key)
-        if isinstance(value, Tensor) and isinstance(other, Tensor) and value.shape != other.shape:
+        if isinstance(value, Tensor) and key in saved and not isinstance(other, Tensor):
+            problems.append(f"{key}: the checkpoint has a {type(other).__name__}, the model a tensor")
+        elif isinstance(value, Tensor) and isinstance(other, Tensor) and value.shape != other.shape:
             problems.append(
                 f"{key}: the checkpoint has shape {tuple(other.shape)}, the model {tuple(value.shape)}"
             )
+    for name, module in model.named_modules():
+        key = (name + "." if name else "") + "_extra_state"
+        if isinstance(module, GrowLinear) and key in saved:
+            try:
+                module._widths_from_extra_state(saved[key])
+            except ValueError as error:
+                problems.append(f"{key}: {error}")
     if problems:
         raise CheckpointError(
             "the checkpoint does not fit this model (GrowLinear tensors have their capacity shapes: build the "
@@ -184,7 +311,14 @@ def _check_model(saved: Mapping[str, Any], model: nn.Module) -> None:
 
 def _check_optimizer(saved: Mapping[str, Any], optimizer: torch.optim.Optimizer) -> None:
     groups = optimizer.param_groups
-    saved_groups = saved.get("param_groups", [])
+    saved_groups = saved.get("param_groups")
+    state = saved.get("state")
+    if (
+        not isinstance(saved_groups, list)
+        or not isinstance(state, dict)
+        or not all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in saved_groups)
+    ):
+        raise CheckpointError("the checkpoint's optimizer state is malformed (no param_groups list or state dict)")
     if len(groups) != len(saved_groups) or any(
         len(g["params"]) != len(s["params"]) for g, s in zip(groups, saved_groups)
     ):
@@ -195,13 +329,50 @@ def _check_optimizer(saved: Mapping[str, Any], optimizer: torch.optim.Optimizer)
     params = [p for g in groups for p in g["params"]]
     ids = [i for s in saved_groups for i in s["params"]]
     by_id = dict(zip(ids, params))
-    for pid, state in saved.get("state", {}).items():
+    for pid, param_state in state.items():
         param = by_id.get(pid)
         if param is None:
             raise CheckpointError(f"the checkpoint's optimizer state names parameter {pid}, which no group holds")
-        for key, value in state.items():
+        if not isinstance(param_state, dict):
+            raise CheckpointError(f"the checkpoint's optimizer state of parameter {pid} is not a dict")
+        for key, value in param_state.items():
             if isinstance(value, Tensor) and value.dim() > 0 and value.shape != param.shape:
                 raise CheckpointError(
                     f"optimizer state {key!r} of parameter {pid} has shape {tuple(value.shape)}, the parameter "
                     f"{tuple(param.shape)}: the optimizer was saved for a model of another capacity"
                 )
+
+
+def _check_wiring(payload: Mapping[str, Any], model: nn.Module, wiring: Wiring) -> None:
+    """The wiring's widths after loading, worked out from the saved state, must be the saved ones."""
+    saved_widths = payload["widths"]
+    if saved_widths is not None and set(saved_widths) != set(wiring.names()):
+        raise CheckpointError(
+            f"the checkpoint's hidden widths {sorted(saved_widths)} differ from the wiring's {wiring.names()}"
+        )
+    names = {id(module): name for name, module in model.named_modules()}
+    saved = payload["model"]
+
+    def loaded_widths(layer: GrowLinear) -> tuple[int, int]:
+        if id(layer) not in names:
+            raise CheckpointError(
+                "the wiring refers to a GrowLinear that is not part of this model; build the wiring from the "
+                "model's own layers"
+            )
+        key = (names[id(layer)] + "." if names[id(layer)] else "") + "_extra_state"
+        return layer._widths_from_extra_state(saved[key])  # checked by _check_model
+
+    for name in wiring.names():
+        producer = wiring.producer(name)
+        width = loaded_widths(producer)[1]
+        for consumer in wiring.consumers(name):
+            if loaded_widths(consumer)[0] != width:
+                raise CheckpointError(
+                    f"in the checkpoint, hidden width {name!r} has producer out_features={width} but a consumer "
+                    f"in_features={loaded_widths(consumer)[0]}: the wiring does not match the saved model"
+                )
+        if saved_widths is not None and width != saved_widths[name]:
+            raise CheckpointError(
+                f"after loading, the wiring's width {name!r} would be {width}, not the saved {saved_widths[name]}; "
+                f"does the wiring refer to this model's layers?"
+            )

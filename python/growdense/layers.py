@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import math
 import weakref
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import ops
+from ._checks import check_int
 
 try:
     from torch.fx.experimental.sym_node import DynamicInt
@@ -53,27 +54,54 @@ def he_std(fan_in: int) -> float:
     return math.sqrt(2.0 / fan_in)
 
 
-class _Owner:
-    """A weak reference from a Parameter to its GrowLinear (``param._growdense_owner``).
+# Which GrowLinear holds each Parameter: ``id(param) -> (weakref(param), weakrefs of the
+# layers that registered it)``. Kept here rather than as an attribute of the Parameter, so
+# that a Parameter pickles like any other (``torch.save(list(model.parameters()))`` loads
+# with the default ``torch.load(weights_only=True)``). An entry goes when its Parameter
+# dies; a layer that no longer holds the Parameter (``layer.weight = other``) is ignored.
+_OWNERS: dict[int, tuple[weakref.ref, tuple[weakref.ref, ...]]] = {}
 
-    It lets code that holds only a Parameter (an optimizer) find the block in use: see
-    :func:`active_block`. It pickles and copies as an empty reference: a copied or
-    unpickled layer registers its own Parameters again.
-    """
+
+def _forget(key: int, ref: weakref.ref) -> None:
+    entry = _OWNERS.get(key)
+    if entry is not None and entry[0] is ref:
+        del _OWNERS[key]
+
+
+def _register(param: Tensor, layer: "GrowLinear") -> None:
+    key = id(param)
+    entry = _OWNERS.get(key)
+    if entry is None or entry[0]() is not param:
+        _OWNERS[key] = (weakref.ref(param, lambda ref, key=key: _forget(key, ref)), (weakref.ref(layer),))
+        return
+    layers = tuple(r for r in entry[1] if r() is not None and r() is not layer)
+    _OWNERS[key] = (entry[0], layers + (weakref.ref(layer),))
+
+
+def _holders(param: Tensor) -> list["GrowLinear"]:
+    """The live GrowLinears that hold ``param`` as their ``weight`` or ``bias`` now."""
+    entry = _OWNERS.get(id(param))
+    if entry is None or entry[0]() is not param:
+        return []
+    holders = []
+    for ref in entry[1]:
+        layer = ref()
+        if layer is not None and any(p is param for p in layer._parameters.values()):
+            holders.append(layer)
+    return holders
+
+
+class _Owner:
+    """Kept so that whole models pickled by growdense 0.1 (which stored one on each
+    Parameter) still unpickle; it does nothing."""
 
     __slots__ = ("ref",)
 
-    def __init__(self, layer: Optional["GrowLinear"] = None) -> None:
-        self.ref = None if layer is None else weakref.ref(layer)
+    def __init__(self, *args) -> None:
+        self.ref = None
 
-    def __call__(self) -> Optional["GrowLinear"]:
-        return None if self.ref is None else self.ref()
-
-    def __reduce__(self):
-        return (_Owner, ())
-
-    def __deepcopy__(self, memo) -> "_Owner":
-        return _Owner()
+    def __setstate__(self, state) -> None:
+        self.ref = None
 
 
 def active_block(param: Tensor) -> Optional[tuple[slice, ...]]:
@@ -81,26 +109,30 @@ def active_block(param: Tensor) -> Optional[tuple[slice, ...]]:
 
     ``(slice(0, out_features), slice(0, in_features))`` for a layer's ``weight``,
     ``(slice(0, out_features),)`` for its ``bias``; ``None`` for a tensor that is not a
-    GrowLinear's Parameter. Everything outside the block is zero (the weights, their
-    gradients and the optimizer state), which is what lets an optimizer step over the
-    block only (:mod:`growdense.optim`).
+    GrowLinear's Parameter, or that several GrowLinears share. Everything outside the
+    block is zero (the weights, their gradients and the optimizer state), which is what
+    lets an optimizer step over the block only (:mod:`growdense.optim`).
     """
-    owner = getattr(param, "_growdense_owner", None)
-    layer = None if owner is None else owner()
-    if layer is None:
+    entry = _OWNERS.get(id(param))
+    if entry is None or entry[0]() is not param:
         return None
+    if len(entry[1]) == 1:
+        layer = entry[1][0]()
+        return None if layer is None else _block_in(layer, param)
+    holders = _holders(param)
+    return _block_in(holders[0], param) if len(holders) == 1 else None
+
+
+def _block_in(layer: "GrowLinear", param: Tensor) -> Optional[tuple[slice, ...]]:
     params = layer._parameters
     if params["weight"] is param:
         return (slice(0, layer._active_out), slice(0, layer._active_in))
-    if params["bias"] is param:
+    if params.get("bias") is param:
         return (slice(0, layer._active_out),)
     return None
 
 
-def _check_count(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    return value
+_check_count = check_int
 
 
 class GrowLinear(nn.Module):
@@ -163,14 +195,29 @@ class GrowLinear(nn.Module):
             self.bias = nn.Parameter(torch.empty(capacity_out, **factory))
         else:
             self.register_parameter("bias", None)
-        self._register_owner()
         self.reset_parameters()
+
+    def register_parameter(self, name: str, param: Optional[nn.Parameter]) -> None:
+        super().register_parameter(name, param)
+        if param is not None:  # `layer.weight = p` comes through here too
+            _register(param, self)
 
     def _register_owner(self) -> None:
         """Let :func:`active_block` find this layer from its Parameters."""
-        for param in (self.weight, self.bias):
+        for param in self._parameters.values():
             if param is not None:
-                param._growdense_owner = _Owner(self)
+                param.__dict__.pop("_growdense_owner", None)  # left by growdense 0.1 pickles
+                _register(param, self)
+
+    def _check_not_shared(self) -> None:
+        """Refuse to resize a layer whose weight or bias another GrowLinear holds too."""
+        for name, param in self._parameters.items():
+            if param is not None and len(_holders(param)) > 1:
+                raise RuntimeError(
+                    f"this GrowLinear shares its {name} with another GrowLinear; resizing one would break "
+                    f"the other (its active block would no longer match the tensor): give each layer its "
+                    f"own Parameters to grow or shrink them"
+                )
 
     def __setstate__(self, state: dict) -> None:  # copy.deepcopy and pickle come through here
         super().__setstate__(state)
@@ -284,7 +331,7 @@ class GrowLinear(nn.Module):
             )
 
     # ---- growth and shrinking ------------------------------------------------
-    def _check_grow(self, side: str, n: int, active: int, capacity: int) -> None:
+    def _check_grow(self, side: str, n: int, active: int, capacity: int) -> int:
         n = _check_count("n", n)
         if n < 0:
             raise ValueError(f"cannot grow {side} by {n}: n must be >= 0 (use shrink_{side[:-9]}() to shrink)")
@@ -293,21 +340,32 @@ class GrowLinear(nn.Module):
                 f"cannot grow {side} from {active} to {active + n}: capacity is {capacity}; "
                 f"construct the layer with a capacity of at least {active + n}"
             )
+        self._check_not_shared()
+        return n
 
-    def _check_shrink(self, side: str, to: int, active: int) -> None:
+    def _check_shrink(self, side: str, to: int, active: int) -> int:
         to = _check_count("to", to)
         if not 1 <= to <= active:
             raise ValueError(
                 f"cannot shrink {side} from {active} to {to}: the new width must be between 1 and {active}"
                 + ("; use grow to widen" if to > active else "")
             )
+        self._check_not_shared()
+        return to
 
     @torch.no_grad()
-    def grow_out(self, n: int, *, generator: Optional[torch.Generator] = None) -> None:
-        """Add ``n`` output neurons: He-normal incoming weights (fan_in = ``in_features``), zero bias."""
-        self._check_grow("out_features", n, self._active_out, self.capacity_out)
+    def grow_out(self, n: int, init: str = "he", *, generator: Optional[torch.Generator] = None) -> None:
+        """Add ``n`` output neurons with zero bias.
+
+        ``init`` sets the new rows: ``"he"`` draws He-normal incoming weights (fan_in =
+        ``in_features``); ``"zero"`` leaves them zero (for a caller that writes them itself).
+        """
+        if init not in INPUT_INITS:
+            raise ValueError(f"unknown init {init!r} for new output rows; expected one of {INPUT_INITS}")
+        n = self._check_grow("out_features", n, self._active_out, self.capacity_out)
         start, stop = self._active_out, self._active_out + n
-        ops.normal_block_(self.weight, (start, stop), (0, self._active_in), he_std(self._active_in), generator)
+        if init == "he":
+            ops.normal_block_(self.weight, (start, stop), (0, self._active_in), he_std(self._active_in), generator)
         self._active_out = stop
 
     @torch.no_grad()
@@ -320,7 +378,7 @@ class GrowLinear(nn.Module):
         """
         if init not in INPUT_INITS:
             raise ValueError(f"unknown init {init!r} for new input columns; expected one of {INPUT_INITS}")
-        self._check_grow("in_features", n, self._active_in, self.capacity_in)
+        n = self._check_grow("in_features", n, self._active_in, self.capacity_in)
         start, stop = self._active_in, self._active_in + n
         if init == "he":
             ops.normal_block_(self.weight, (0, self._active_out), (start, stop), he_std(stop), generator)
@@ -329,7 +387,7 @@ class GrowLinear(nn.Module):
     @torch.no_grad()
     def shrink_out(self, to: int) -> None:
         """Keep the first ``to`` output neurons; zero the others (weights, bias, gradients)."""
-        self._check_shrink("out_features", to, self._active_out)
+        to = self._check_shrink("out_features", to, self._active_out)
         for tensor in self._with_grads():
             tensor[to : self._active_out].zero_()
         self._active_out = to
@@ -337,7 +395,7 @@ class GrowLinear(nn.Module):
     @torch.no_grad()
     def shrink_in(self, to: int) -> None:
         """Keep the first ``to`` input features; zero the other columns (weights, gradients)."""
-        self._check_shrink("in_features", to, self._active_in)
+        to = self._check_shrink("in_features", to, self._active_in)
         for tensor in (self.weight, self.weight.grad):
             if tensor is not None:
                 tensor[:, to : self._active_in].zero_()
@@ -395,12 +453,19 @@ class GrowLinear(nn.Module):
         }
 
     def set_extra_state(self, state: dict[str, int]) -> None:
-        self._active_in, self._active_out = self._widths_from_extra_state(state)
+        """Set the active widths from :meth:`get_extra_state`'s dict; what leaves the block is zeroed."""
+        widths = self._widths_from_extra_state(state)
+        with torch.no_grad():
+            self._set_widths_zeroing_outside(*widths)
 
     def _widths_from_extra_state(self, state: Any) -> tuple[int, int]:
         if not isinstance(state, dict) or "in_features" not in state or "out_features" not in state:
             raise ValueError(f"GrowLinear extra state must be a dict with in_features and out_features, got {state!r}")
-        active_in, active_out = int(state["in_features"]), int(state["out_features"])
+        try:
+            active_in = check_int("in_features", state["in_features"])
+            active_out = check_int("out_features", state["out_features"])
+        except TypeError as error:
+            raise ValueError(f"GrowLinear extra state: {error}") from None
         if not (1 <= active_in <= self.capacity_in and 1 <= active_out <= self.capacity_out):
             raise ValueError(
                 f"checkpoint widths {active_in}->{active_out} do not fit this layer's capacity "
@@ -408,50 +473,123 @@ class GrowLinear(nn.Module):
             )
         return active_in, active_out
 
+    def _set_widths_zeroing_outside(self, active_in: int, active_out: int) -> None:
+        """Set the widths and zero everything outside the new block (weights and gradients)."""
+        self._active_in, self._active_out = active_in, active_out
+        for name, param in self._parameters.items():
+            if param is None:
+                continue
+            for tensor in (param, param.grad):
+                if tensor is None:
+                    continue
+                tensor[active_out:].zero_()
+                if name == "weight":
+                    tensor[:active_out, active_in:].zero_()
+
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ) -> None:
-        # Validates everything before changing anything, so a failed load leaves the
-        # layer as it was. A state_dict without extra state is an nn.Linear's: its
-        # tensors are the active block.
+        # nn.Linear's semantics (missing and unexpected keys, partial states, assign=True),
+        # except that a layer whose tensors do not fit is left as it was (load_state_dict
+        # then raises). nn.Module always passes strict=True here and applies the caller's
+        # `strict` afterwards, so within a container a missing key is reported after the
+        # present ones were loaded, as for nn.Linear; GrowLinear.load_state_dict checks its
+        # keys first.
+        #
+        # A state_dict with extra state is a GrowLinear's: its tensors have the capacity
+        # shapes and it sets the active widths. One without is an nn.Linear's: its tensors
+        # are the active block. Tensors absent from a partial state (strict=False) keep
+        # their values, except what falls outside the new active block, which is zeroed.
+        for hook in self._load_state_dict_pre_hooks.values():
+            hook(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
         extra_key = prefix + "_extra_state"
-        names = ["weight"] + (["bias"] if self.bias is not None else [])
+        names = [name for name, param in self._parameters.items() if param is not None]
         present = {name: state_dict[prefix + name] for name in names if prefix + name in state_dict}
-        for name in names:
-            if name not in present:
-                missing_keys.append(prefix + name)
-        if self.bias is None and prefix + "bias" in state_dict:
-            unexpected_keys.append(prefix + "bias")
+        missing = [prefix + name for name in names if name not in present]
+        unexpected = []
+        if strict:
+            unexpected = [
+                key for key in state_dict
+                if key.startswith(prefix) and key != extra_key and key[len(prefix):] not in names
+            ]
+        missing_keys.extend(missing)
+        unexpected_keys.extend(unexpected)
+        errors = []
         if extra_key in state_dict:
             try:
                 widths = self._widths_from_extra_state(state_dict[extra_key])
             except ValueError as error:
-                error_msgs.append(str(error))
+                error_msgs.append(f"{prefix}_extra_state: {error}")
                 return
-            targets = {"weight": self.weight, "bias": self.bias}
+            shapes = {name: param.shape for name, param in self._parameters.items() if param is not None}
             what = "capacity"
         else:
             widths = (self._active_in, self._active_out)
-            targets = {"weight": self.active_weight, "bias": self.active_bias}
+            shapes = {"weight": self.active_weight.shape}
+            if self.bias is not None:
+                shapes["bias"] = self.active_bias.shape
             what = "active size (an nn.Linear state_dict)"
         for name, value in present.items():
-            if not isinstance(value, Tensor) or value.shape != targets[name].shape:
+            if not isinstance(value, Tensor) or value.shape != shapes[name]:
                 shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
-                error_msgs.append(
+                errors.append(
                     f"size mismatch for {prefix}{name}: the checkpoint has {shape} but this layer's {what} "
-                    f"is {tuple(targets[name].shape)} (capacity {self.capacity_in}->{self.capacity_out}); "
+                    f"is {tuple(shapes[name])} (capacity {self.capacity_in}->{self.capacity_out}); "
                     f"construct GrowLinear with capacity_in/capacity_out matching the checkpoint"
                 )
-        if error_msgs:
+        if errors:
+            error_msgs.extend(errors)
             return
+        assign = local_metadata.get("assign_to_params_buffers", False)
         with torch.no_grad():
-            if extra_key not in state_dict:
-                self.weight.zero_()
-                if self.bias is not None:
-                    self.bias.zero_()
             for name, value in present.items():
-                targets[name].copy_(value)
-        self._active_in, self._active_out = widths
+                param = self._parameters[name]
+                if extra_key in state_dict:
+                    if assign:
+                        self._assign(name, value)
+                    else:
+                        param.copy_(value)
+                elif assign and value.shape != param.shape:
+                    # An active-size tensor cannot be the capacity-sized Parameter: a new
+                    # capacity tensor on the value's device and dtype holds it.
+                    full = torch.zeros(param.shape, device=value.device, dtype=value.dtype)
+                    full[tuple(slice(0, n) for n in value.shape)] = value
+                    self._assign(name, full)
+                elif assign:
+                    self._assign(name, value)
+                else:
+                    param[tuple(slice(0, n) for n in value.shape)] = value
+            self._set_widths_zeroing_outside(*widths)
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
+        """As :meth:`torch.nn.Module.load_state_dict`; with ``strict=True`` wrong keys raise before anything changes.
+
+        A GrowLinear's own state_dict (with ``_extra_state``) sets the active widths and
+        has the capacity shapes; an :class:`torch.nn.Linear`'s fills the active block.
+        With ``strict=False`` the tensors it lacks keep their values (whatever falls
+        outside the new active block is zeroed).
+        """
+        if strict and isinstance(state_dict, Mapping):
+            names = [name for name, param in self._parameters.items() if param is not None]
+            missing = [name for name in names if name not in state_dict]
+            unexpected = [key for key in state_dict if key not in names and key != "_extra_state"]
+            if missing or unexpected:
+                msgs = []
+                if missing:
+                    msgs.append("Missing key(s) in state_dict: {}. ".format(", ".join(f'"{k}"' for k in missing)))
+                if unexpected:
+                    msgs.append("Unexpected key(s) in state_dict: {}. ".format(", ".join(f'"{k}"' for k in unexpected)))
+                raise RuntimeError(f"Error(s) in loading state_dict for {type(self).__name__}:\n\t" + "\n\t".join(msgs))
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def _assign(self, name: str, value: Tensor) -> None:
+        """``load_state_dict(..., assign=True)``: ``value`` becomes the Parameter, as in nn.Module."""
+        old = self._parameters[name]
+        if isinstance(value, nn.Parameter):
+            value.requires_grad_(old.requires_grad)
+        else:
+            value = nn.Parameter(value, requires_grad=old.requires_grad)
+        setattr(self, name, value)
 
     def extra_repr(self) -> str:
         return (

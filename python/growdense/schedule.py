@@ -8,6 +8,8 @@ from typing import Mapping, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
+from ._checks import check_int
+from .policies import KEEP_CHOICES, check_generator, check_init, check_split_noise
 from .wiring import Wiring
 
 __all__ = ["GrowthEvent", "GrowthSchedule"]
@@ -25,15 +27,32 @@ class GrowthEvent:
     shrink_to: Mapping[str, int] = field(default_factory=dict)
     grow_by: Mapping[str, int] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        # Checked and copied here, so an event that exists is one apply() can carry out.
+        epoch = check_int("GrowthEvent epoch", self.epoch)
+        if epoch < 0:
+            raise ValueError(f"GrowthEvent epoch must be >= 0, got {epoch}")
+        object.__setattr__(self, "epoch", epoch)
+        for what, least in (("shrink_to", 1), ("grow_by", 0)):
+            mapping = getattr(self, what)
+            if not isinstance(mapping, Mapping):
+                raise TypeError(f"GrowthEvent {what} must be a mapping {{name: int}}, got {type(mapping).__name__}")
+            checked = {}
+            for name, value in mapping.items():
+                if not isinstance(name, str):
+                    raise TypeError(f"GrowthEvent {what} keys must be hidden-width names (str), got {name!r}")
+                value = check_int(f"GrowthEvent {what}[{name!r}]", value)
+                if value < least:
+                    raise ValueError(f"GrowthEvent {what}[{name!r}] must be >= {least}, got {value}")
+                checked[name] = value
+            object.__setattr__(self, what, checked)
+
 
 def _ints(what: str, values: Sequence[int], count: int) -> list[int]:
     values = list(values)
     if len(values) != count:
         raise ValueError(f"{what} has {len(values)} values for {count} hidden widths")
-    for value in values:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{what} must hold ints, got {value!r}")
-    return values
+    return [check_int(f"{what} values", value) for value in values]
 
 
 class GrowthSchedule:
@@ -50,18 +69,24 @@ class GrowthSchedule:
     """
 
     def __init__(self, initial: Mapping[str, int], events: Sequence[GrowthEvent] = ()) -> None:
-        self._initial = dict(initial)
-        for name, width in self._initial.items():
-            if isinstance(width, bool) or not isinstance(width, int) or width < 1:
-                raise ValueError(f"initial width of {name!r} must be an int >= 1, got {width!r}")
+        self._initial = {}
+        for name, width in dict(initial).items():
+            if not isinstance(name, str):
+                raise TypeError(f"hidden-width names must be str, got {name!r}")
+            width = check_int(f"initial width of {name!r}", width)
+            if width < 1:
+                raise ValueError(f"initial width of {name!r} must be >= 1, got {width}")
+            self._initial[name] = width
+        events = list(events)
+        for event in events:
+            if not isinstance(event, GrowthEvent):
+                raise TypeError(f"events must be GrowthEvents, got {type(event).__name__}")
         epochs = [event.epoch for event in events]
         if len(set(epochs)) != len(epochs):
             raise ValueError(f"two events share an epoch: {sorted(epochs)}")
         self._events = sorted(events, key=lambda event: event.epoch)
         widths = dict(self._initial)
         for event in self._events:
-            if isinstance(event.epoch, bool) or not isinstance(event.epoch, int) or event.epoch < 0:
-                raise ValueError(f"event epochs must be ints >= 0, got {event.epoch!r}")
             for name in (*event.shrink_to, *event.grow_by):
                 if name not in widths:
                     raise ValueError(f"event at epoch {event.epoch} names {name!r}, which has no initial width")
@@ -72,8 +97,6 @@ class GrowthSchedule:
                     )
                 widths[name] = to
             for name, n in event.grow_by.items():
-                if n < 0:
-                    raise ValueError(f"event at epoch {event.epoch} grows {name!r} by {n} < 0")
                 widths[name] += n
 
     # ---- the study's two approaches ------------------------------------------------
@@ -95,7 +118,7 @@ class GrowthSchedule:
         """
         names = list(names)
         start, step, target = (_ints(w, v, len(names)) for w, v in (("start", start), ("step", step), ("target", target)))
-        cls._check_every(every)
+        every = cls._check_every(every)
         for name, s, d, t in zip(names, start, step, target):
             if d < 1 or not 1 <= s <= t:
                 raise ValueError(f"{name!r}: need step >= 1 and 1 <= start <= target, got {s}, {d}, {t}")
@@ -121,9 +144,10 @@ class GrowthSchedule:
         """
         names = list(names)
         full, cut_to, step = (_ints(w, v, len(names)) for w, v in (("full", full), ("cut_to", cut_to), ("step", step)))
-        cls._check_every(every)
-        if isinstance(at, bool) or not isinstance(at, int) or at < 0:
-            raise ValueError(f"at must be an int >= 0, got {at!r}")
+        every = cls._check_every(every)
+        at = check_int("at", at)
+        if at < 0:
+            raise ValueError(f"at must be >= 0, got {at!r}")
         for name, f, c, d in zip(names, full, cut_to, step):
             if d < 1 or not 1 <= c <= f:
                 raise ValueError(f"{name!r}: need step >= 1 and 1 <= cut_to <= full, got {f}, {c}, {d}")
@@ -136,9 +160,11 @@ class GrowthSchedule:
         return cls(dict(zip(names, full)), events)
 
     @staticmethod
-    def _check_every(every: int) -> None:
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(f"every must be an int >= 1, got {every!r}")
+    def _check_every(every: int) -> int:
+        every = check_int("every", every)
+        if every < 1:
+            raise ValueError(f"every must be >= 1, got {every!r}")
+        return every
 
     @staticmethod
     def _regrow_events(names, start, step, target, first: int, every: int) -> list[GrowthEvent]:
@@ -213,6 +239,17 @@ class GrowthSchedule:
         changes. ``keep`` may be a mapping ``{name: keep}`` to choose per hidden width
         (names it leaves out keep ``"first"``).
         """
+        # Validate the arguments at every call (not only at event epochs), then the whole
+        # event: nothing changes unless every action of the event is valid.
+        epoch = check_int("epoch", epoch)
+        if not isinstance(wiring, Wiring):
+            raise TypeError(f"apply() needs a Wiring, got {type(wiring).__name__}")
+        check_init(init)
+        check_split_noise(split_noise)
+        check_generator(generator)
+        for policy in keep.values() if isinstance(keep, Mapping) else (keep,):
+            if isinstance(policy, str) and policy not in KEEP_CHOICES:
+                raise ValueError(f"unknown keep {policy!r}; expected one of {KEEP_CHOICES} or a sequence of indices")
         if isinstance(keep, Mapping) and not set(keep) <= set(self._initial):
             raise ValueError(f"keep names {sorted(set(keep) - set(self._initial))} are not in the schedule {self.names()}")
         event = self.event_at(epoch)
@@ -233,7 +270,7 @@ class GrowthSchedule:
         for name, to in event.shrink_to.items():
             wiring.check_shrink(name, to, keeps[name])
         for name, n in event.grow_by.items():
-            wiring.check_grow(name, 0, init)  # name, sync and init; capacity below
+            wiring.check_grow(name, 0, init, generator=generator, split_noise=split_noise)  # capacity below
             after_shrink = event.shrink_to.get(name, before[name])
             if after_shrink + n > wiring.capacity(name):
                 raise ValueError(

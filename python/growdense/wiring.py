@@ -9,13 +9,12 @@ import torch
 from torch import Tensor
 
 from . import optim_state
-from .init_strategies import check_init, grow_neurons_
+from ._checks import check_int
 from .layers import GrowLinear
+from .policies import KEEP_CHOICES, Keep, check_generator, check_init, check_split_noise, grow_neurons_
+from .policies import kept_indices, permutation
 
 __all__ = ["Wiring", "KEEP_CHOICES"]
-
-KEEP_CHOICES = ("first", "norm")
-Keep = Union[str, Sequence[int], Tensor]
 
 
 @dataclass(frozen=True)
@@ -27,10 +26,16 @@ class _Hidden:
         return (self.producer, *self.consumers)
 
 
-def _check_int(what: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{what} must be an int, got {type(value).__name__}")
-    return value
+def _check_optimizer(optimizer: object) -> Optional[torch.optim.Optimizer]:
+    """``optimizer`` unless it is neither ``None`` nor a ``torch.optim.Optimizer``."""
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        hint = ""
+        if hasattr(optimizer, "optimizer") and isinstance(getattr(optimizer, "optimizer"), torch.optim.Optimizer):
+            hint = " (this looks like a learning-rate scheduler: pass its .optimizer)"
+        raise TypeError(
+            f"Wiring needs a torch.optim.Optimizer (or None), got {type(optimizer).__name__}{hint}"
+        )
+    return optimizer
 
 
 class Wiring:
@@ -67,9 +72,22 @@ class Wiring:
         process_group: Optional[object] = None,
     ) -> None:
         self.optimizer = optimizer
+        if broadcast_from is not None:
+            broadcast_from = check_int("broadcast_from", broadcast_from)
+            if broadcast_from < 0:
+                raise ValueError(f"broadcast_from must be a rank >= 0 or None, got {broadcast_from}")
         self.broadcast_from = broadcast_from
         self.process_group = process_group
         self._hidden: dict[str, _Hidden] = {}
+
+    @property
+    def optimizer(self) -> Optional[torch.optim.Optimizer]:
+        """The optimizer whose state follows the changes (``None``: no optimizer)."""
+        return self._optimizer
+
+    @optimizer.setter
+    def optimizer(self, optimizer: Optional[torch.optim.Optimizer]) -> None:
+        self._optimizer = _check_optimizer(optimizer)
 
     @classmethod
     def chain(
@@ -100,6 +118,8 @@ class Wiring:
             raise TypeError(f"a hidden width's name must be a non-empty str, got {name!r}")
         if name in self._hidden:
             raise ValueError(f"hidden width {name!r} is already registered")
+        if isinstance(consumers, GrowLinear):
+            raise TypeError(f"{name!r}: consumers must be a sequence of GrowLinear; wrap a single one in a list")
         consumers = tuple(consumers)
         for layer in (producer, *consumers):
             if not isinstance(layer, GrowLinear):
@@ -168,15 +188,34 @@ class Wiring:
                 )
         return hidden
 
-    def check_grow(self, name: str, n: int, init: str = "he") -> None:
-        """Raise (and change nothing) unless ``grow(name, n, init=init)`` is valid."""
-        self._check_synced(name)
-        n = _check_int("n", n)
+    def _check_resizable(self, name: str) -> _Hidden:
+        """The hidden width, if its layers agree and none shares a Parameter with another layer."""
+        hidden = self._check_synced(name)
+        for layer in hidden.layers():
+            layer._check_not_shared()
+        return hidden
+
+    def check_grow(
+        self,
+        name: str,
+        n: int,
+        init: str = "he",
+        *,
+        generator: Optional[torch.Generator] = None,
+        split_noise: float = 1e-2,
+    ) -> int:
+        """Raise (and change nothing) unless ``grow(name, n, ...)`` with these arguments is valid.
+
+        Returns ``n`` as a Python int.
+        """
+        hidden = self._check_resizable(name)
+        n = check_int("n", n)
         if n < 0:
             raise ValueError(f"cannot grow {name!r} by {n}: n must be >= 0 (use shrink() to narrow)")
         check_init(init)
+        check_split_noise(split_noise)
+        check_generator(generator)
         width = self.width(name)
-        hidden = self._get(name)
         if width + n > self.capacity(name):
             limits = [f"producer capacity_out={hidden.producer.capacity_out}"]
             limits += [f"consumer {i} capacity_in={c.capacity_in}" for i, c in enumerate(hidden.consumers)]
@@ -184,6 +223,7 @@ class Wiring:
                 f"cannot grow {name!r} from {width} to {width + n}: it exceeds the capacity "
                 f"{self.capacity(name)} of its coupled layers ({', '.join(limits)})"
             )
+        return n
 
     def check_shrink(self, name: str, to: int, keep: Keep = "first") -> None:
         """Raise (and change nothing) unless ``shrink(name, to, keep=keep)`` is valid."""
@@ -191,47 +231,8 @@ class Wiring:
 
     def _kept(self, name: str, to: int, keep: Keep) -> Optional[Tensor]:
         """Validate a shrink; return the kept indices in their new order (``None`` for the first ``to``)."""
-        hidden = self._check_synced(name)
-        to = _check_int("to", to)
-        width = hidden.producer.out_features
-        if not 1 <= to <= width:
-            raise ValueError(
-                f"cannot shrink {name!r} from {width} to {to}: the new width must be between 1 and {width}"
-                + ("; use grow() to widen" if to > width else "")
-            )
-        device = hidden.producer.weight.device
-        if isinstance(keep, str):
-            if keep == "first":
-                return None
-            if keep == "norm":
-                return self._largest_norm(hidden, to)
-            raise ValueError(f"unknown keep {keep!r}; expected one of {KEEP_CHOICES} or a sequence of indices")
-        if isinstance(keep, Tensor):
-            if keep.dim() != 1 or keep.dtype.is_floating_point or keep.dtype.is_complex or keep.dtype == torch.bool:
-                raise TypeError(f"keep indices must be a 1-D integer tensor, got {keep.dtype} of shape {tuple(keep.shape)}")
-            indices = [int(i) for i in keep.tolist()]
-        else:
-            try:
-                indices = [_check_int("keep index", i) for i in keep]
-            except TypeError as error:
-                raise TypeError(f"keep must be 'first', 'norm' or a sequence of int indices: {error}") from None
-        if len(indices) != to:
-            raise ValueError(f"shrinking {name!r} to {to} needs exactly {to} keep indices, got {len(indices)}")
-        bad = [i for i in indices if not 0 <= i < width]
-        if bad:
-            raise ValueError(f"keep indices {bad} are out of range for {name!r} of width {width} (valid: 0..{width - 1})")
-        if len(set(indices)) != len(indices):
-            dups = sorted({i for i in indices if indices.count(i) > 1})
-            raise ValueError(f"keep indices for {name!r} contain duplicates: {dups}")
-        return torch.tensor(indices, dtype=torch.long, device=device)
-
-    @staticmethod
-    @torch.no_grad()
-    def _largest_norm(hidden: _Hidden, to: int) -> Tensor:
-        producer = hidden.producer
-        norms = producer.active_weight.norm(dim=1)
-        order = torch.sort(norms, descending=True, stable=True).indices[:to]
-        return torch.sort(order).values
+        hidden = self._check_resizable(name)
+        return kept_indices(name, hidden.producer, to, keep)
 
     # ---- changes ----------------------------------------------------------------------
     @torch.no_grad()
@@ -246,13 +247,13 @@ class Wiring:
     ) -> None:
         """Add ``n`` neurons to hidden width ``name`` (appended after the active ones).
 
-        ``init`` chooses the new weights (see :mod:`growdense.init_strategies`):
+        ``init`` chooses the new weights (see :mod:`growdense.policies`):
         ``"he"`` (He-normal in and out, the study's), ``"zero_out"`` (He in, zero out:
         the function is unchanged), ``"split"`` (Net2Net: copy neurons, halve their
         outgoing weights, ``split_noise`` breaks the symmetry). The new slices' gradients
         and optimizer state are zero.
         """
-        self.check_grow(name, n, init)
+        n = self.check_grow(name, n, init, generator=generator, split_noise=split_noise)
         if n == 0:
             return
         hidden = self._get(name)
@@ -280,14 +281,12 @@ class Wiring:
         The network's output over the kept neurons is unchanged by the permutation.
         """
         kept = self._kept(name, to, keep)
+        to = check_int("to", to)
         hidden = self._get(name)
         width = self.width(name)
-        if kept is not None:
-            rest = torch.ones(width, dtype=torch.bool, device=kept.device)
-            rest[kept] = False
-            perm = torch.cat([kept, rest.nonzero().flatten()])
-            if not torch.equal(perm, torch.arange(width, device=perm.device)):
-                self._permute(hidden, perm)
+        perm = None if kept is None else permutation(kept, width)
+        if perm is not None:
+            self._permute(hidden, perm)
         hidden.producer.shrink_out(to)
         for consumer in hidden.consumers:
             consumer.shrink_in(to)
