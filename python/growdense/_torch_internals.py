@@ -12,11 +12,14 @@ Underscored names used elsewhere, which are not version-dependent internals: the
 
 Uses gated here:
 
-- ``torch.optim.Adam._init_group``: ``torch.optim.Adam.step`` calls it to build the lists
-  of parameters, gradients and state that it hands to the functional ``adam``;
-  :mod:`growdense.optim` overrides it to hand over views of the active blocks. Fallback:
-  :mod:`growdense.optim` builds the lists itself and calls the public functional
-  ``torch.optim.adam.adam`` from its own ``step``.
+- ``_init_group`` of ``torch.optim.Adam`` (and AdamW), ``RAdam``, ``Adamax`` and
+  ``Adagrad``: their ``step`` calls it to build the lists of parameters, gradients and
+  state that it hands to their functional form; :mod:`growdense.optim` overrides it to
+  hand over views of the active blocks, one per age of neuron. Fallback for Adam and
+  AdamW: :mod:`growdense.optim` builds the lists itself and calls the public functional
+  ``torch.optim.adam.adam`` from its own ``step``. Fallback for the others: they behave
+  exactly as torch's own (whole tensors, one step count per Parameter), and growing
+  under ``optimizer_state="keep"`` is refused with an error saying why.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import re
 
 import torch
 
-__all__ = ["TESTED_TORCH", "torch_version", "in_tested_range", "ADAM_INIT_GROUP"]
+__all__ = ["TESTED_TORCH", "torch_version", "in_tested_range", "INIT_GROUP", "ADAM_INIT_GROUP"]
 
 #: The torch versions (``>=``, ``<``) whose private interfaces below were checked.
 TESTED_TORCH = ((2, 11), (2, 16))
@@ -46,24 +49,32 @@ def in_tested_range(version: str = torch.__version__) -> bool:
     return low <= torch_version(version) < high
 
 
-_ADAM_INIT_GROUP_ARGS = [
-    "self", "group", "params_with_grad", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "state_steps"
-]
+_INIT_GROUP_ARGS = {
+    "Adam": ["exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "state_steps"],
+    "RAdam": ["exp_avgs", "exp_avg_sqs", "state_steps"],
+    "Adamax": ["exp_avgs", "exp_infs", "state_steps"],
+    "Adagrad": ["state_sums", "state_steps"],
+}
 
 
-def _adam_init_group_usable() -> bool:
+def _init_group_usable(name: str) -> bool:
     if not in_tested_range():
         return False
-    method = getattr(torch.optim.Adam, "_init_group", None)
+    method = getattr(getattr(torch.optim, name, None), "_init_group", None)
     if method is None:
         return False
     try:
-        return list(inspect.signature(method).parameters) == _ADAM_INIT_GROUP_ARGS
+        params = list(inspect.signature(method).parameters)
     except (TypeError, ValueError):
         return False
+    return params[:3] == ["self", "group", "params_with_grad"] and params[3:] == ["grads"] + _INIT_GROUP_ARGS[name]
 
 
-#: Whether ``torch.optim.Adam.step`` is known to build its lists through
-#: ``_init_group(group, params_with_grad, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
-#: state_steps)``, so that overriding that method is enough.
-ADAM_INIT_GROUP: bool = _adam_init_group_usable()
+#: For each of torch's optimizers that :mod:`growdense.optim` extends: whether its
+#: ``step`` is known to build its lists through ``_init_group(group, params_with_grad,
+#: grads, <its state lists>..., state_steps)``, the last list holding the step counts,
+#: so that overriding that method is enough.
+INIT_GROUP: dict[str, bool] = {name: _init_group_usable(name) for name in _INIT_GROUP_ARGS}
+
+#: ``INIT_GROUP["Adam"]`` (Adam and AdamW).
+ADAM_INIT_GROUP: bool = INIT_GROUP["Adam"]

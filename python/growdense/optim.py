@@ -40,7 +40,7 @@ from torch.optim.adam import adam as _adam_functional
 from . import _torch_internals
 from .layers import active_block
 
-__all__ = ["Adam", "AdamW", "zero_grad_", "BIRTH_KEY", "cohorts"]
+__all__ = ["Adam", "AdamW", "RAdam", "Adamax", "Adagrad", "zero_grad_", "BIRTH_KEY", "cohorts"]
 
 
 def _partial_block(param: Tensor) -> Optional[tuple[slice, ...]]:
@@ -135,35 +135,47 @@ def cohorts(active: tuple[int, ...], births: list[list[int]]) -> list[tuple[tupl
 
 
 class _ActiveBlockSteps:
-    """Mixin for torch.optim.Adam and its subclasses: step over the active blocks, by age."""
+    """Mixin for torch optimizers that step through ``_init_group``: step over the active blocks, by age.
 
-    def _init_group(self, group, params_with_grad, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps):
-        has_complex = super()._init_group(  # type: ignore[misc]
-            group, params_with_grad, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps
-        )
-        self._to_active_blocks(group, params_with_grad, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps)
-        return has_complex
+    ``_hooked`` (per class): whether torch's ``_init_group`` is known to have the layout
+    this relies on (see :mod:`growdense._torch_internals`); if not, the optimizer is
+    torch's own, unchanged.
+    """
 
-    def _to_active_blocks(self, group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps) -> None:
+    _hooked = False
+    _steps_by_age = False  # whether neurons added under optimizer_state="keep" get their own step count
+
+    def _init_group(self, group, params_with_grad, grads, *lists):
+        result = super()._init_group(group, params_with_grad, grads, *lists)  # type: ignore[misc]
+        if self._hooked:
+            self._to_active_blocks(group, params_with_grad, grads, *lists)
+        return result
+
+    def _to_active_blocks(self, group, params, grads, *lists) -> None:
         """Replace, in place, each entry of the lists by views of its active block, one per age.
 
-        Elements of different ages (see :data:`BIRTH_KEY`) get their own entry with a
-        step count of their own age, so each is updated as a fresh Adam started at its
-        birth would update it. The Parameter's own ``step`` then counts the steps of its
-        oldest possible element (it is incremented here, not by the functional ``adam``).
+        ``lists`` are the optimizer's state lists as its ``_init_group`` fills them, the
+        step counts last (lists left empty, such as Adam's ``max_exp_avg_sqs`` without
+        amsgrad, stay empty). Elements of different ages (see :data:`BIRTH_KEY`) get
+        their own entry with a step count of their own age, so each is updated as a
+        fresh optimizer started at its birth would update it. The Parameter's own
+        ``step`` then counts the steps of its oldest possible element (it is incremented
+        here, not by the functional form).
         """
-        amsgrad = group["amsgrad"]
-        lists = (params, grads, exp_avgs, exp_avg_sqs) + ((max_exp_avg_sqs,) if amsgrad else ())
+        *element_lists, state_steps = lists
+        count = len(params)
+        aligned = [params, grads] + [lst for lst in element_lists if count and len(lst) == count]
         if not any(_partial_block(p) is not None or BIRTH_KEY in self.state[p] for p in params):  # type: ignore[attr-defined]
             return
-        new: tuple[list, ...] = tuple([] for _ in lists)
+        fused = group.get("fused")
+        new: tuple[list, ...] = tuple([] for _ in aligned)
         new_steps: list[Tensor] = []
         for i, p in enumerate(params):
-            sources = tuple(lst[i] for lst in lists)
+            sources = tuple(lst[i] for lst in aligned)
             births = self.state[p].get(BIRTH_KEY)  # type: ignore[attr-defined]
             block = _partial_block(p)
             if births is None:
-                if block is None or group["fused"]:  # the fused kernels want whole tensors
+                if block is None or fused:  # the fused kernels want whole tensors
                     views = [sources]
                 else:
                     views = self._block_views(p, block, None, sources)[1]
@@ -171,7 +183,7 @@ class _ActiveBlockSteps:
                     lst.append(v)
                 new_steps.append(state_steps[i])
                 continue
-            if group["fused"]:
+            if fused:
                 raise RuntimeError(
                     "growdense.optim: fused=True steps whole tensors and cannot give neurons added under "
                     "optimizer_state='keep' their own step count; build the optimizer with fused=False "
@@ -182,9 +194,9 @@ class _ActiveBlockSteps:
             for (_, birth), view in zip(rects, views):
                 for lst, v in zip(new, view):
                     lst.append(v)
-                new_steps.append(step - birth)  # a copy: adam() increments it to the cohort's age
+                new_steps.append(step - birth)  # a copy: the step function increments it to the cohort's age
             step += 1
-        for lst, items in zip(lists, new):
+        for lst, items in zip(aligned, new):
             lst[:] = items
         state_steps[:] = new_steps
 
@@ -301,15 +313,13 @@ def _public_step(self, closure=None):
     return loss
 
 
-if not _torch_internals.ADAM_INIT_GROUP:
-    _ActiveBlockSteps.step = _public_step  # type: ignore[attr-defined]
-
-
 class Adam(_ActiveBlockSteps, torch.optim.Adam):
     """``torch.optim.Adam`` that steps over the active blocks of GrowLinear Parameters.
 
     Same arguments, state and results as ``torch.optim.Adam``; see :mod:`growdense.optim`.
     """
+
+    _hooked = _steps_by_age = _torch_internals.INIT_GROUP["Adam"]
 
 
 class AdamW(_ActiveBlockSteps, torch.optim.AdamW):
@@ -317,3 +327,40 @@ class AdamW(_ActiveBlockSteps, torch.optim.AdamW):
 
     Same arguments, state and results as ``torch.optim.AdamW``; see :mod:`growdense.optim`.
     """
+
+    _hooked = _steps_by_age = _torch_internals.INIT_GROUP["Adam"]
+
+
+if not _torch_internals.INIT_GROUP["Adam"]:
+    for _cls in (Adam, AdamW):
+        _cls.step = _public_step  # type: ignore[method-assign]
+        _cls._steps_by_age = True
+
+
+class RAdam(_ActiveBlockSteps, torch.optim.RAdam):
+    """``torch.optim.RAdam`` that steps over the active blocks of GrowLinear Parameters, by age.
+
+    Same arguments, state and results as ``torch.optim.RAdam``; see :mod:`growdense.optim`.
+    """
+
+    _hooked = _steps_by_age = _torch_internals.INIT_GROUP["RAdam"]
+
+
+class Adamax(_ActiveBlockSteps, torch.optim.Adamax):
+    """``torch.optim.Adamax`` that steps over the active blocks of GrowLinear Parameters, by age.
+
+    Same arguments and results as ``torch.optim.Adamax``; see :mod:`growdense.optim`.
+    (Outside the active block ``exp_inf`` stays zero where torch's own would write eps.)
+    """
+
+    _hooked = _steps_by_age = _torch_internals.INIT_GROUP["Adamax"]
+
+
+class Adagrad(_ActiveBlockSteps, torch.optim.Adagrad):
+    """``torch.optim.Adagrad`` that steps over the active blocks of GrowLinear Parameters, by age.
+
+    Same arguments, state and results as ``torch.optim.Adagrad``: with ``lr_decay``, each
+    neuron's learning rate decays from its own birth. See :mod:`growdense.optim`.
+    """
+
+    _hooked = _steps_by_age = _torch_internals.INIT_GROUP["Adagrad"]

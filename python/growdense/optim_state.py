@@ -145,6 +145,11 @@ def keep_problem(optimizer: Optional[torch.optim.Optimizer], params: Iterable[Op
     alternatives = "or grow with optimizer_state='reset' (a fresh optimizer) or 'keep_global_step'"
     groups = [_group_of(optimizer, p) for p in held]
     if isinstance(optimizer, _ActiveBlockSteps):
+        if not optimizer._steps_by_age:
+            return (
+                f"growdense.optim.{name} cannot count each neuron's steps with this torch version "
+                f"({torch.__version__}; see growdense._torch_internals), {alternatives}"
+            )
         if any(g.get("fused") for g in groups):
             return (
                 f"growdense.optim.{name}(fused=True) cannot give new neurons their own step count under "
@@ -155,9 +160,9 @@ def keep_problem(optimizer: Optional[torch.optim.Optimizer], params: Iterable[Op
         getattr(torch.optim, n) for n in ("Adam", "AdamW", "NAdam", "RAdam", "Adamax") if hasattr(torch.optim, n)
     )
     if isinstance(optimizer, adam_family):
-        hint = " use growdense.optim.Adam / AdamW (same arguments and state_dict)," if isinstance(
-            optimizer, (torch.optim.Adam, torch.optim.AdamW)
-        ) else ""
+        from . import optim
+
+        hint = f" use growdense.optim.{name} (same arguments and state_dict)," if hasattr(optim, name) else ""
         return (
             f"torch.optim.{name} keeps one step count per parameter, so new neurons would get the old step's bias "
             f"correction instead of their own under optimizer_state='keep':{hint} {alternatives}"
@@ -323,7 +328,7 @@ def mark_born_(
     """
     from .optim import _ActiveBlockSteps
 
-    if param is None or stop <= start or not isinstance(optimizer, _ActiveBlockSteps):
+    if param is None or stop <= start or not isinstance(optimizer, _ActiveBlockSteps) or not optimizer._steps_by_age:
         return
     state = optimizer.state.get(param)
     if not state or "step" not in state:
