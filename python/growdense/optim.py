@@ -1,4 +1,4 @@
-"""Optimizers whose step costs what the active blocks cost, not what the capacity costs.
+"""Optimizers whose step costs what the active blocks cost, and that count each neuron's age.
 
 A :class:`~growdense.GrowLinear` at a small fraction of its capacity still hands a plain
 ``torch.optim.Adam`` Parameters, gradients and moments of the capacity's size: every
@@ -8,15 +8,20 @@ gradients and the optimizer state), and an Adam/AdamW update of a zero weight wi
 zero gradient and zero moments is zero: so stepping over the active block alone gives
 the same Parameters and state, bit for bit.
 
-:class:`Adam` and :class:`AdamW` are ``torch.optim.Adam`` / ``torch.optim.AdamW``
-(subclasses: same arguments, same ``state`` and ``state_dict``, the state tensors keep
-the Parameter's capacity shape, so :mod:`growdense.optim_state` and a
-:class:`~growdense.Wiring` edit them as usual) with two differences for the Parameters of
-a GrowLinear that is not at full capacity:
+:class:`Adam`, :class:`AdamW`, :class:`RAdam`, :class:`Adamax` and :class:`Adagrad` are
+torch's (subclasses: same arguments, same ``state`` and ``state_dict``, the state tensors
+keep the Parameter's capacity shape, so :mod:`growdense.optim_state` and a
+:class:`~growdense.Wiring` edit them as usual) with these differences for the Parameters
+of a GrowLinear:
 
-- ``step()`` runs torch's own Adam over views of the active blocks of the Parameters,
-  gradients and moments (views into the capacity storage, so the update lands in place).
+- ``step()`` runs torch's own update over views of the active blocks of the Parameters,
+  gradients and state (views into the capacity storage, so the update lands in place).
   With ``fused=True`` it steps over the whole tensors, as torch does.
+- Neurons added under ``optimizer_state="keep"`` count their own steps: the state holds,
+  under :data:`BIRTH_KEY`, the step at which each row and column became active, and each
+  group of elements of one age is stepped with its own step count (Adam's bias
+  correction, RAdam's rectification, Adagrad's ``lr_decay``), so a new neuron is updated
+  exactly as by a fresh optimizer started at its birth. Not with ``fused=True``.
 - ``zero_grad()`` zeroes the active block of such a Parameter's ``.grad`` and keeps the
   tensor rather than setting it to ``None``: the next backward then adds its gradient
   into that block in place (the GrowLinear op does this whenever ``.grad`` is already
@@ -25,8 +30,9 @@ a GrowLinear that is not at full capacity:
   not ``None``, after ``zero_grad()``; so a layer that took no part in a step's forward
   still gets Adam's momentum update for that step, as with ``set_to_none=False``.
 
-Everything else (other Parameters, a GrowLinear at full capacity) behaves exactly as in
-torch.
+Everything else (other Parameters, a GrowLinear at full capacity that never grew under
+``"keep"``) behaves exactly as in torch. A ``state_dict`` saved here loads in torch's own
+optimizer (which ignores :data:`BIRTH_KEY`) and the other way round.
 """
 
 from __future__ import annotations

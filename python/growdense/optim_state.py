@@ -15,12 +15,17 @@ is its *optimizer-state policy* (:data:`POLICIES`):
 
 - ``"keep"`` (the default): old neurons' state continues unchanged; new neurons start
   from the optimizer's own fresh state, exactly as if a new optimizer had been built for
-  them at their birth. For :class:`growdense.optim.Adam` / ``AdamW`` that includes Adam's
-  bias correction, counted from each neuron's birth (:data:`growdense.optim.BIRTH_KEY`),
-  so a new weight's first update is ``-lr * g / (|g| + eps)`` at any global step.
-  Optimizers that cannot do that exactly (torch's own Adam family, whose step count is
-  one per Parameter; Adagrad with ``lr_decay``; ASGD; SGD with momentum and dampening;
-  growdense's Adam with ``fused=True``) are refused with an error naming the choices.
+  them at their birth. For :mod:`growdense.optim`'s optimizers (Adam, AdamW, RAdam,
+  Adamax, Adagrad) that includes the step count, counted from each neuron's birth
+  (:data:`growdense.optim.BIRTH_KEY`): a new weight's first Adam update is
+  ``-lr * g / (|g| + eps)`` at any global step. Element-wise state is set to the
+  optimizer's fresh values (zero; Adagrad's ``initial_accumulator_value``; Rprop's ``lr``
+  as step size), which is exact for SGD (``dampening=0``), RMSprop, Rprop, Adadelta and
+  Adagrad without ``lr_decay``. Where that cannot be exact (torch's own Adam family,
+  whose step count is one per Parameter; Adagrad with ``lr_decay``; ASGD; SGD with
+  momentum and dampening; ``fused=True`` under growdense's) an explicit ``"keep"`` raises,
+  naming the choices, and the default (no policy named anywhere) warns and applies
+  ``"keep_global_step"``.
 - ``"reset"``: the optimizer's whole state, for every parameter it holds, restarts as a
   newly built optimizer's would (what rebuilding the layers and the optimizer at each
   growth does).
