@@ -51,8 +51,10 @@ class Wiring:
     Args:
         optimizer: optimizer whose state follows the changes (settable later as
             ``wiring.optimizer``). State tensors shaped like their parameter are edited in
-            place: new and removed slices are zeroed, permutations applied, everything
-            else left bit-identical. Adam's scalar ``step`` is left alone. Optimizers whose
+            place: new and removed slices get the optimizer's fresh values (zero, but
+            Adagrad's initial accumulator and Rprop's initial step size), permutations are
+            applied, everything else is left bit-identical (see ``optimizer_state`` for
+            Adam's step count and a full restart). Optimizers whose
             state cannot be kept right (LBFGS, Adafactor, SparseAdam, state not shaped like
             its parameter) are refused here: see
             :func:`growdense.optim_state.check_attachable`.
