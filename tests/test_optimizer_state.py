@@ -490,3 +490,24 @@ def test_torch_version_gate():
     assert not in_tested_range("2.10.2") and not in_tested_range("2.16.0")
     if in_tested_range():
         assert ADAM_INIT_GROUP  # the private path is the one tested in this range
+
+
+def test_without_the_private_hook_an_optimizer_is_torchs_own_and_keep_is_refused(monkeypatch):
+    """Outside the tested torch range RAdam, Adamax and Adagrad fall back to torch's own step."""
+    from growdense import _torch_internals
+
+    if in_tested_range():
+        assert all(_torch_internals.INIT_GROUP.values())
+    monkeypatch.setattr(optim.RAdam, "_hooked", False)
+    monkeypatch.setattr(optim.RAdam, "_steps_by_age", False)
+    ours, ref = Chain(), Chain()
+    o1, o2 = optim.RAdam(ours.parameters(), lr=LR), torch.optim.RAdam(ref.parameters(), lr=LR)
+    for s in range(3):
+        step_model(ours, o1, s)
+        step_model(ref, o2, s)
+    for p, q in zip(ours.parameters(), ref.parameters()):
+        assert torch.equal(p, q)
+        assert all(torch.equal(v, o2.state[q][k]) for k, v in o1.state[p].items())
+    with pytest.raises(ValueError, match="cannot count each neuron's steps"):
+        ours.wiring(o1).grow("h", 1, optimizer_state="keep")
+    ours.wiring(o1).grow("h", 1, optimizer_state="reset")
