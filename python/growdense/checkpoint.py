@@ -24,6 +24,7 @@ from typing import Any, Mapping, Optional, Union
 import torch
 from torch import Tensor, nn
 
+from . import optim_state
 from .layers import GrowLinear
 from .wiring import Wiring
 
@@ -310,6 +311,10 @@ def _check_model(saved: Mapping[str, Any], model: nn.Module) -> None:
 
 
 def _check_optimizer(saved: Mapping[str, Any], optimizer: torch.optim.Optimizer) -> None:
+    try:
+        optim_state.check_optimizer_state_compatible(optimizer, saved)
+    except ValueError as error:
+        raise CheckpointError(str(error)) from None
     groups = optimizer.param_groups
     saved_groups = saved.get("param_groups")
     state = saved.get("state")

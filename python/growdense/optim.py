@@ -1,4 +1,4 @@
-"""Optimizers whose step costs what the active blocks cost, not what the capacity costs.
+"""Optimizers whose step costs what the active blocks cost, and that count each neuron's age.
 
 A :class:`~growdense.GrowLinear` at a small fraction of its capacity still hands a plain
 ``torch.optim.Adam`` Parameters, gradients and moments of the capacity's size: every
@@ -8,15 +8,20 @@ gradients and the optimizer state), and an Adam/AdamW update of a zero weight wi
 zero gradient and zero moments is zero: so stepping over the active block alone gives
 the same Parameters and state, bit for bit.
 
-:class:`Adam` and :class:`AdamW` are ``torch.optim.Adam`` / ``torch.optim.AdamW``
-(subclasses: same arguments, same ``state`` and ``state_dict``, the state tensors keep
-the Parameter's capacity shape, so :mod:`growdense.optim_state` and a
-:class:`~growdense.Wiring` edit them as usual) with two differences for the Parameters of
-a GrowLinear that is not at full capacity:
+:class:`Adam`, :class:`AdamW`, :class:`RAdam`, :class:`Adamax` and :class:`Adagrad` are
+torch's (subclasses: same arguments, same ``state`` and ``state_dict``, the state tensors
+keep the Parameter's capacity shape, so :mod:`growdense.optim_state` and a
+:class:`~growdense.Wiring` edit them as usual) with these differences for the Parameters
+of a GrowLinear:
 
-- ``step()`` runs torch's own Adam over views of the active blocks of the Parameters,
-  gradients and moments (views into the capacity storage, so the update lands in place).
+- ``step()`` runs torch's own update over views of the active blocks of the Parameters,
+  gradients and state (views into the capacity storage, so the update lands in place).
   With ``fused=True`` it steps over the whole tensors, as torch does.
+- Neurons added under ``optimizer_state="keep"`` count their own steps: the state holds,
+  under :data:`BIRTH_KEY`, the step at which each row and column became active, and each
+  group of elements of one age is stepped with its own step count (Adam's bias
+  correction, RAdam's rectification, Adagrad's ``lr_decay``), so a new neuron is updated
+  exactly as by a fresh optimizer started at its birth. Not with ``fused=True``.
 - ``zero_grad()`` zeroes the active block of such a Parameter's ``.grad`` and keeps the
   tensor rather than setting it to ``None``: the next backward then adds its gradient
   into that block in place (the GrowLinear op does this whenever ``.grad`` is already
@@ -25,8 +30,9 @@ a GrowLinear that is not at full capacity:
   not ``None``, after ``zero_grad()``; so a layer that took no part in a step's forward
   still gets Adam's momentum update for that step, as with ``set_to_none=False``.
 
-Everything else (other Parameters, a GrowLinear at full capacity) behaves exactly as in
-torch.
+Everything else (other Parameters, a GrowLinear at full capacity that never grew under
+``"keep"``) behaves exactly as in torch. A ``state_dict`` saved here loads in torch's own
+optimizer (which ignores :data:`BIRTH_KEY`) and the other way round.
 """
 
 from __future__ import annotations
@@ -35,10 +41,12 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.optim.adam import adam as _adam_functional
 
+from . import _torch_internals
 from .layers import active_block
 
-__all__ = ["Adam", "AdamW", "zero_grad_"]
+__all__ = ["Adam", "AdamW", "RAdam", "Adamax", "Adagrad", "zero_grad_", "BIRTH_KEY", "cohorts"]
 
 
 def _partial_block(param: Tensor) -> Optional[tuple[slice, ...]]:
@@ -78,32 +86,135 @@ def zero_grad_(params, set_to_none: bool = True) -> None:
             grad[block].zero_()
 
 
+#: The optimizer-state key holding, per dimension of a Parameter, the step count at which
+#: each row (and column) last became active: ``[[row births], [column births]]`` (one list
+#: for a bias). An element's age is ``state["step"] - max(row birth, column birth)``.
+#: Absent: every element is as old as the Parameter's state. Written by
+#: :func:`growdense.optim_state.mark_born_` (a :class:`~growdense.Wiring` growing under
+#: ``optimizer_state="keep"``).
+BIRTH_KEY = "birth_steps"
+
+
+def _runs(indices: list[int]) -> list[slice]:
+    """Maximal runs of consecutive integers in the sorted list ``indices``, as slices."""
+    runs: list[slice] = []
+    start = prev = None
+    for i in indices:
+        if prev is not None and i == prev + 1:
+            prev = i
+            continue
+        if start is not None:
+            runs.append(slice(start, prev + 1))
+        start = prev = i
+    if start is not None:
+        runs.append(slice(start, prev + 1))
+    return runs
+
+
+def cohorts(active: tuple[int, ...], births: list[list[int]]) -> list[tuple[tuple[slice, ...], int]]:
+    """Split the active block into rectangles of elements born at the same step.
+
+    ``active`` is the block's size per dimension (it starts at index 0), ``births`` the
+    per-dimension birth steps (:data:`BIRTH_KEY`). Returns ``(index, birth)`` pairs: the
+    rectangles cover the block exactly once. Rows and columns born in order give one
+    rectangle per distinct birth (two for a matrix grown along both dimensions); a
+    permutation that scatters neurons of different ages gives one per run.
+    """
+    if len(active) == 1:
+        rows = births[0][: active[0]]
+        return [
+            ((run,), b)
+            for b in sorted(set(rows))
+            for run in _runs([i for i, r in enumerate(rows) if r == b])
+        ]
+    rows, cols = births[0][: active[0]], births[1][: active[1]]
+    out = []
+    for b in sorted(set(rows) | set(cols)):
+        # Element (i, j) was born at max(rows[i], cols[j]).
+        for row_set, col_set in (
+            ([i for i, r in enumerate(rows) if r == b], [j for j, c in enumerate(cols) if c <= b]),
+            ([i for i, r in enumerate(rows) if r < b], [j for j, c in enumerate(cols) if c == b]),
+        ):
+            if row_set and col_set:
+                out.extend(((r, c), b) for r in _runs(row_set) for c in _runs(col_set))
+    return out
+
+
 class _ActiveBlockSteps:
-    """Mixin for torch.optim.Adam and its subclasses: step over the active blocks."""
+    """Mixin for torch optimizers that step through ``_init_group``: step over the active blocks, by age.
 
-    def _init_group(self, group, params_with_grad, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps):
-        has_complex = super()._init_group(  # type: ignore[misc]
-            group, params_with_grad, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps
-        )
-        if group["fused"]:  # the fused kernels want whole tensors
-            return has_complex
-        amsgrad = group["amsgrad"]
-        for i, p in enumerate(params_with_grad):
+    ``_hooked`` (per class): whether torch's ``_init_group`` is known to have the layout
+    this relies on (see :mod:`growdense._torch_internals`); if not, the optimizer is
+    torch's own, unchanged.
+    """
+
+    _hooked = False
+    _steps_by_age = False  # whether neurons added under optimizer_state="keep" get their own step count
+
+    def _init_group(self, group, params_with_grad, grads, *lists):
+        result = super()._init_group(group, params_with_grad, grads, *lists)  # type: ignore[misc]
+        if self._hooked:
+            self._to_active_blocks(group, params_with_grad, grads, *lists)
+        return result
+
+    def _to_active_blocks(self, group, params, grads, *lists) -> None:
+        """Replace, in place, each entry of the lists by views of its active block, one per age.
+
+        ``lists`` are the optimizer's state lists as its ``_init_group`` fills them, the
+        step counts last (lists left empty, such as Adam's ``max_exp_avg_sqs`` without
+        amsgrad, stay empty). Elements of different ages (see :data:`BIRTH_KEY`) get
+        their own entry with a step count of their own age, so each is updated as a
+        fresh optimizer started at its birth would update it. The Parameter's own
+        ``step`` then counts the steps of its oldest possible element (it is incremented
+        here, not by the functional form).
+        """
+        *element_lists, state_steps = lists
+        count = len(params)
+        aligned = [params, grads] + [lst for lst in element_lists if count and len(lst) == count]
+        if not any(_partial_block(p) is not None or BIRTH_KEY in self.state[p] for p in params):  # type: ignore[attr-defined]
+            return
+        fused = group.get("fused")
+        new: tuple[list, ...] = tuple([] for _ in aligned)
+        new_steps: list[Tensor] = []
+        for i, p in enumerate(params):
+            sources = tuple(lst[i] for lst in aligned)
+            births = self.state[p].get(BIRTH_KEY)  # type: ignore[attr-defined]
             block = _partial_block(p)
-            if block is None:
+            if births is None:
+                if block is None or fused:  # the fused kernels want whole tensors
+                    views = [sources]
+                else:
+                    views = self._block_views(p, block, None, sources)[1]
+                for lst, v in zip(new, views[0]):
+                    lst.append(v)
+                new_steps.append(state_steps[i])
                 continue
-            sources = (p, grads[i], exp_avgs[i], exp_avg_sqs[i]) + ((max_exp_avg_sqs[i],) if amsgrad else ())
-            views = self._block_views(p, block, sources)
-            params_with_grad[i], grads[i], exp_avgs[i], exp_avg_sqs[i] = views[:4]
-            if amsgrad:
-                max_exp_avg_sqs[i] = views[4]
-        return has_complex
+            if fused:
+                raise RuntimeError(
+                    "growdense.optim: fused=True steps whole tensors and cannot give neurons added under "
+                    "optimizer_state='keep' their own step count; build the optimizer with fused=False "
+                    "(the default or foreach), or grow with optimizer_state='reset' or 'keep_global_step'"
+                )
+            step = state_steps[i]
+            rects, views = self._block_views(p, block, births, sources)
+            for (_, birth), view in zip(rects, views):
+                for lst, v in zip(new, view):
+                    lst.append(v)
+                new_steps.append(step - birth)  # a copy: the step function increments it to the cohort's age
+            step += 1
+        for lst, items in zip(aligned, new):
+            lst[:] = items
+        state_steps[:] = new_steps
 
-    def _block_views(self, p: Tensor, block: tuple[slice, ...], sources: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-        """Views ``t[block]`` of a Parameter, its gradient and its state tensors, cached between steps.
+    def _block_views(
+        self, p: Tensor, block: Optional[tuple[slice, ...]], births: Optional[list], sources: tuple[Tensor, ...]
+    ) -> tuple[list, list[tuple[Tensor, ...]]]:
+        """Views of a Parameter, its gradient and its state tensors per rectangle, cached between steps.
 
-        Making a view costs microseconds in Python; a step of a small layer costs tens.
-        The cache entry is reused while the block and the tensors are the same and the
+        Returns the rectangles (``(index, birth)``, see :func:`cohorts`) and their views:
+        the active block without ``births``, one rectangle per run of equal age with them. Making a view
+        costs microseconds in Python; a step of a small layer costs tens. The cache
+        entry is reused while the block, the births and the tensors are the same and the
         Parameter's storage too (``param.data = ...`` changes it; a loaded ``state_dict``
         makes new state tensors, a new ``.grad`` a new gradient). The entry holds the
         last gradient it saw until the Parameter's next step, as ``zero_grad`` here does.
@@ -114,18 +225,98 @@ class _ActiveBlockSteps:
         if (
             entry is not None
             and entry[0] == block
-            and entry[1] == ptr
-            and len(entry[2]) == len(sources)
-            and all(a is b for a, b in zip(entry[2], sources))
+            and entry[1] is births
+            and entry[2] == ptr
+            and len(entry[3]) == len(sources)
+            and all(a is b for a, b in zip(entry[3], sources))
         ):
-            return entry[3]
-        views = tuple(t[block] for t in sources)
-        cache[id(p)] = (block, ptr, sources, views)
-        return views
+            return entry[4], entry[5]
+        if births is None:
+            rects = [(block, 0)]
+        else:
+            active = tuple(s.stop for s in block) if block is not None else tuple(p.shape)
+            rects = cohorts(active, births)
+        views = [tuple(t[index] for t in sources) for index, _ in rects]
+        cache[id(p)] = (block, births, ptr, sources, rects, views)
+        return rects, views
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for group in self.param_groups:  # type: ignore[attr-defined]
             zero_grad_(group["params"], set_to_none)
+
+
+def _scalar_dtype(fused: bool) -> torch.dtype:
+    if fused:
+        return torch.float32
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+def _public_init_group(self, group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps) -> bool:
+    """What ``torch.optim.Adam`` does to gather a group's lists and create its state, in public API."""
+    has_complex = False
+    for p in group["params"]:
+        if p.grad is None:
+            continue
+        if p.grad.is_sparse:
+            raise RuntimeError("Adam does not support sparse gradients, please consider SparseAdam instead")
+        has_complex |= torch.is_complex(p)
+        params.append(p)
+        grads.append(p.grad)
+        state = self.state[p]
+        if len(state) == 0:
+            on_device = group["capturable"] or group["fused"]
+            state["step"] = torch.zeros(
+                (), dtype=_scalar_dtype(bool(group["fused"])), device=p.device if on_device else "cpu"
+            )
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if group["amsgrad"]:
+                state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        exp_avgs.append(state["exp_avg"])
+        exp_avg_sqs.append(state["exp_avg_sq"])
+        if group["amsgrad"]:
+            max_exp_avg_sqs.append(state["max_exp_avg_sq"])
+        state_steps.append(state["step"])
+    return has_complex
+
+
+def _public_step(self, closure=None):
+    """``torch.optim.Adam.step`` through the public functional ``torch.optim.adam.adam``.
+
+    Used where torch's private ``Adam._init_group`` is not known to be usable (see
+    :mod:`growdense._torch_internals`).
+    """
+    loss = None
+    if closure is not None:
+        with torch.enable_grad():
+            loss = closure()
+    with torch.no_grad():
+        for group in self.param_groups:
+            if group["differentiable"]:
+                raise RuntimeError("growdense.optim does not support differentiable=True with this torch version")
+            lists: tuple[list, ...] = ([], [], [], [], [], [])
+            has_complex = _public_init_group(self, group, *lists)
+            self._to_active_blocks(group, *lists)
+            beta1, beta2 = group["betas"]
+            _adam_functional(
+                *lists,
+                amsgrad=group["amsgrad"],
+                has_complex=has_complex,
+                beta1=beta1,
+                beta2=beta2,
+                lr=group["lr"],
+                weight_decay=group["weight_decay"],
+                eps=group["eps"],
+                maximize=group["maximize"],
+                foreach=group["foreach"],
+                capturable=group["capturable"],
+                differentiable=False,
+                fused=group["fused"],
+                grad_scale=getattr(self, "grad_scale", None),
+                found_inf=getattr(self, "found_inf", None),
+                decoupled_weight_decay=group.get("decoupled_weight_decay", False),
+            )
+    return loss
 
 
 class Adam(_ActiveBlockSteps, torch.optim.Adam):
@@ -134,9 +325,48 @@ class Adam(_ActiveBlockSteps, torch.optim.Adam):
     Same arguments, state and results as ``torch.optim.Adam``; see :mod:`growdense.optim`.
     """
 
+    _hooked = _steps_by_age = _torch_internals.INIT_GROUP["Adam"]
+
 
 class AdamW(_ActiveBlockSteps, torch.optim.AdamW):
     """``torch.optim.AdamW`` that steps over the active blocks of GrowLinear Parameters.
 
     Same arguments, state and results as ``torch.optim.AdamW``; see :mod:`growdense.optim`.
     """
+
+    _hooked = _steps_by_age = _torch_internals.INIT_GROUP["Adam"]
+
+
+if not _torch_internals.INIT_GROUP["Adam"]:
+    for _cls in (Adam, AdamW):
+        _cls.step = _public_step  # type: ignore[method-assign]
+        _cls._steps_by_age = True
+
+
+class RAdam(_ActiveBlockSteps, torch.optim.RAdam):
+    """``torch.optim.RAdam`` that steps over the active blocks of GrowLinear Parameters, by age.
+
+    Same arguments, state and results as ``torch.optim.RAdam``; see :mod:`growdense.optim`.
+    """
+
+    _hooked = _steps_by_age = _torch_internals.INIT_GROUP["RAdam"]
+
+
+class Adamax(_ActiveBlockSteps, torch.optim.Adamax):
+    """``torch.optim.Adamax`` that steps over the active blocks of GrowLinear Parameters, by age.
+
+    Same arguments and results as ``torch.optim.Adamax``; see :mod:`growdense.optim`.
+    (Outside the active block ``exp_inf`` stays zero where torch's own would write eps.)
+    """
+
+    _hooked = _steps_by_age = _torch_internals.INIT_GROUP["Adamax"]
+
+
+class Adagrad(_ActiveBlockSteps, torch.optim.Adagrad):
+    """``torch.optim.Adagrad`` that steps over the active blocks of GrowLinear Parameters, by age.
+
+    Same arguments, state and results as ``torch.optim.Adagrad``: with ``lr_decay``, each
+    neuron's learning rate decays from its own birth. See :mod:`growdense.optim`.
+    """
+
+    _hooked = _steps_by_age = _torch_internals.INIT_GROUP["Adagrad"]

@@ -229,6 +229,7 @@ class GrowthSchedule:
         keep: Union[str, Sequence[int], Tensor, Mapping[str, Union[str, Sequence[int], Tensor]]] = "first",
         generator: Optional[torch.Generator] = None,
         split_noise: float = 1e-2,
+        optimizer_state: Optional[str] = None,
     ) -> bool:
         """Apply the event at the start of ``epoch`` to ``wiring``; ``True`` if widths changed.
 
@@ -237,7 +238,10 @@ class GrowthSchedule:
         then holds ``widths_at(epoch)``. Shrinks use ``keep``, then growths use ``init`` and
         ``generator``, names in schedule order. Everything is validated before anything
         changes. ``keep`` may be a mapping ``{name: keep}`` to choose per hidden width
-        (names it leaves out keep ``"first"``).
+        (names it leaves out keep ``"first"``). ``optimizer_state`` is the policy of every
+        shrink and growth of the event (default: the wiring's ``optimizer_state``, itself
+        ``"keep"`` by default; ``"reset"`` restarts the optimizer as newly built, as the
+        study did; see :mod:`growdense.optim_state`).
         """
         # Validate the arguments at every call (not only at event epochs), then the whole
         # event: nothing changes unless every action of the event is valid.
@@ -267,6 +271,9 @@ class GrowthSchedule:
         keeps = {
             name: (keep.get(name, "first") if isinstance(keep, Mapping) else keep) for name in event.shrink_to
         }
+        policy = wiring.check_optimizer_state(
+            optimizer_state, [n for n, k in event.grow_by.items() if k > 0], stacklevel=3
+        )
         for name, to in event.shrink_to.items():
             wiring.check_shrink(name, to, keeps[name])
         for name, n in event.grow_by.items():
@@ -277,7 +284,7 @@ class GrowthSchedule:
                     f"epoch {epoch}: growing {name!r} to {after_shrink + n} exceeds its capacity {wiring.capacity(name)}"
                 )
         for name, to in event.shrink_to.items():
-            wiring.shrink(name, to, keep=keeps[name])
+            wiring.shrink(name, to, keep=keeps[name], optimizer_state=policy)
         for name, n in event.grow_by.items():
-            wiring.grow(name, n, init=init, generator=generator, split_noise=split_noise)
+            wiring.grow(name, n, init=init, generator=generator, split_noise=split_noise, optimizer_state=policy)
         return self.widths_at(epoch) != before

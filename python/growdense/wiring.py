@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
@@ -55,8 +56,18 @@ class Wiring:
     Args:
         optimizer: optimizer whose state follows the changes (settable later as
             ``wiring.optimizer``). State tensors shaped like their parameter are edited in
-            place: new and removed slices are zeroed, permutations applied, everything
-            else left bit-identical. Adam's scalar ``step`` is left alone.
+            place: new and removed slices get the optimizer's fresh values (zero, but
+            Adagrad's initial accumulator and Rprop's initial step size), permutations are
+            applied, everything else is left bit-identical (see ``optimizer_state`` for
+            Adam's step count and a full restart). Optimizers whose
+            state cannot be kept right (LBFGS, Adafactor, SparseAdam, state not shaped like
+            its parameter) are refused here: see
+            :func:`growdense.optim_state.check_attachable`.
+        optimizer_state: the default optimizer-state policy of :meth:`grow` and
+            :meth:`shrink`: ``"keep"``, ``"reset"`` or ``"keep_global_step"`` (see
+            :mod:`growdense.optim_state`). ``None`` (default): ``"keep"`` where the
+            optimizer can give new neurons exactly its fresh state, else
+            ``"keep_global_step"`` with a warning; an explicit ``"keep"`` raises instead.
         broadcast_from: under ``torch.distributed``, the rank whose new weights every rank
             receives after each :meth:`grow` (a broadcast of the changed layers'
             parameters). ``None`` (default): no communication; give every rank a generator
@@ -70,12 +81,14 @@ class Wiring:
         *,
         broadcast_from: Optional[int] = None,
         process_group: Optional[object] = None,
+        optimizer_state: Optional[str] = None,
     ) -> None:
         self.optimizer = optimizer
         if broadcast_from is not None:
             broadcast_from = check_int("broadcast_from", broadcast_from)
             if broadcast_from < 0:
                 raise ValueError(f"broadcast_from must be a rank >= 0 or None, got {broadcast_from}")
+        self.optimizer_state = None if optimizer_state is None else optim_state.check_policy(optimizer_state)
         self.broadcast_from = broadcast_from
         self.process_group = process_group
         self._hidden: dict[str, _Hidden] = {}
@@ -111,9 +124,53 @@ class Wiring:
             wiring.add(name, layers[i], [layers[i + 1]])
         return wiring
 
+    @property
+    def optimizer(self) -> Optional[torch.optim.Optimizer]:
+        """The optimizer whose state follows the changes (``None``: none)."""
+        return self._optimizer
+
+    @optimizer.setter
+    def optimizer(self, optimizer: Optional[torch.optim.Optimizer]) -> None:
+        optim_state.check_attachable(optimizer)
+        self._optimizer = optimizer
+
+    def _policy(self, optimizer_state: Optional[str]) -> str:
+        """The policy of a shrink (``None``: the wiring's, else ``"keep"``)."""
+        chosen = optimizer_state if optimizer_state is not None else self.optimizer_state
+        return optim_state.check_policy("keep" if chosen is None else chosen)
+
+    def check_optimizer_state(
+        self, optimizer_state: Optional[str] = None, names: Optional[Sequence[str]] = None, *, stacklevel: int = 2
+    ) -> str:
+        """Validate the optimizer-state policy of growing ``names`` (default: all); return the one to apply.
+
+        ``None`` means the wiring's :attr:`optimizer_state`. An explicit ``"keep"`` raises
+        unless the optimizer can give new neurons exactly its fresh state
+        (:func:`growdense.optim_state.check_keep`); when neither names a policy, that case
+        warns and gives ``"keep_global_step"``.
+        """
+        chosen = optimizer_state if optimizer_state is not None else self.optimizer_state
+        policy = optim_state.check_policy("keep" if chosen is None else chosen)
+        if policy != "keep":
+            return policy
+        layers = [layer for name in (self.names() if names is None else names) for layer in self._get(name).layers()]
+        problem = optim_state.keep_problem(self.optimizer, [p for layer in layers for p in (layer.weight, layer.bias)])
+        if problem is None:
+            return policy
+        if chosen is not None:
+            raise ValueError(problem)
+        warnings.warn(
+            f"{problem}. Growing with optimizer_state='keep_global_step' instead; pass optimizer_state to "
+            f"grow(), GrowthSchedule.apply() or Wiring() to choose (and silence this warning)",
+            UserWarning,
+            stacklevel=stacklevel + 1,
+        )
+        return "keep_global_step"
+
     # ---- registration ----------------------------------------------------------------
     def add(self, name: str, producer: GrowLinear, consumers: Sequence[GrowLinear]) -> None:
         """Register hidden width ``name``: ``producer``'s output feeds each of ``consumers``."""
+        optim_state.check_attachable(self.optimizer)  # its state may have changed since it was set
         if not isinstance(name, str) or not name:
             raise TypeError(f"a hidden width's name must be a non-empty str, got {name!r}")
         if name in self._hidden:
@@ -203,13 +260,26 @@ class Wiring:
         *,
         generator: Optional[torch.Generator] = None,
         split_noise: float = 1e-2,
-    ) -> int:
-        """Raise (and change nothing) unless ``grow(name, n, ...)`` with these arguments is valid.
+        optimizer_state: Optional[str] = None,
+    ) -> None:
+        """Raise (and change nothing) unless ``grow(name, n, ...)`` with these arguments is valid."""
+        self._validate_grow(name, n, init, generator, split_noise, optimizer_state, stacklevel=4)
 
-        Returns ``n`` as a Python int.
-        """
+    def _validate_grow(
+        self,
+        name: str,
+        n: int,
+        init: str,
+        generator: Optional[torch.Generator],
+        split_noise: float,
+        optimizer_state: Optional[str],
+        *,
+        stacklevel: int,
+    ) -> tuple[int, str]:
+        """``n`` as a Python int and the optimizer-state policy the growth would apply."""
         hidden = self._check_resizable(name)
         n = check_int("n", n)
+        optim_state.check_policy("keep" if optimizer_state is None else optimizer_state)
         if n < 0:
             raise ValueError(f"cannot grow {name!r} by {n}: n must be >= 0 (use shrink() to narrow)")
         check_init(init)
@@ -223,10 +293,11 @@ class Wiring:
                 f"cannot grow {name!r} from {width} to {width + n}: it exceeds the capacity "
                 f"{self.capacity(name)} of its coupled layers ({', '.join(limits)})"
             )
-        return n
+        return n, self.check_optimizer_state(optimizer_state, [name] if n > 0 else [], stacklevel=stacklevel + 1)
 
-    def check_shrink(self, name: str, to: int, keep: Keep = "first") -> None:
-        """Raise (and change nothing) unless ``shrink(name, to, keep=keep)`` is valid."""
+    def check_shrink(self, name: str, to: int, keep: Keep = "first", optimizer_state: Optional[str] = None) -> None:
+        """Raise (and change nothing) unless ``shrink(name, to, keep=keep, optimizer_state=...)`` is valid."""
+        self._policy(optimizer_state)
         self._kept(name, to, keep)
 
     def _kept(self, name: str, to: int, keep: Keep) -> Optional[Tensor]:
@@ -244,6 +315,7 @@ class Wiring:
         init: str = "he",
         generator: Optional[torch.Generator] = None,
         split_noise: float = 1e-2,
+        optimizer_state: Optional[str] = None,
     ) -> None:
         """Add ``n`` neurons to hidden width ``name`` (appended after the active ones).
 
@@ -251,19 +323,24 @@ class Wiring:
         ``"he"`` (He-normal in and out, the study's), ``"zero_out"`` (He in, zero out:
         the function is unchanged), ``"split"`` (Net2Net: copy neurons, halve their
         outgoing weights, ``split_noise`` breaks the symmetry). The new slices' gradients
-        and optimizer state are zero.
+        are zero. ``optimizer_state`` (default: the wiring's, ``"keep"``) chooses what the
+        optimizer's state becomes: ``"keep"`` (old neurons continue, new ones start from
+        the optimizer's fresh state, Adam's step count included), ``"reset"`` (the whole
+        optimizer restarts as newly built) or ``"keep_global_step"`` (new neurons get
+        fresh element-wise state but their Parameter's step count); see
+        :mod:`growdense.optim_state`.
         """
-        n = self.check_grow(name, n, init, generator=generator, split_noise=split_noise)
+        n, policy = self._validate_grow(name, n, init, generator, split_noise, optimizer_state, stacklevel=3)
         if n == 0:
             return
         hidden = self._get(name)
         start, stop = self.width(name), self.width(name) + n
         grow_neurons_(hidden.producer, hidden.consumers, n, init, generator=generator, split_noise=split_noise)
-        self._zero_slices(hidden, start, stop)
+        self._zero_slices(hidden, start, stop, policy, born=True)
         self._broadcast(hidden)
 
     @torch.no_grad()
-    def shrink(self, name: str, to: int, *, keep: Keep = "first") -> None:
+    def shrink(self, name: str, to: int, *, keep: Keep = "first", optimizer_state: Optional[str] = None) -> None:
         """Narrow hidden width ``name`` to ``to`` neurons.
 
         ``keep`` chooses which neurons stay:
@@ -279,7 +356,11 @@ class Wiring:
         the producer's rows (weight, bias), every consumer's columns, their gradients and
         optimizer state; then the rest is zeroed (weights, gradients, optimizer state).
         The network's output over the kept neurons is unchanged by the permutation.
+        ``optimizer_state`` (default: the wiring's): under ``"reset"`` the whole optimizer
+        restarts as newly built; otherwise the kept neurons' state continues and the
+        removed slices' state becomes the optimizer's fresh values.
         """
+        policy = self._policy(optimizer_state)
         kept = self._kept(name, to, keep)
         to = check_int("to", to)
         hidden = self._get(name)
@@ -290,7 +371,7 @@ class Wiring:
         hidden.producer.shrink_out(to)
         for consumer in hidden.consumers:
             consumer.shrink_in(to)
-        self._zero_slices(hidden, to, width)
+        self._zero_slices(hidden, to, width, policy, born=False)
 
     @torch.no_grad()
     def permute(self, name: str, perm: Union[Sequence[int], Tensor]) -> None:
@@ -321,19 +402,22 @@ class Wiring:
                 optim_state.permute_(param.grad, 1, perm)
             optim_state.permute_state_(self.optimizer, param, 1, perm)
 
-    def _zero_slices(self, hidden: _Hidden, start: int, stop: int) -> None:
-        """Zero ``[start, stop)`` of the hidden width in gradients and optimizer state."""
+    def _zero_slices(self, hidden: _Hidden, start: int, stop: int, policy: str, born: bool) -> None:
+        """Zero ``[start, stop)`` of the hidden width in gradients; apply ``policy`` to the optimizer state.
+
+        ``born``: the slice was just added (else: just removed).
+        """
         producer = hidden.producer
-        for param in (producer.weight, producer.bias):
-            if param is None:
-                continue
+        slices = [(p, 0) for p in (producer.weight, producer.bias) if p is not None]
+        slices += [(c.weight, 1) for c in hidden.consumers]
+        for param, dim in slices:
             if param.grad is not None:
-                param.grad[start:stop].zero_()
-            optim_state.zero_state_(self.optimizer, param, 0, start, stop)
-        for consumer in hidden.consumers:
-            if consumer.weight.grad is not None:
-                consumer.weight.grad[:, start:stop].zero_()
-            optim_state.zero_state_(self.optimizer, consumer.weight, 1, start, stop)
+                param.grad.narrow(dim, start, stop - start).zero_()
+            if policy != "reset":
+                optim_state.fresh_state_(self.optimizer, param, dim, start, stop)
+                optim_state.mark_born_(self.optimizer, param, dim, start, stop, policy if born else "keep_global_step")
+        if policy == "reset":
+            optim_state.reset_(self.optimizer)
 
     def _broadcast(self, hidden: _Hidden) -> None:
         if self.broadcast_from is None:
