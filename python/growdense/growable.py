@@ -9,10 +9,15 @@ producer's qualified module name (``"0"``, ``"2"``, ... in an ``nn.Sequential``;
 
 Every producer and consumer becomes a :class:`~growdense.GrowLinear` holding the same
 weights; an activation module that directly follows one is fused into it and replaced by
-``nn.Identity``, so the model's own ``forward`` keeps working unchanged. A linear whose
-output reaches no other linear through elementwise operations (an output layer, a VAE's
-mean and log-variance heads) is not a hidden width; it is converted only when it consumes
-one.
+``nn.Identity``, so the model's own ``forward`` keeps working unchanged.
+
+A linear whose output reaches no other linear (an output layer) is not a hidden width and
+stays as it is unless it consumes one. A linear whose output reaches another linear
+through anything else (a reshape, a normalisation, an addition of another tensor such as
+a residual connection, a concatenation), or whose hidden output is also returned by the
+model, cannot grow: :func:`growable` refuses it by name, with the reason, unless it is
+listed in ``exclude`` (then its width stays fixed). A VAE's mean and log-variance heads
+are such layers: the latent width reaches the decoder through the sampling.
 """
 
 from __future__ import annotations
