@@ -155,6 +155,20 @@ def test_missing_wiring_is_a_clear_error(tmp_path):
         trainer(tmp_path, 1, enable_checkpointing=False, callbacks=[GrowthCallback(schedule())]).fit(module, data())
 
 
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        (GrowthSchedule({"h1": 8}, [GrowthEvent(1, grow_by={"h1": 8})]), r"\['h1'\] are not in the model's Wiring"),
+        (GrowthSchedule({"0": 16, "2": 4}, [GrowthEvent(1, grow_by={"0": 8})]), "are not the schedule's"),
+    ],
+)
+def test_schedule_that_does_not_fit_the_model_fails_before_training(tmp_path, bad, match):
+    module = Regressor()
+    with pytest.raises(ValueError, match=match):
+        trainer(tmp_path, 2, enable_checkpointing=False, callbacks=[GrowthCallback(bad)]).fit(module, data())
+    assert module.losses == [] and module.wiring.widths() == {"0": 8, "2": 4}
+
+
 def test_event_not_applied_twice_in_one_epoch():
     """A run resumed from a mid-epoch checkpoint starts that epoch again: no second growth."""
     module = Regressor()

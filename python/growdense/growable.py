@@ -88,7 +88,8 @@ _ELEMENTWISE_FUNCTIONS = {
 
 _ELEMENTWISE_METHODS = {
     "relu", "sigmoid", "tanh", "exp", "abs", "square", "sqrt", "clamp", "clamp_min", "clamp_max",
-    "neg", "contiguous", "relu_", "sigmoid_", "tanh_", "clamp_", "neg_",
+    "neg", "contiguous", "relu_", "sigmoid_", "tanh_", "clamp_", "neg_", "float", "double", "half",
+    "bfloat16", "to",
 }  # fmt: skip
 
 # Binary elementwise operations: fine with a Python number, or with a tensor of the same width.

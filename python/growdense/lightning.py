@@ -139,7 +139,25 @@ class GrowthCallback(pl.Callback):
 
     # ---- hooks -------------------------------------------------------------------------------
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        self._bind(trainer, pl_module)  # fail before the first step, not at the first growth
+        # Fail before the first step, not at the first growth.
+        wiring = self._bind(trainer, pl_module)
+        if not isinstance(self.schedule, GrowthSchedule):
+            return
+        names = self.schedule.names()
+        unknown = [name for name in names if name not in wiring.names()]
+        if unknown:
+            raise ValueError(
+                f"the schedule's hidden widths {unknown} are not in the model's Wiring, whose widths are "
+                f"{wiring.widths()} (growdense.growable() names them after their producer module)"
+            )
+        epoch = trainer.current_epoch
+        current = {name: wiring.width(name) for name in names}
+        expected = self.schedule.widths_at(epoch - 1) if epoch > 0 else self.schedule.initial_widths()
+        if current not in (expected, self.schedule.widths_at(epoch)):
+            raise ValueError(
+                f"the model's widths {current} are not the schedule's {expected} at the start of epoch {epoch}; "
+                f"build the model at the schedule's initial widths (or resume from a checkpoint)"
+            )
 
     def on_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         wiring = self._bind(trainer, pl_module)
