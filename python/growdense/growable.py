@@ -155,7 +155,8 @@ class _Flow:
     def reason(self) -> str:
         if self.consumers:
             return "; ".join(self.barriers)
-        return f"its output reaches {self.indirect} only through operations that fix its width: " + "; ".join(self.barriers)
+        through = "; ".join(self.barriers)
+        return f"its output reaches {self.indirect} only through operations that fix its width: {through}"
 
 
 def _trace(model: nn.Module) -> torch.fx.Graph:
@@ -186,7 +187,8 @@ def _barrier(node: torch.fx.Node, width: set[torch.fx.Node], modules: Mapping[st
     if op not in ("call_function", "call_method"):
         return f"its output flows into an operation growdense cannot follow ({op} {_op_name(target)})"
     others = [arg for arg in _tensor_args(node) if arg not in width]
-    if target in _ELEMENTWISE_FUNCTIONS or target in _ELEMENTWISE_METHODS or target in _BINARY_FUNCTIONS or target in _BINARY_METHODS:
+    elementwise = (_ELEMENTWISE_FUNCTIONS, _ELEMENTWISE_METHODS, _BINARY_FUNCTIONS, _BINARY_METHODS)
+    if any(target in kind for kind in elementwise):
         if not others:
             return None
         if target in _ADDITIONS:
@@ -194,7 +196,10 @@ def _barrier(node: torch.fx.Node, width: set[torch.fx.Node], modules: Mapping[st
                 f"its output flows into an addition ({_op_name(target)} at {node.name!r}) with a tensor "
                 f"that does not grow with it, such as a residual connection"
             )
-        return f"its output flows into an elementwise {_op_name(target)} (at {node.name!r}) with a tensor that does not grow with it"
+        return (
+            f"its output flows into an elementwise {_op_name(target)} (at {node.name!r}) with a tensor "
+            f"that does not grow with it"
+        )
     if target in _RESHAPES:
         return f"its output flows into a reshape ({_op_name(target)} at {node.name!r})"
     if target in _CONCATENATIONS:
@@ -221,7 +226,10 @@ def _reads_batch_size_only(node: torch.fx.Node) -> bool:
 
 
 def _flow(
-    nodes: list[torch.fx.Node], calls: list[torch.fx.Node], linears: Mapping[str, nn.Module], modules: Mapping[str, nn.Module]
+    nodes: list[torch.fx.Node],
+    calls: list[torch.fx.Node],
+    linears: Mapping[str, nn.Module],
+    modules: Mapping[str, nn.Module],
 ) -> tuple[_Flow, set]:
     """Follow a producer's outputs: elementwise to consumer linears, anything else to barriers.
 
@@ -269,7 +277,8 @@ def _capacities(capacity: Capacity, widths: Mapping[str, int], excluded: Iterabl
             skipped = [name for name in unknown if name in set(excluded)]
             detail = f" ({skipped} are excluded)" if skipped else ""
             raise ValueError(
-                f"capacity names {unknown} are not hidden widths of the model{detail}; its hidden widths are {list(widths)}"
+                f"capacity names {unknown} are not hidden widths of the model{detail}; "
+                f"its hidden widths are {list(widths)}"
             )
         result = {}
         for name, width in widths.items():
@@ -281,7 +290,9 @@ def _capacities(capacity: Capacity, widths: Mapping[str, int], excluded: Iterabl
             result[name] = value
         return result
     if isinstance(capacity, bool) or not isinstance(capacity, (int, float)) or not math.isfinite(capacity):
-        raise TypeError(f"capacity must be a number >= 1 (a multiplier of the widths) or a dict {{name: int}}, got {capacity!r}")
+        raise TypeError(
+            f"capacity must be a number >= 1 (a multiplier of the widths) or a dict {{name: int}}, got {capacity!r}"
+        )
     if capacity < 1:
         raise ValueError(f"capacity={capacity} is a multiplier of today's widths and must be >= 1")
     # Round to a whole neuron, forgiving float noise such as 100 * 1.1 = 110.00000000000001.
@@ -334,7 +345,10 @@ def growable(model: nn.Module, capacity: Capacity = 2.0, *, exclude: Iterable[st
     linears = {name: module for name, module in modules.items() if type(module) is nn.Linear}
     for name in exclude:
         if not isinstance(name, str) or not any(n == name or n.startswith(name + ".") for n in linears):
-            raise ValueError(f"exclude names {name!r}, which is not a linear layer or a module holding one; linear layers: {list(linears)}")
+            raise ValueError(
+                f"exclude names {name!r}, which is not a linear layer or a module holding one; "
+                f"linear layers: {list(linears)}"
+            )
 
     graph = _trace(model)
     nodes = list(graph.nodes)
@@ -363,7 +377,9 @@ def growable(model: nn.Module, capacity: Capacity = 2.0, *, exclude: Iterable[st
     for name, consumers in hidden.items():
         for consumer in consumers:
             if any(_input_of(call) not in carriers[name] for call in calls[consumer]):
-                problems.setdefault(name, f"its consumer {consumer!r} is also called on an input that does not come from {name!r}")
+                problems.setdefault(
+                    name, f"its consumer {consumer!r} is also called on an input that does not come from {name!r}"
+                )
     if problems:
         raise NotGrowableError(problems, f"pass exclude={sorted(problems)} to keep these widths fixed.")
 
@@ -455,7 +471,13 @@ def _fusions(graph: torch.fx.Graph, converted: list[str], linears, modules) -> d
                 continue
             users = list(node.users)
             user = users[0] if len(users) == 1 else None
-            if user is None or user.op != "call_module" or _input_of(user) is not node or len(user.args) + len(user.kwargs) != 1:
+            plain_call = (
+                user is not None
+                and user.op == "call_module"
+                and _input_of(user) is node
+                and len(user.args) + len(user.kwargs) == 1
+            )
+            if not plain_call:
                 kinds.add(None)
                 break
             act = modules[user.target]
@@ -473,7 +495,8 @@ def _fusions(graph: torch.fx.Graph, converted: list[str], linears, modules) -> d
             for node in graph.nodes:
                 if node.op == "call_module" and node.target in acts:
                     source = _input_of(node)
-                    if source is None or id(source) not in fused_calls or candidates[source.target][0] != candidates[name][0]:
+                    kind = candidates[name][0]
+                    if source is None or id(source) not in fused_calls or candidates[source.target][0] != kind:
                         drop.add(name)
         if not drop:
             return candidates
