@@ -6,12 +6,15 @@ from . import init_strategies, ops, optim, optim_state, policies
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .schedule import GrowthEvent, GrowthSchedule
 from .wiring import Wiring
+from .growable import NotGrowableError, growable
 
 __version__ = build_info()["version"]
 
 __all__ = [
     "GrowLinear",
     "Wiring",
+    "growable",
+    "NotGrowableError",
     "GrowthEvent",
     "GrowthSchedule",
     "save_checkpoint",

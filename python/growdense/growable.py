@@ -1,0 +1,504 @@
+"""``growable(model)``: make an existing model's hidden widths growable, found by tracing.
+
+The model's forward is traced with :mod:`torch.fx` (no example input is needed). A
+*hidden width* is the output of one ``nn.Linear`` (the producer) that flows, through
+elementwise operations only (activations, dropout, arithmetic with Python numbers), into
+the input of one or more other ``nn.Linear`` s (the consumers). Its name is the
+producer's qualified module name (``"0"``, ``"2"``, ... in an ``nn.Sequential``;
+``"encoder.fc1"`` in a nested module).
+
+Every producer and consumer becomes a :class:`~growdense.GrowLinear` holding the same
+weights; an activation module that directly follows one is fused into it and replaced by
+``nn.Identity``, so the model's own ``forward`` keeps working unchanged.
+
+A linear whose output reaches no other linear (an output layer) is not a hidden width and
+stays as it is unless it consumes one. A linear whose output reaches another linear
+through anything else (a reshape, a normalisation, an addition of another tensor such as
+a residual connection, a concatenation), or whose hidden output is also returned by the
+model, cannot grow: :func:`growable` refuses it by name, with the reason, unless it is
+listed in ``exclude`` (then its width stays fixed). A VAE's mean and log-variance heads
+are such layers: the latent width reaches the decoder through the sampling.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping, Optional, Union
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+
+from . import ops
+from .layers import GrowLinear
+from .wiring import Wiring
+
+__all__ = ["growable", "NotGrowableError"]
+
+Capacity = Union[float, int, Mapping[str, int]]
+
+
+class NotGrowableError(ValueError):
+    """A model (or one of its layers) that :func:`growable` cannot make growable.
+
+    ``problems`` maps each offending layer's qualified name to the reason.
+    """
+
+    def __init__(self, problems: Mapping[str, str], hint: str = "") -> None:
+        self.problems = dict(problems)
+        lines = [f"layer {name!r}: {reason}" for name, reason in self.problems.items()]
+        message = "cannot make the model growable:\n  " + "\n  ".join(lines)
+        if hint:
+            message += "\n" + hint
+        super().__init__(message)
+
+
+# ---- what a hidden width may flow through ------------------------------------------------
+
+# Activation modules that can be fused into GrowLinear, by the name GrowLinear uses; a
+# name is used only where ops.ACTIVATIONS has it (otherwise the module stays as it is).
+def _fused_name(module: nn.Module) -> Optional[str]:
+    if type(module) is nn.ReLU:
+        name = "relu"
+    elif type(module) is nn.GELU:
+        name = "gelu" if module.approximate == "none" else "gelu_tanh"
+    elif type(module) is nn.SiLU:
+        name = "silu"
+    else:
+        return None
+    return name if name in ops.ACTIVATIONS else None
+
+
+_ELEMENTWISE_MODULES = (
+    nn.Identity, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
+    nn.Mish, nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softplus,
+    nn.Softsign, nn.Tanhshrink, nn.LogSigmoid, nn.Dropout, nn.AlphaDropout,
+)  # fmt: skip
+
+_ELEMENTWISE_FUNCTIONS = {
+    F.relu, F.relu6, F.leaky_relu, F.elu, F.selu, F.celu, F.gelu, F.silu, F.mish, F.hardtanh,
+    F.hardswish, F.hardsigmoid, F.softplus, F.softsign, F.tanhshrink, F.logsigmoid, F.sigmoid,
+    F.tanh, F.dropout, F.alpha_dropout, torch.relu, torch.sigmoid, torch.tanh, torch.exp,
+    torch.abs, torch.square, torch.sqrt, torch.clamp, torch.neg, torch.dropout,
+    operator.neg, operator.pos,
+}  # fmt: skip
+
+_ELEMENTWISE_METHODS = {
+    "relu", "sigmoid", "tanh", "exp", "abs", "square", "sqrt", "clamp", "clamp_min", "clamp_max",
+    "neg", "contiguous", "relu_", "sigmoid_", "tanh_", "clamp_", "neg_", "float", "double", "half",
+    "bfloat16", "to",
+}  # fmt: skip
+
+# Binary elementwise operations: fine with a Python number, or with a tensor of the same width.
+_BINARY_FUNCTIONS = {
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.pow,
+    torch.add, torch.sub, torch.mul, torch.div, torch.pow,
+    operator.iadd, operator.isub, operator.imul, operator.itruediv,
+}  # fmt: skip
+_BINARY_METHODS = {"add", "sub", "mul", "div", "pow", "add_", "sub_", "mul_", "div_", "__add__", "__mul__"}
+_ADDITIONS = {operator.add, operator.sub, operator.iadd, operator.isub, torch.add, torch.sub,
+              "add", "sub", "add_", "sub_", "__add__"}  # fmt: skip
+
+_RESHAPES = {
+    "view", "reshape", "flatten", "unflatten", "permute", "transpose", "t", "unsqueeze", "squeeze",
+    "expand", "expand_as", "view_as", "reshape_as", "repeat", "movedim", "swapaxes", "mT", "T",
+    torch.reshape, torch.flatten, torch.unflatten, torch.permute, torch.transpose, torch.t,
+    torch.unsqueeze, torch.squeeze, torch.movedim, torch.swapaxes,
+}  # fmt: skip
+_CONCATENATIONS = {torch.cat, torch.concat, torch.stack, torch.hstack, torch.vstack, torch.dstack}
+_NORM_FUNCTIONS = {F.layer_norm, F.batch_norm, F.group_norm, F.instance_norm, F.normalize, F.softmax,
+                   F.log_softmax}  # fmt: skip
+_NORM_MODULES = (
+    nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm,
+    nn.modules.batchnorm._NormBase,  # BatchNorm*, InstanceNorm*, SyncBatchNorm
+)  # fmt: skip
+if hasattr(nn, "RMSNorm"):
+    _NORM_MODULES = (*_NORM_MODULES, nn.RMSNorm)
+if hasattr(F, "rms_norm"):
+    _NORM_FUNCTIONS.add(F.rms_norm)
+
+
+def _op_name(target: Any) -> str:
+    return target if isinstance(target, str) else getattr(target, "__name__", repr(target))
+
+
+def _tensor_args(node: torch.fx.Node) -> list[torch.fx.Node]:
+    args: list[torch.fx.Node] = []
+    torch.fx.node.map_arg((node.args, node.kwargs), args.append)
+    return args
+
+
+def _input_of(node: torch.fx.Node) -> Optional[torch.fx.Node]:
+    """The input tensor of a ``call_module`` node of a linear (positional or ``input=``)."""
+    value = node.args[0] if node.args else node.kwargs.get("input")
+    return value if isinstance(value, torch.fx.Node) else None
+
+
+# ---- tracing and the analysis of one producer's output ------------------------------------
+
+@dataclass
+class _Flow:
+    """Where one linear's output goes.
+
+    ``consumers``: linears it reaches through elementwise operations only; ``indirect``:
+    linears it reaches only through something else; ``barriers``: why it cannot grow
+    (operations its width flows into that growdense cannot resize).
+    """
+
+    consumers: list[str] = field(default_factory=list)
+    indirect: list[str] = field(default_factory=list)
+    barriers: list[str] = field(default_factory=list)
+
+    def reason(self) -> str:
+        if self.consumers:
+            return "; ".join(self.barriers)
+        through = "; ".join(self.barriers)
+        return f"its output reaches {self.indirect} only through operations that fix its width: {through}"
+
+
+def _trace(model: nn.Module) -> torch.fx.Graph:
+    try:
+        return torch.fx.Tracer().trace(model)
+    except Exception as error:  # any failure of a user's forward under tracing
+        raise NotGrowableError(
+            {type(model).__name__: f"its forward cannot be traced by torch.fx ({type(error).__name__}: {error})"},
+            "growable() follows the model's forward symbolically; make it traceable (no Python control "
+            "flow on tensor values or shapes), or build the GrowLinear layers and their Wiring by hand.",
+        ) from error
+
+
+def _barrier(node: torch.fx.Node, width: set[torch.fx.Node], modules: Mapping[str, nn.Module]) -> Optional[str]:
+    """``None`` if ``node`` keeps the width elementwise, else why the width cannot flow through it."""
+    op, target = node.op, node.target
+    if op == "output":
+        return "its output is an output of the model (used outside it, so its width cannot change)"
+    if op == "call_module":
+        module = modules[target]
+        if isinstance(module, _ELEMENTWISE_MODULES):
+            return None
+        if isinstance(module, nn.PReLU) and module.num_parameters == 1:
+            return None
+        if isinstance(module, _NORM_MODULES):
+            return f"its output flows into a normalisation layer ({type(module).__name__} {target!r})"
+        return f"its output flows into module {target!r} ({type(module).__name__}), which growdense cannot resize"
+    if op not in ("call_function", "call_method"):
+        return f"its output flows into an operation growdense cannot follow ({op} {_op_name(target)})"
+    others = [arg for arg in _tensor_args(node) if arg not in width]
+    elementwise = (_ELEMENTWISE_FUNCTIONS, _ELEMENTWISE_METHODS, _BINARY_FUNCTIONS, _BINARY_METHODS)
+    if any(target in kind for kind in elementwise):
+        if not others:
+            return None
+        if target in _ADDITIONS:
+            return (
+                f"its output flows into an addition ({_op_name(target)} at {node.name!r}) with a tensor "
+                f"that does not grow with it, such as a residual connection"
+            )
+        return (
+            f"its output flows into an elementwise {_op_name(target)} (at {node.name!r}) with a tensor "
+            f"that does not grow with it"
+        )
+    if target in _RESHAPES:
+        return f"its output flows into a reshape ({_op_name(target)} at {node.name!r})"
+    if target in _CONCATENATIONS:
+        return f"its output flows into a concatenation ({_op_name(target)} at {node.name!r})"
+    if target in _NORM_FUNCTIONS:
+        return f"its output flows into a normalisation ({_op_name(target)} at {node.name!r})"
+    if _reads_batch_size_only(node):
+        return None
+    if (op == "call_method" and target == "size") or (op == "call_function" and target is getattr):
+        return f"its shape is read (at {node.name!r}), so the code may depend on the width"
+    return f"its output flows into {_op_name(target)} (at {node.name!r}), which growdense cannot follow"
+
+
+def _reads_batch_size_only(node: torch.fx.Node) -> bool:
+    """``h.size(0)`` or ``h.shape[0]``: reads a leading dimension, never the width."""
+    if node.op == "call_method" and node.target == "size":
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        return isinstance(dim, int) and dim >= 0 and not isinstance(dim, bool)
+    if node.op == "call_function" and node.target is getattr and node.args[1:] == ("shape",):
+        return bool(node.users) and all(
+            user.op == "call_function" and user.target is operator.getitem and user.args[1] == 0 for user in node.users
+        )
+    return False
+
+
+def _flow(
+    nodes: list[torch.fx.Node],
+    calls: list[torch.fx.Node],
+    linears: Mapping[str, nn.Module],
+    modules: Mapping[str, nn.Module],
+) -> tuple[_Flow, set]:
+    """Follow a producer's outputs: elementwise to consumer linears, anything else to barriers.
+
+    ``nodes`` is the graph in (topological) order, so when a node is reached every input
+    it combines is already known to carry the width or not. ``width`` holds the nodes that
+    carry the width elementwise; ``tainted`` those reached through a barrier, followed
+    only to learn whether they reach another linear.
+    """
+    flow = _Flow()
+    width, tainted = set(calls), set()
+    for node in nodes:
+        if node in width:
+            continue
+        args = _tensor_args(node)
+        is_linear = node.op == "call_module" and node.target in linears
+        if any(arg in width for arg in args):
+            if is_linear and _input_of(node) in width and sum(arg in width for arg in args) == 1:
+                if node.target not in flow.consumers:
+                    flow.consumers.append(node.target)
+                continue
+            if _reads_batch_size_only(node):
+                continue
+            reason = _barrier(node, width, modules)
+            if reason is None:
+                width.add(node)
+                continue
+            if reason not in flow.barriers:
+                flow.barriers.append(reason)
+            tainted.add(node)
+        elif any(arg in tainted for arg in args):
+            if is_linear:
+                if node.target not in flow.indirect:
+                    flow.indirect.append(node.target)
+            elif not _reads_batch_size_only(node):
+                tainted.add(node)
+    return flow, width
+
+
+# ---- capacities -----------------------------------------------------------------------
+
+def _capacities(capacity: Capacity, widths: Mapping[str, int], excluded: Iterable[str]) -> dict[str, int]:
+    if isinstance(capacity, Mapping):
+        unknown = [name for name in capacity if name not in widths]
+        if unknown:
+            skipped = [name for name in unknown if name in set(excluded)]
+            detail = f" ({skipped} are excluded)" if skipped else ""
+            raise ValueError(
+                f"capacity names {unknown} are not hidden widths of the model{detail}; "
+                f"its hidden widths are {list(widths)}"
+            )
+        result = {}
+        for name, width in widths.items():
+            value = capacity.get(name, width)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"capacity[{name!r}] must be an int (a number of neurons), got {value!r}")
+            if value < width:
+                raise ValueError(f"capacity[{name!r}]={value} is below the width {width} the layer has now")
+            result[name] = value
+        return result
+    if isinstance(capacity, bool) or not isinstance(capacity, (int, float)) or not math.isfinite(capacity):
+        raise TypeError(
+            f"capacity must be a number >= 1 (a multiplier of the widths) or a dict {{name: int}}, got {capacity!r}"
+        )
+    if capacity < 1:
+        raise ValueError(f"capacity={capacity} is a multiplier of today's widths and must be >= 1")
+    # Round to a whole neuron, forgiving float noise such as 100 * 1.1 = 110.00000000000001.
+    return {name: max(width, math.ceil(round(width * capacity, 6))) for name, width in widths.items()}
+
+
+# ---- the public entry point ----------------------------------------------------------
+
+def growable(model: nn.Module, capacity: Capacity = 2.0, *, exclude: Iterable[str] = ()) -> Wiring:
+    """Make ``model``'s hidden widths growable, in place; return their :class:`~growdense.Wiring`.
+
+    Each hidden width (see the module docstring) gets its producer and consumers replaced
+    by :class:`~growdense.GrowLinear` s with the same weights and capacity for more
+    neurons; an ``nn.ReLU`` (and ``nn.GELU`` / ``nn.SiLU`` where GrowLinear supports them)
+    directly after a converted linear is fused into it and replaced by ``nn.Identity``. The
+    model computes the same function afterwards (bit for bit in float32 on CPU). Build the
+    optimizer after this call: the converted layers have new Parameters.
+
+    Args:
+        model: the model; its ``forward`` must be traceable by :mod:`torch.fx`.
+        capacity: the capacity of every hidden width as a multiple of its width now
+            (``2.0``: room to double), or ``{name: neurons}`` for chosen widths (the others
+            get no headroom: they can shrink and regrow, not pass today's width).
+        exclude: hidden widths to leave fixed (their names, or the name of a submodule to
+            leave all widths inside it fixed). A width whose output also flows somewhere
+            it cannot grow (a reshape, a normalisation, a residual addition, a
+            concatenation, the model's output) must be excluded, or the call fails.
+
+    Returns:
+        A :class:`~growdense.Wiring` with no optimizer: set ``wiring.optimizer = opt`` (or
+        let :class:`growdense.lightning.GrowthCallback` do it) so growth keeps the
+        optimizer's state consistent.
+
+    Raises:
+        NotGrowableError: a layer that cannot be made growable, naming it and why. The
+            model is unchanged (its modules and ``state_dict``) when anything raises.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"growable() needs an nn.Module, got {type(model).__name__}")
+    if isinstance(exclude, str):
+        exclude = [exclude]
+    exclude = list(exclude)
+    modules = dict(model.named_modules())
+    existing = [name for name, module in modules.items() if isinstance(module, GrowLinear)]
+    if existing:
+        raise NotGrowableError(
+            {name: "it is already a GrowLinear" for name in existing},
+            "growable() converts a model of nn.Linear layers once; wire GrowLinear layers by hand with Wiring.add().",
+        )
+    linears = {name: module for name, module in modules.items() if type(module) is nn.Linear}
+    for name in exclude:
+        if not isinstance(name, str) or not any(n == name or n.startswith(name + ".") for n in linears):
+            raise ValueError(
+                f"exclude names {name!r}, which is not a linear layer or a module holding one; "
+                f"linear layers: {list(linears)}"
+            )
+
+    graph = _trace(model)
+    nodes = list(graph.nodes)
+    calls: dict[str, list[torch.fx.Node]] = {}
+    for node in nodes:
+        if node.op == "call_module" and node.target in linears:
+            calls.setdefault(node.target, []).append(node)
+
+    def excluded(name: str) -> bool:
+        return any(name == e or name.startswith(e + ".") for e in exclude)
+
+    # 1. Hidden widths: producers whose output reaches consumers through elementwise ops.
+    problems: dict[str, str] = {}
+    hidden: dict[str, list[str]] = {}
+    carriers: dict[str, set] = {}
+    for name, producer_calls in calls.items():
+        flow, width = _flow(nodes, producer_calls, linears, modules)
+        if not (flow.consumers or flow.indirect) or excluded(name):
+            continue  # an output-side layer (or one the user keeps fixed)
+        if flow.barriers:
+            problems[name] = flow.reason()
+            continue
+        hidden[name] = flow.consumers
+        carriers[name] = width
+    # A consumer called elsewhere on something else would see its input width change there too.
+    for name, consumers in hidden.items():
+        for consumer in consumers:
+            if any(_input_of(call) not in carriers[name] for call in calls[consumer]):
+                problems.setdefault(
+                    name, f"its consumer {consumer!r} is also called on an input that does not come from {name!r}"
+                )
+    if problems:
+        raise NotGrowableError(problems, f"pass exclude={sorted(problems)} to keep these widths fixed.")
+
+    # 2. The layers to convert must be plain: nothing else may hold or read their Parameters.
+    consumer_of = {c: name for name, consumers in hidden.items() for c in consumers}
+    converted = [name for name in linears if name in hidden or name in consumer_of]
+    _check_convertible(model, graph, converted, linears, problems)
+    if problems:
+        raise NotGrowableError(problems)
+
+    widths = {name: linears[name].out_features for name in hidden}
+    capacities = _capacities(capacity, widths, [n for n in calls if excluded(n)])
+
+    # 3. Activations to fuse, then build everything before the model is touched.
+    fused = _fusions(graph, converted, linears, modules)
+    new: dict[str, GrowLinear] = {}
+    for name in converted:
+        linear = linears[name]
+        layer = GrowLinear.from_linear(
+            linear,
+            capacity_in=capacities[consumer_of[name]] if name in consumer_of else None,
+            capacity_out=capacities.get(name),
+            activation=fused.get(name, (None, []))[0],
+        )
+        layer.train(linear.training)
+        layer.weight.requires_grad_(linear.weight.requires_grad)
+        if linear.bias is not None:
+            layer.bias.requires_grad_(linear.bias.requires_grad)
+        new[name] = layer
+    wiring = Wiring()
+    for name, consumers in hidden.items():
+        wiring.add(name, new[name], [new[c] for c in consumers])
+    replacements = {id(linears[name]): new[name] for name in converted}
+    for _, (_, activations) in fused.items():
+        for act in activations:
+            replacements[id(modules[act])] = nn.Identity()
+
+    # 4. Swap the modules in every parent that holds them (nothing above can fail after this).
+    holders = [
+        (parent, child_name, replacements[id(child)])
+        for parent in model.modules()
+        for child_name, child in parent._modules.items()
+        if child is not None and id(child) in replacements
+    ]
+    for parent, child_name, replacement in holders:
+        parent._modules[child_name] = replacement
+    return wiring
+
+
+def _check_convertible(model: nn.Module, graph: torch.fx.Graph, converted: list[str], linears, problems: dict) -> None:
+    owners: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(param), []).append(name)
+    read = {node.target for node in graph.nodes if node.op == "get_attr"}
+    for name in converted:
+        linear = linears[name]
+        if isinstance(linear.weight, nn.parameter.UninitializedParameter):
+            problems[name] = "it is a lazy layer that has not been initialised yet; run one forward pass first"
+            continue
+        if linear._forward_hooks or linear._forward_pre_hooks or linear._backward_hooks or linear._backward_pre_hooks:
+            problems[name] = "it has hooks registered, which would not carry over to the new layer"
+            continue
+        if torch.nn.utils.parametrize.is_parametrized(linear):
+            problems[name] = "it is parametrized (e.g. weight norm), which GrowLinear does not support"
+            continue
+        for pname in ("weight", "bias"):
+            param = getattr(linear, pname)
+            if param is None:
+                continue
+            others = [n for n in owners.get(id(param), []) if n.rsplit(".", 1)[0] != name]
+            if others:
+                problems[name] = f"its {pname} is shared with {others} (tied weights)"
+            elif f"{name}.{pname}" in read:
+                problems[name] = f"the model's forward reads its {pname} directly (e.g. tied weights)"
+
+
+def _fusions(graph: torch.fx.Graph, converted: list[str], linears, modules) -> dict[str, tuple[str, list[str]]]:
+    """``{linear: (activation name, [activation modules to replace by Identity])}``.
+
+    A linear is fused with the activation module that is the only user of each of its
+    calls, when every call of that activation module directly follows a fused linear (so
+    it can become an Identity everywhere it is used).
+    """
+    candidates: dict[str, tuple[str, list[str]]] = {}
+    for name in converted:
+        acts, kinds = [], set()
+        for node in graph.nodes:
+            if node.op != "call_module" or node.target != name:
+                continue
+            users = list(node.users)
+            user = users[0] if len(users) == 1 else None
+            plain_call = (
+                user is not None
+                and user.op == "call_module"
+                and _input_of(user) is node
+                and len(user.args) + len(user.kwargs) == 1
+            )
+            if not plain_call:
+                kinds.add(None)
+                break
+            act = modules[user.target]
+            if act._forward_hooks or act._forward_pre_hooks or act._backward_hooks or act._backward_pre_hooks:
+                kinds.add(None)
+                break
+            kinds.add(_fused_name(act))
+            acts.append(user.target)
+        if len(kinds) == 1 and None not in kinds:
+            candidates[name] = (kinds.pop(), sorted(set(acts)))
+    while True:  # drop fusions whose activation module is also used elsewhere
+        fused_calls = {id(node) for node in graph.nodes if node.op == "call_module" and node.target in candidates}
+        drop = set()
+        for name, (_, acts) in candidates.items():
+            for node in graph.nodes:
+                if node.op == "call_module" and node.target in acts:
+                    source = _input_of(node)
+                    kind = candidates[name][0]
+                    if source is None or id(source) not in fused_calls or candidates[source.target][0] != kind:
+                        drop.add(name)
+        if not drop:
+            return candidates
+        for name in drop:
+            del candidates[name]

@@ -1,0 +1,182 @@
+"""PyTorch Lightning integration: grow a model during ``Trainer.fit`` (``growdense[lightning]``).
+
+:class:`GrowthCallback` applies a :class:`~growdense.GrowthSchedule` (or a function of
+yours) at the start of each training epoch, through the model's
+:class:`~growdense.Wiring` and the trainer's own optimizer. Nothing is rebuilt: the
+Parameters stay the same objects, so the optimizer, the trainer, any learning-rate
+scheduler and ``DistributedDataParallel`` keep working; the optimizer's state for the
+changed slices follows the growth (see :class:`~growdense.Wiring`).
+
+This module imports Lightning (``lightning.pytorch``, else ``pytorch_lightning``);
+``import growdense`` never does.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from .schedule import GrowthSchedule
+from .wiring import Wiring
+
+try:
+    import lightning.pytorch as pl
+except ImportError:  # the older standalone package
+    try:
+        import pytorch_lightning as pl
+    except ImportError as error:
+        raise ImportError(
+            "growdense.lightning needs PyTorch Lightning: pip install 'growdense[lightning]' (or pip install lightning)"
+        ) from error
+
+__all__ = ["GrowthCallback"]
+
+GrowthFunction = Callable[["pl.Trainer", "pl.LightningModule", int], None]
+Keep = Union[str, Sequence[int], Tensor, Mapping[str, Union[str, Sequence[int], Tensor]]]
+
+
+class GrowthCallback(pl.Callback):
+    """Grow (or shrink) hidden widths at the start of training epochs, inside ``Trainer.fit``.
+
+    Args:
+        schedule: a :class:`~growdense.GrowthSchedule` (its widths are the wiring's names;
+            the model must hold the schedule's widths for epoch 0, or those of the epoch a
+            checkpoint resumes at), or a function ``fn(trainer, pl_module, epoch)`` called
+            at the start of every epoch that changes the widths itself (e.g. with
+            ``wiring.grow``).
+        wiring: the model's :class:`~growdense.Wiring` (what :func:`growdense.growable`
+            returns); default: the LightningModule's ``wiring`` attribute.
+        init, keep, generator, split_noise: passed to :meth:`GrowthSchedule.apply`.
+
+    At the start of training the callback sets ``wiring.optimizer`` to the trainer's
+    optimizer that holds the wiring's layers, so growth keeps that optimizer's state
+    consistent; build the optimizer in ``configure_optimizers`` from the model's
+    parameters *after* :func:`growdense.growable`. Under distributed training with no
+    ``generator`` given, ``wiring.broadcast_from`` defaults to rank 0 so that every rank
+    gets the same new weights.
+
+    A checkpoint written by Lightning carries the grown widths (in the layers' extra
+    state), so ``Trainer.fit(ckpt_path=...)`` resumes with them; an event already applied
+    before a mid-epoch checkpoint is not applied twice.
+    """
+
+    def __init__(
+        self,
+        schedule: Union[GrowthSchedule, GrowthFunction],
+        wiring: Optional[Wiring] = None,
+        *,
+        init: str = "he",
+        keep: Keep = "first",
+        generator: Optional[torch.Generator] = None,
+        split_noise: float = 1e-2,
+    ) -> None:
+        super().__init__()
+        if not isinstance(schedule, GrowthSchedule) and not callable(schedule):
+            raise TypeError(
+                f"schedule must be a GrowthSchedule or a function (trainer, pl_module, epoch) -> None, "
+                f"got {type(schedule).__name__}"
+            )
+        if wiring is not None and not isinstance(wiring, Wiring):
+            raise TypeError(f"wiring must be a growdense.Wiring, got {type(wiring).__name__}")
+        self.schedule = schedule
+        self.wiring = wiring
+        self.init = init
+        self.keep = keep
+        self.generator = generator
+        self.split_noise = split_noise
+
+    # ---- finding the wiring and the optimizer ---------------------------------------------
+    def _wiring(self, pl_module: "pl.LightningModule") -> Optional[Wiring]:
+        if self.wiring is not None:
+            return self.wiring
+        wiring = getattr(pl_module, "wiring", None)
+        if isinstance(wiring, Wiring):
+            return wiring
+        if isinstance(self.schedule, GrowthSchedule):
+            raise RuntimeError(
+                f"GrowthCallback found no Wiring: pass GrowthCallback(schedule, wiring) (the Wiring that "
+                f"growdense.growable() returned) or give {type(pl_module).__name__} a `wiring` attribute"
+            )
+        return None  # a user function that changes widths its own way
+
+    @staticmethod
+    def _optimizer_of(trainer: "pl.Trainer", wiring: Wiring) -> torch.optim.Optimizer:
+        """The trainer's optimizer that holds every Parameter of the wiring's layers."""
+        params = {}
+        for name in wiring.names():
+            for layer in (wiring.producer(name), *wiring.consumers(name)):
+                for param in (layer.weight, layer.bias):
+                    if param is not None and param.requires_grad:
+                        params[id(param)] = name
+        holders = []
+        for optimizer in trainer.optimizers:
+            held = {id(p) for group in optimizer.param_groups for p in group["params"]} & set(params)
+            if held:
+                holders.append((optimizer, held))
+        if len(holders) == 1 and holders[0][1] == set(params):
+            return holders[0][0]
+        if not holders:
+            raise RuntimeError(
+                "none of the trainer's optimizers holds the growable layers' parameters: build the optimizer "
+                "in configure_optimizers from the model's parameters after growdense.growable() (which replaces "
+                "the converted nn.Linear layers and their Parameters)"
+            )
+        missing = sorted({params[i] for i in set(params) - set().union(*(held for _, held in holders))})
+        detail = f"the parameters of hidden widths {missing} are in none of them" if missing else "they are split"
+        raise RuntimeError(
+            f"the growable layers' parameters must all be in one of the trainer's optimizers; {detail}"
+        )
+
+    def _bind(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> Optional[Wiring]:
+        wiring = self._wiring(pl_module)
+        if wiring is not None and wiring.names():
+            wiring.optimizer = self._optimizer_of(trainer, wiring)
+            if trainer.world_size > 1 and wiring.broadcast_from is None and self.generator is None:
+                wiring.broadcast_from = 0
+        return wiring
+
+    # ---- hooks -------------------------------------------------------------------------------
+    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        # Fail before the first step, not at the first growth.
+        wiring = self._bind(trainer, pl_module)
+        if not isinstance(self.schedule, GrowthSchedule):
+            return
+        names = self.schedule.names()
+        unknown = [name for name in names if name not in wiring.names()]
+        if unknown:
+            raise ValueError(
+                f"the schedule's hidden widths {unknown} are not in the model's Wiring, whose widths are "
+                f"{wiring.widths()} (growdense.growable() names them after their producer module)"
+            )
+        epoch = trainer.current_epoch
+        current = {name: wiring.width(name) for name in names}
+        expected = self.schedule.widths_at(epoch - 1) if epoch > 0 else self.schedule.initial_widths()
+        if current not in (expected, self.schedule.widths_at(epoch)):
+            raise ValueError(
+                f"the model's widths {current} are not the schedule's {expected} at the start of epoch {epoch}; "
+                f"build the model at the schedule's initial widths (or resume from a checkpoint)"
+            )
+
+    def on_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        wiring = self._bind(trainer, pl_module)
+        epoch = trainer.current_epoch
+        if not isinstance(self.schedule, GrowthSchedule):
+            self.schedule(trainer, pl_module, epoch)
+            return
+        schedule = self.schedule
+        if schedule.event_at(epoch) is None:
+            return
+        current = {name: wiring.width(name) for name in schedule.names()}
+        before = schedule.widths_at(epoch - 1) if epoch > 0 else schedule.initial_widths()
+        if current == schedule.widths_at(epoch) != before:
+            return  # applied before a mid-epoch checkpoint this run resumed from
+        schedule.apply(
+            epoch,
+            wiring,
+            init=self.init,
+            keep=self.keep,
+            generator=self.generator,
+            split_noise=self.split_noise,
+        )
