@@ -204,7 +204,10 @@ def train_run(
     estimates: list[dict[str, Any]] = []
     wall = 0.0
     first_epoch = 0
-    ckpt = checkpoint_path(checkpoint_dir, spec) if checkpoint_dir is not None else None
+    ckpt = None
+    if checkpoint_dir is not None:
+        Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
+        ckpt = checkpoint_path(checkpoint_dir, spec)
     identity = _trajectory(spec, cfg)
     if resume and ckpt is not None and ckpt.is_file():
         saved = torch.load(ckpt, map_location="cpu", weights_only=True)["extra"].get("trajectory")
