@@ -38,14 +38,14 @@ def ci_run(tmp_path_factory) -> Path:
 
 @needs_mnist
 def test_ci_preset_writes_every_artifact(ci_run):
-    for name in ("config.json", "metrics.csv", "metrics.json", "steps.csv", "growth_events.csv",
+    for name in ("config.json", "metrics.csv", "metrics.json", "steps.csv", "growth_events.csv", "estimates.csv",
                  "evaluation.json", "tables.md", "summary.md"):
         assert (ci_run / name).stat().st_size > 0, name
     figures = {p.name for p in (ci_run / "figures").glob("*.png")}
     runs = ["fixed", "approach1-he", "approach1-zero_out", "approach2-he-first", "approach2-zero_out-first",
             "approach2-he-norm"]
     assert {"approach1_loss_elbo.png", "approach2_loss_elbo.png", "reconstructions.png", "growth_spikes.png",
-            "batch_losses.png", "elbo_variance_iwae.png"} <= figures
+            "batch_losses.png", "elbo_variance_iwae.png", "fixed_loss.png", "iwae_gap.png"} <= figures
     assert {f"samples_{r}.png" for r in runs} <= figures
     config = json.loads((ci_run / "config.json").read_text())
     assert config["runs"] == runs and config["train_images"] == 256 and config["config"]["preset"] == "ci"
@@ -53,8 +53,17 @@ def test_ci_preset_writes_every_artifact(ci_run):
     for r in runs:
         assert set(evaluation[r]["iwae"]) == {"1", "10", "100", "1000"}
         assert [v["L"] for v in evaluation[r]["variance"]] == [1, 5, 20]
+        assert [v["L"] for v in evaluation[r]["logw_variance"]] == [1, 5, 20]
+        assert [v["K"] for v in evaluation[r]["iwae_variance"]] == [1, 10]
+        assert all(v["var"] > 0 for v in evaluation[r]["logw_variance"])  # a trained encoder is not exact
+    with (ci_run / "estimates.csv").open() as f:
+        estimates = list(csv.DictReader(f))
+    assert [(e["run"], e["epoch"]) for e in estimates] == [(r, str(ep)) for r in runs for ep in (3, 7)]
+    assert all(float(e["gap"]) >= 0 for e in estimates)
     summary = (ci_run / "summary.md").read_text()
-    assert "IWAE K=1000" in summary and "Growth events" in summary
+    assert "IWAE K=1000" in summary and "Growth events" in summary and "IWAE gap during training" in summary
+    assert "log importance weight" in summary
+    assert all((ci_run / "checkpoints" / f"{r}.last.pt").is_file() for r in runs)
     tables = (ci_run / "tables.md").read_text()
     assert "Table 1" in tables and "Table 2" in tables and "| 7 | 7-7 | 256 | 128 |" in tables
 
