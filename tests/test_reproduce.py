@@ -279,6 +279,22 @@ def test_resume_continues_bit_for_bit(tmp_path):
         train_run(spec, _tiny_cfg(lr=5e-4), train, test, checkpoint_dir=tmp_path / "b", resume=True)
 
 
+def test_resume_with_other_options_changes_nothing(tmp_path, capsys):
+    from growdense.experiments.config import RunSpec
+    from growdense.experiments.training import train_run
+
+    train, test = _tiny_data()
+    out = tmp_path / "run"
+    train_run(RunSpec("fixed"), _tiny_cfg(epochs=1), train, test, checkpoint_dir=out / "checkpoints")
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    # refused before MNIST is even looked for: the data folder does not exist
+    assert main(["reproduce", "--approach", "fixed", "--epochs", "1", "--every", "1", "--batch-size", "32",
+                 "--samples", "2", "--out", str(out), "--data-dir", str(tmp_path / "none"), "--no-download",
+                 "--resume", "--no-progress"]) == 2
+    assert "another configuration" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
 def test_fixed_widths_and_optimizer_state_comparisons():
     import argparse
 

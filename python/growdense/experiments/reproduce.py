@@ -23,7 +23,7 @@ from .cli import add_arguments, config_from_args, main, run_from_args
 from .config import PRESETS, ReproduceConfig, RunSpec, make_schedule, resolve_device, run_specs
 from .evaluation import evaluate_run
 from .output import write_csv, write_json
-from .training import train_run
+from .training import check_resumable, train_run
 
 __all__ = ["ReproduceConfig", "RunSpec", "PRESETS", "run_specs", "make_schedule", "train_run", "reproduce",
            "add_arguments", "config_from_args", "main", "run_from_args"]
@@ -41,12 +41,15 @@ def reproduce(cfg: ReproduceConfig, argv: Optional[Sequence[str]] = None, *, res
 
     device = resolve_device(cfg.device)
     out = Path(cfg.out)
+    specs = run_specs(cfg)
+    if resume:  # refuse before anything is written
+        for spec in specs:
+            check_resumable(spec, cfg, out / "checkpoints")
     (out / "figures").mkdir(parents=True, exist_ok=True)
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
     train, test = load_mnist(cfg.data_dir, train_subset=cfg.train_subset, test_subset=cfg.test_subset,
                              seed=cfg.seed, download=cfg.download)
     train, test = train.to(device), test.to(device)
-    specs = run_specs(cfg)
     meta: dict[str, Any] = {
         "config": asdict(cfg),
         "command": "growdense reproduce " + " ".join(argv) if argv is not None else None,

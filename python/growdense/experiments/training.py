@@ -27,7 +27,7 @@ from ..wiring import Wiring
 from .config import ReproduceConfig, RunSpec, gap_epochs, make_schedule
 
 __all__ = ["autocast", "apply_growth", "train_epoch", "evaluate_loss", "build_run", "train_run",
-           "ResumeError", "checkpoint_path"]
+           "ResumeError", "checkpoint_path", "check_resumable"]
 
 # Configuration fields that decide a run's trajectory: a checkpoint only resumes a run whose
 # fields all match (the output folder, progress bar, device and final-evaluation sizes may change).
@@ -174,6 +174,21 @@ def _trajectory(spec: RunSpec, cfg: ReproduceConfig) -> dict[str, Any]:
     return {"run": spec.name, **{k: repr(c[k]) for k in _TRAJECTORY_FIELDS}}
 
 
+def check_resumable(spec: RunSpec, cfg: ReproduceConfig, checkpoint_dir: Path) -> bool:
+    """Whether ``spec`` has a checkpoint in ``checkpoint_dir``; raise :class:`ResumeError` if that
+    checkpoint was written by a configuration that trains differently."""
+    ckpt = checkpoint_path(checkpoint_dir, spec)
+    if not ckpt.is_file():
+        return False
+    saved = torch.load(ckpt, map_location="cpu", weights_only=True)["extra"].get("trajectory")
+    identity = _trajectory(spec, cfg)
+    if saved != identity:
+        diff = sorted(k for k in identity if saved is None or saved.get(k) != identity[k])
+        raise ResumeError(f"{ckpt} was written by another configuration (differs in {diff}); "
+                          f"resume with the original options or use another --out")
+    return True
+
+
 def train_run(
     spec: RunSpec,
     cfg: ReproduceConfig,
@@ -210,11 +225,7 @@ def train_run(
         ckpt = checkpoint_path(checkpoint_dir, spec)
     identity = _trajectory(spec, cfg)
     if resume and ckpt is not None and ckpt.is_file():
-        saved = torch.load(ckpt, map_location="cpu", weights_only=True)["extra"].get("trajectory")
-        if saved != identity:
-            diff = sorted(k for k in identity if saved is None or saved.get(k) != identity[k])
-            raise ResumeError(f"{ckpt} was written by another configuration (differs in {diff}); "
-                              f"resume with the original options or use another --out")
+        check_resumable(spec, cfg, checkpoint_dir)
         extra = load_checkpoint(ckpt, model, optimizer, generators=gens, wiring=model.wiring, map_location="cpu")
         history, events, estimates = list(extra["history"]), list(extra["events"]), list(extra["estimates"])
         steps = extra["steps"].tolist()
