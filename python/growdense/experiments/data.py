@@ -33,7 +33,9 @@ def find_mnist(data_dir: str | Path) -> Path:
         raise MnistNotFoundError(
             f"MNIST not found: looked in {raw.resolve()} for {', '.join(missing)}. "
             f"Pass --data-dir pointing at the folder that contains MNIST/raw/ (torchvision's layout), "
-            f"or let growdense reproduce download it there (without --no-download)."
+            f"or let growdense reproduce download it there (without --no-download), or fetch it there once "
+            f"with: python -c \"from torchvision.datasets import MNIST; MNIST('{root}', download=True); "
+            f"MNIST('{root}', train=False, download=True)\""
         )
     return raw
 
