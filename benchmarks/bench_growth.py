@@ -233,19 +233,12 @@ def main(argv=None) -> int:
             f"{r['n']}x{r['n']}", r["event"], r["side"], common.fmt_time(r["median_s"]),
             f"{r['ratio_to_floor']:.2f}", f"{r['ratio_to_reallocate']:.3f}", mem, goal,
         ])
-    print()
-    print(f"Machine: {common.machine_line(info)}.")
-    print(f"Medians of up to {reps} interleaved events per side after {warmup} warm-up rounds; ratios are medians "
-          "over rounds of the per-round ratio. float32.")
-    print()
-    print(common.markdown_table(header, table))
-    path = common.write_json(
-        f"bench_growth-{'cuda' if args.device.startswith('cuda') else 'cpu'}" + ("-quick" if args.quick else ""),
-        {"benchmark": "bench_growth", "command": common.command_line(), "machine": info, "reps": reps,
-         "warmup": warmup, "dtype": str(dtype), "rows": rows},
-        args.json,
+    common.report(
+        "bench_growth", args, info, header, table,
+        [f"Medians of up to {reps} interleaved events per side after {warmup} warm-up rounds; ratios are medians "
+         "over rounds of the per-round ratio. float32."],
+        {"reps": reps, "warmup": warmup, "dtype": str(dtype), "rows": rows},
     )
-    print(f"\nwrote {path}")
     return 0
 
 

@@ -346,19 +346,13 @@ def main(argv=None) -> int:
             ]
         cells.append(("met" if r["goal_met"] else "**missed**") + f" ({r['goal']})" if "goal" in r else "")
         table_rows.append(cells)
-    print()
-    print(f"Machine: {common.machine_line(info)}. Peak: torch.mm {peak['n']}² float32 = {peak['tflops']:.3f} TFLOP/s.")
-    print(f"Medians of up to {reps} interleaved samples per side after {warmup} warm-up rounds; time ratio = "
-          "median over rounds of growdense / nn.Linear (< 1: growdense faster).")
-    print()
-    print(common.markdown_table(header, table_rows))
-    path = common.write_json(
-        f"bench_layer-{'cuda' if cuda else 'cpu'}" + ("-quick" if args.quick else ""),
-        {"benchmark": "bench_layer", "command": common.command_line(), "machine": info, "peak": peak,
-         "reps": reps, "warmup": warmup, "dtype": str(dtype), "rows": rows},
-        args.json,
+    common.report(
+        "bench_layer", args, info, header, table_rows,
+        [f"Peak: torch.mm {peak['n']}² float32 = {peak['tflops']:.3f} TFLOP/s.",
+         f"Medians of up to {reps} interleaved samples per side after {warmup} warm-up rounds; time ratio = "
+         "median over rounds of growdense / nn.Linear (< 1: growdense faster)."],
+        {"peak": peak, "reps": reps, "warmup": warmup, "dtype": str(dtype), "rows": rows},
     )
-    print(f"\nwrote {path}")
     return 0
 
 

@@ -225,6 +225,26 @@ def _plain(value):
     return value
 
 
+def report(name: str, args, info: dict, header: Sequence[str], table: Sequence[Sequence[object]],
+           notes: Sequence[str], payload: dict) -> Path:
+    """The shared ending of a benchmark: the machine line, the notes, the markdown table, and the JSON.
+
+    The JSON goes to ``args.json`` or ``benchmarks/results/<name>-<cpu|cuda>[-quick].json``
+    and holds ``benchmark``, ``command`` and ``machine`` plus ``payload``. Returns its path.
+    """
+    print()
+    print(f"Machine: {machine_line(info)}.")
+    for note in notes:
+        print(note)
+    print()
+    print(markdown_table(header, table))
+    device = "cuda" if str(args.device).startswith("cuda") else "cpu"
+    path = write_json(f"{name}-{device}" + ("-quick" if args.quick else ""),
+                      {"benchmark": name, "command": command_line(), "machine": info, **payload}, args.json)
+    print(f"\nwrote {path}")
+    return path
+
+
 def command_line() -> str:
     return "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
 

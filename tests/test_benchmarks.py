@@ -86,6 +86,16 @@ def test_bench_train_quick(tmp_path):
         assert positive(e["growdense_images_per_s"]) and positive(e["reallocate_images_per_s"])
 
 
+def test_bench_epoch_quick(tmp_path):
+    data = run_quick("bench_epoch", tmp_path)
+    rows = {r["side"]: r for r in data["rows"]}
+    assert set(rows) == {"reproduce", "plain", "per-step .item()"}
+    assert rows["plain"]["ratio_to_plain"] == 1.0
+    for r in rows.values():
+        assert positive(r["median_epoch_s"]) and positive(r["ratio_to_plain"]) and r["epochs"] == 2
+    assert data["images"] == 1024
+
+
 def test_interleaved_timing_and_summaries():
     calls = []
     samples = common.time_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},

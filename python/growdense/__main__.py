@@ -11,15 +11,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="growdense", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="print what this build of growdense contains")
-    from .experiments.reproduce import add_arguments
+    from .experiments.cli import DESCRIPTION, add_arguments
 
     rep = sub.add_parser(
         "reproduce",
         help="reproduce the growing-VAE study on MNIST (Fixed, Approach 1, Approach 2) and write "
         "metrics, figures and tables",
-        description="Train the study's MNIST VAE as Fixed (256/128), Approach 1 (grow from 32/16) and "
-        "Approach 2 (cut 256/128 to 32/16, then regrow); write per-epoch metrics (CSV, JSON), figures, "
-        "the width tables and a summary. Needs the 'experiments' extra (torchvision, matplotlib, tqdm).",
+        description=DESCRIPTION + " Needs the 'experiments' extra (torchvision, matplotlib, tqdm).",
     )
     add_arguments(rep)
     args = parser.parse_args(argv)
@@ -28,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
 
         print(json.dumps(growdense.build_info(), indent=2))
     elif args.command == "reproduce":
-        from .experiments.reproduce import run_from_args
+        from .experiments.cli import run_from_args
 
         raw = list(sys.argv[1:] if argv is None else argv)
         return run_from_args(args, raw[raw.index("reproduce") + 1 :] if "reproduce" in raw else raw)

@@ -1,14 +1,16 @@
-"""MNIST through torchvision, as flat float tensors in [0, 1]."""
+"""MNIST through torchvision, as flat float tensors in [0, 1]; downloaded when missing."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Optional
 
+import sys
+
 import torch
 from torch import Tensor
 
-__all__ = ["MNIST_FILES", "MnistNotFoundError", "load_mnist", "find_mnist"]
+__all__ = ["MNIST_FILES", "MnistNotFoundError", "load_mnist", "find_mnist", "download_mnist"]
 
 MNIST_FILES = (
     "train-images-idx3-ubyte",
@@ -31,10 +33,35 @@ def find_mnist(data_dir: str | Path) -> Path:
         raise MnistNotFoundError(
             f"MNIST not found: looked in {raw.resolve()} for {', '.join(missing)}. "
             f"Pass --data-dir pointing at the folder that contains MNIST/raw/ (torchvision's layout), "
-            f"or fetch it there once with: python -c \"from torchvision.datasets import MNIST; "
-            f"MNIST('{root}', download=True); MNIST('{root}', train=False, download=True)\""
+            f"or let growdense reproduce download it there (without --no-download), or fetch it there once "
+            f"with: python -c \"from torchvision.datasets import MNIST; MNIST('{root}', download=True); "
+            f"MNIST('{root}', train=False, download=True)\""
         )
     return raw
+
+
+def download_mnist(data_dir: str | Path) -> Path:
+    """Download MNIST through torchvision into ``data_dir/MNIST/raw``; return that folder.
+
+    Says where on stderr. Raises :class:`MnistNotFoundError` (naming the folder and the
+    cause) when the download fails, e.g. without network access.
+    """
+    from torchvision.datasets import MNIST
+
+    root = Path(data_dir).expanduser()
+    raw = root / "MNIST" / "raw"
+    print(f"MNIST not found in {raw.resolve()}: downloading it there through torchvision "
+          f"(--no-download forbids this)", file=sys.stderr, flush=True)
+    try:
+        for train in (True, False):
+            MNIST(str(root), train=train, download=True)
+    except (OSError, RuntimeError, ValueError) as error:  # URLError is an OSError; torchvision raises RuntimeError
+        raise MnistNotFoundError(
+            f"MNIST not found in {raw.resolve()} and downloading it failed ({type(error).__name__}: {error}). "
+            f"Without network access, copy the four MNIST files into that folder (torchvision's layout) or pass "
+            f"--data-dir pointing at the folder that contains MNIST/raw/."
+        ) from error
+    return find_mnist(root)
 
 
 def _load_split(root: Path, train: bool) -> Tensor:
@@ -53,14 +80,21 @@ def load_mnist(
     train_subset: Optional[int] = None,
     test_subset: Optional[int] = None,
     seed: int = 0,
+    download: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """``(train, test)`` images as (N, 784) float32 tensors in [0, 1] (grey levels, not binarised).
 
     ``train_subset``: that many training images drawn without replacement with ``seed``
-    (all 60,000 if ``None``); ``test_subset``: the first that many test images.
+    (all 60,000 if ``None``); ``test_subset``: the first that many test images. With
+    ``download``, MNIST is downloaded into ``data_dir`` when it is not there.
     """
     root = Path(data_dir).expanduser()
-    find_mnist(root)
+    try:
+        find_mnist(root)
+    except MnistNotFoundError:
+        if not download:
+            raise
+        download_mnist(root)
     train = _load_split(root, True)
     test = _load_split(root, False)
     if train_subset is not None and train_subset < len(train):

@@ -12,7 +12,8 @@ __all__ = ["write_figures"]
 _COLORS = {"fixed": "tab:blue", "approach1-he": "tab:red", "approach1-zero_out": "tab:orange",
            "approach1-split": "tab:brown", "approach2-he-first": "tab:green",
            "approach2-zero_out-first": "tab:olive", "approach2-he-norm": "tab:purple",
-           "approach2-split-first": "tab:brown"}
+           "approach2-split-first": "tab:brown", "fixed-32x16": "tab:cyan", "approach1-he-keep": "tab:pink",
+           "approach2-he-first-keep": "tab:gray"}
 
 
 def _color(name: str) -> str | None:
@@ -37,12 +38,46 @@ def _save(fig, path: Path) -> None:
     plt.close(fig)
 
 
+def _steps_per_epoch(r: dict[str, Any]) -> int:
+    return max(1, len(r["steps"]) // max(1, len(r["history"])))
+
+
+def _batch_elbo(ax, r: dict[str, Any], growth_lines: bool = True) -> None:
+    """ELBO per mini-batch (thin), its per-epoch mean and +-1 std over that epoch's mini-batches
+    (line and band), growth events marked at their mini-batch."""
+    import numpy as np
+
+    name = r["spec"].name
+    per = _steps_per_epoch(r)
+    elbo = -np.asarray(r["steps"], dtype=float)
+    n_ep = len(elbo) // per
+    ax.plot(np.arange(len(elbo)), elbo, lw=0.3, alpha=0.25, color=_color(name))
+    if n_ep:
+        e = elbo[: n_ep * per].reshape(n_ep, per)
+        centre = np.arange(n_ep) * per + per / 2
+        mean, std = e.mean(1), e.std(1)
+        ax.plot(centre, mean, lw=1.2, color=_color(name), label=f"{name}: epoch mean ± std")
+        ax.fill_between(centre, mean - std, mean + std, alpha=0.25, color=_color(name), lw=0)
+    if growth_lines:
+        for ev in r["events"]:
+            ax.axvline(ev["step"], color=_color(name) or "grey", ls="--", lw=0.7)
+
+
+def _elbo_limits(ax, results: Sequence[dict[str, Any]]) -> None:
+    """Show the informative range: the first epochs' ELBO dwarfs the rest."""
+    vals = sorted(-v for r in results for v in r["steps"][len(r["steps"]) // 10 :])
+    if vals:
+        ax.set_ylim(vals[int(0.001 * (len(vals) - 1))] - 10, vals[-1] + 2)
+
+
 def _curves(path: Path, results: Sequence[dict[str, Any]], approach: str, title: str) -> None:
+    """The study's Figures 6 and 7: the loss per epoch (left) and the ELBO per mini-batch with its
+    spread (right), Fixed against one approach, growth epochs marked."""
     plt = _pyplot()
     chosen = [r for r in results if r["spec"].approach in ("fixed", approach)]
     if not any(r["spec"].approach == approach for r in chosen):
         return
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.4))
     growth = sorted({e["epoch"] for r in chosen for e in r["events"]})
     for r in chosen:
         name = r["spec"].name
@@ -50,25 +85,51 @@ def _curves(path: Path, results: Sequence[dict[str, Any]], approach: str, title:
         axes[0].plot(ep, [h["train_loss"] for h in r["history"]], label=f"{name} (train)", color=_color(name))
         axes[0].plot(ep, [h["test_loss"] for h in r["history"]], ls=":", color=_color(name),
                      label=f"{name} (test)")
-        axes[1].plot(ep, [h["test_elbo"] for h in r["history"]], label=name, color=_color(name))
-    for ax in axes:
-        for g in growth:
-            ax.axvline(g, color="grey", ls="--", lw=0.7)
-        ax.set_xlabel("epoch")
-        ax.grid(alpha=0.3)
+        _batch_elbo(axes[1], r)
+    for g in growth:
+        axes[0].axvline(g, color="grey", ls="--", lw=0.7)
+    axes[0].set_xlabel("epoch")
     axes[0].set_ylabel("loss: negative ELBO per image (nats)")
-    axes[1].set_ylabel("test ELBO per image (nats)")
-    # the first epochs dwarf the rest: show the informative range
+    axes[1].set_xlabel("mini-batch")
+    axes[1].set_ylabel("training ELBO per image, per mini-batch (nats)")
     vals = [h["train_loss"] for r in chosen for h in r["history"][len(r["history"]) // 10 :]]
     if vals:
         lo, hi = min(vals), max(vals)
         axes[0].set_ylim(lo - 0.05 * (hi - lo) - 1, hi + 0.3 * (hi - lo) + 1)
-        e = [h["test_elbo"] for r in chosen for h in r["history"][len(r["history"]) // 10 :]]
-        lo, hi = min(e), max(e)
-        axes[1].set_ylim(lo - 0.3 * (hi - lo) - 1, hi + 0.05 * (hi - lo) + 1)
+    _elbo_limits(axes[1], chosen)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{title} (dashed lines: growth events)")
+    _save(fig, path)
+
+
+def _fixed_loss(path: Path, results: Sequence[dict[str, Any]]) -> None:
+    """The study's Figure 4: the fixed (target) model's training loss on its own."""
+    plt = _pyplot()
+    fixed = [r for r in results if r["spec"].approach == "fixed"]
+    if not fixed:
+        return
+    r = next((f for f in fixed if f["spec"].widths is None), fixed[0])
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    ep = [h["epoch"] for h in r["history"]]
+    axes[0].plot(ep, [h["train_loss"] for h in r["history"]], color=_color("fixed"), label="train (epoch mean)")
+    axes[0].plot(ep, [h["test_loss"] for h in r["history"]], ls=":", color=_color("fixed"), label="test")
+    axes[0].set_xlabel("epoch")
+    axes[0].set_ylabel("loss: negative ELBO per image (nats)")
+    steps = r["steps"]
+    axes[1].plot(range(len(steps)), steps, lw=0.4, color=_color("fixed"))
+    tail = sorted(steps[len(steps) // 10 :])
+    if tail:
+        axes[1].set_ylim(tail[0] - 2, tail[int(0.999 * (len(tail) - 1))] + 10)
+    axes[1].set_xlabel("mini-batch")
+    axes[1].set_ylabel("training loss per mini-batch (nats per image)")
+    for ax in axes:
+        ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    axes[1].legend(fontsize=7)
-    fig.suptitle(f"{title} (dashed lines: growth epochs)")
+    w = r["spec"].widths
+    fig.suptitle(f"{r['spec'].name} ({'256/128' if w is None else f'{w[0]}/{w[1]}'}): training loss "
+                 f"(study's Figure 4)")
     _save(fig, path)
 
 
@@ -97,6 +158,7 @@ def _steps(path: Path, results: Sequence[dict[str, Any]]) -> None:
 
 
 def _step_curves(path: Path, results: Sequence[dict[str, Any]]) -> None:
+    """Every mini-batch loss of every model, each model's growth events marked in its colour."""
     plt = _pyplot()
     growing = [r for r in results if r["events"]]
     if not growing:
@@ -105,10 +167,12 @@ def _step_curves(path: Path, results: Sequence[dict[str, Any]]) -> None:
     for r in results:
         name = r["spec"].name
         ax.plot(range(len(r["steps"])), r["steps"], lw=0.5, label=name, color=_color(name), alpha=0.8)
+        for ev in r["events"]:
+            ax.axvline(ev["step"], color=_color(name) or "grey", ls="--", lw=0.6, alpha=0.8)
     vals = sorted(v for r in results for v in r["steps"][len(r["steps"]) // 10 :])
     if vals:
         ax.set_ylim(vals[0] - 2, vals[int(0.999 * (len(vals) - 1))] + 10)
-    ax.set_xlabel("training step (mini-batch)")
+    ax.set_xlabel("training step (mini-batch); dashed: growth events")
     ax.set_ylabel("batch loss (nats per image)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
@@ -116,22 +180,49 @@ def _step_curves(path: Path, results: Sequence[dict[str, Any]]) -> None:
 
 
 def _variance(path: Path, evaluations: dict[str, Any]) -> None:
+    """Std of the log-weight estimators against L and K (zero at the true posterior), the
+    analytic-KL training estimator for comparison, and the IWAE bound against K."""
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
     for name, ev in evaluations.items():
-        ls = [v["L"] for v in ev["variance"]]
-        axes[0].loglog(ls, [v["std"] for v in ev["variance"]], "o-", label=name, color=_color(name))
+        c = _color(name)
+        rows = ev.get("logw_variance", [])
+        axes[0].loglog([v["L"] for v in rows], [v["std"] for v in rows], "o-", label=f"{name}: mean of log w", color=c)
+        axes[0].loglog([v["L"] for v in ev["variance"]], [v["std"] for v in ev["variance"]], "x:", color=c,
+                       label=f"{name}: analytic-KL estimator")
+        rows = ev.get("iwae_variance", [])
+        axes[1].loglog([v["K"] for v in rows], [v["std"] for v in rows], "o-", label=name, color=c)
         ks = [int(k) for k in ev["iwae"]]
-        axes[1].semilogx(ks, [ev["iwae"][str(k)] for k in ks], "o-", label=name, color=_color(name))
-    if evaluations:
-        ls = [v["L"] for v in next(iter(evaluations.values()))["variance"]]
-        ref = next(iter(evaluations.values()))["variance"][0]["std"]
-        axes[0].loglog(ls, [ref / l**0.5 for l in ls], "k--", lw=0.8, label="1/sqrt(L)")
+        axes[2].semilogx(ks, [ev["iwae"][str(k)] for k in ks], "o-", label=name, color=c)
     axes[0].set_xlabel("latent samples L")
-    axes[0].set_ylabel("std of the ELBO estimator per image (nats)")
+    axes[0].set_ylabel("std of the L-sample ELBO estimate per image (nats)")
     axes[1].set_xlabel("importance samples K")
-    axes[1].set_ylabel("IWAE bound on log p(x) (nats per image)")
+    axes[1].set_ylabel("std of the K-sample IWAE estimate per image (nats)")
+    axes[2].set_xlabel("importance samples K")
+    axes[2].set_ylabel("IWAE bound on log p(x) (nats per image)")
     for ax in axes:
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=6)
+    _save(fig, path)
+
+
+def _gap(path: Path, results: Sequence[dict[str, Any]]) -> None:
+    """The IWAE gap and the variance of log w at the chosen epochs, per model."""
+    plt = _pyplot()
+    with_estimates = [r for r in results if r["estimates"]]
+    if not with_estimates:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    for r in with_estimates:
+        name = r["spec"].name
+        ep = [e["epoch"] for e in r["estimates"]]
+        axes[0].plot(ep, [e["gap"] for e in r["estimates"]], "o-", label=name, color=_color(name))
+        axes[1].semilogy(ep, [e["logw_var"] for e in r["estimates"]], "o-", label=name, color=_color(name))
+    k = with_estimates[0]["estimates"][0]["samples"]
+    axes[0].set_ylabel(f"IWAE (K={k}) - ELBO, test images (nats)")
+    axes[1].set_ylabel("variance of log w per image (nats²)")
+    for ax in axes:
+        ax.set_xlabel("epoch")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7)
     _save(fig, path)
@@ -144,11 +235,13 @@ def write_figures(out: Path, results: Sequence[dict[str, Any]], evaluations: dic
 
     fig_dir = Path(out) / "figures"
     fig_dir.mkdir(parents=True, exist_ok=True)
+    _fixed_loss(fig_dir / "fixed_loss.png", results)
     _curves(fig_dir / "approach1_loss_elbo.png", results, "1", "Approach 1 vs Fixed (study's Figure 6)")
     _curves(fig_dir / "approach2_loss_elbo.png", results, "2", "Approach 2 vs Fixed (study's Figure 7)")
     _steps(fig_dir / "growth_spikes.png", results)
     _step_curves(fig_dir / "batch_losses.png", results)
     _variance(fig_dir / "elbo_variance_iwae.png", evaluations)
+    _gap(fig_dir / "iwae_gap.png", results)
     # Figure 5: first row the test digits, then one row per model (posterior-mean reconstructions)
     x = test[:16]
     rows = [x] + [r["model"].reconstruct(x) for r in results]

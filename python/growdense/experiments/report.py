@@ -75,7 +75,8 @@ def write_summary(out: Path, meta: dict[str, Any], results: Sequence[dict[str, A
     lines.append(
         f"Preset `{cfg.preset}`; {meta['train_images']} training images, {meta['test_images']} test images; "
         f"{cfg.epochs} epochs per model, growth every {cfg.every} epochs; L = {cfg.samples}, batch "
-        f"{cfg.batch_size}, Adam lr {cfg.lr}; seed {cfg.seed}; device {meta['device']} "
+        f"{cfg.batch_size}, Adam lr {cfg.lr}, optimizer state at growth: {', '.join(cfg.optimizer_states)}; "
+        f"precision {cfg.precision}; seed {cfg.seed}; device {meta['device']} "
         f"({meta['threads']} threads); torch {meta['torch']}. Started {meta['started']}, finished "
         f"{meta.get('finished', '')}.\n")
     lines.append("Losses are per-image negative ELBO in nats (BCE summed over 784 pixels + KL). Train loss: "
@@ -148,27 +149,51 @@ def write_summary(out: Path, meta: dict[str, Any], results: Sequence[dict[str, A
                                    "mean jump (growths only; Approach 2 without its cut)", "mean spike (same)",
                                    "largest spike"], rows))
 
-    lines.append("\n## ELBO estimator against L\n")
-    lines.append(f"Standard deviation (nats) of the L-sample ELBO estimate of one image over "
-                 f"{cfg.variance_repeats} independent draws, root-mean-square over "
-                 f"{next(iter(evaluations.values()))['variance_images'] if evaluations else 0} test images; "
-                 f"mean estimate in brackets.\n")
     names = list(evaluations)
     if names:
-        ls = [v["L"] for v in evaluations[names[0]]["variance"]]
-        rows = []
-        for i, L in enumerate(ls):
-            rows.append([L] + [f"{_f(evaluations[n]['variance'][i]['std'], 3)} ({_f(evaluations[n]['variance'][i]['mean'])})"
-                               for n in names])
+        first = evaluations[names[0]]
+        lines.append("\n## Variance of the log importance weight against L and K (the study's section 3.4)\n")
+        lines.append(f"`log w = log p(x, z) - log q(z | x)` with z ~ q(z | x). Standard deviation (nats) over "
+                     f"{first.get('variance_repeats', cfg.variance_repeats)} independent estimates per image, "
+                     f"root-mean-square over {first['variance_images']} test images; mean estimate in brackets. "
+                     "Both estimators have zero variance for every L and K when q(z | x) is the true posterior: "
+                     "their spread measures how far the encoder is from it.\n")
+        for key, field, label in (("L", "logw_variance", "L-sample mean of log w (Eq. 3.3)"),
+                                  ("K", "iwae_variance", "K-sample IWAE estimate")):
+            if field not in first:
+                continue
+            counts = [v[key] for v in first[field]]
+            rows = [[n] + [f"{_f(evaluations[m][field][i]['std'], 3)} ({_f(evaluations[m][field][i]['mean'])})"
+                           for m in names] for i, n in enumerate(counts)]
+            lines.append(f"\n{label}:\n")
+            lines.append(_md_table([key] + names, rows))
+        lines.append("\nFor comparison, the training loss's estimator (L-sample reconstruction term plus the analytic "
+                     "KL, Eq. 2.16): its variance is that of log p(x | z), which does not vanish at the posterior.\n")
+        ls = [v["L"] for v in first["variance"]]
+        rows = [[L] + [f"{_f(evaluations[m]['variance'][i]['std'], 3)} ({_f(evaluations[m]['variance'][i]['mean'])})"
+                       for m in names] for i, L in enumerate(ls)]
         lines.append(_md_table(["L"] + names, rows))
+
+    estimates = [e for r in results for e in r.get("estimates", [])]
+    if estimates:
+        lines.append("\n## IWAE gap during training\n")
+        lines.append(f"At the end of the chosen epochs, from the same K = {estimates[0]['samples']} log weights per "
+                     f"image on the first {estimates[0]['images']} test images: the ELBO (mean of log w), the IWAE "
+                     "bound, their gap (it shrinks to 0 as q approaches the posterior) and the variance of log w.\n")
+        rows = [[e["run"], e["epoch"], f"{e['h1']}/{e['h2']}", _f(e["elbo"]), _f(e["iwae"]), _f(e["gap"], 3),
+                 _f(e["logw_var"], 2)] for e in estimates]
+        lines.append(_md_table(["model", "epoch", "h1/h2", "ELBO", "IWAE", "gap", "Var log w"], rows))
 
     lines.append("\n## Files\n")
     lines.append("`config.json` (run configuration), `metrics.csv` / `metrics.json` (per-epoch metrics of every "
-                 "model), `steps.csv` (every training batch loss), `growth_events.csv`, `evaluation.json` (IWAE "
-                 "and ELBO variance), `tables.md` (Tables 1 and 2), `figures/` (loss and ELBO curves with growth "
-                 "epochs, growth spikes, batch losses, ELBO variance and IWAE against K, reconstructions: first "
-                 f"row the test digits then one row per model in the order {', '.join(by)}, prior samples per "
-                 "model), `checkpoints/` (final state_dicts).\n")
+                 "model), `steps.csv` (every training batch loss), `growth_events.csv`, `estimates.csv` (IWAE gap "
+                 "and log-weight variance at the chosen epochs), `evaluation.json` (IWAE and estimator variances), "
+                 "`tables.md` (Tables 1 and 2), `figures/` (`fixed_loss.png`: Figure 4; `approach1_loss_elbo.png`, "
+                 "`approach2_loss_elbo.png`: Figures 6 and 7, loss per epoch and ELBO per mini-batch with its "
+                 "spread, growth events marked; growth spikes, batch losses, estimator variances and IWAE against "
+                 "L and K, the IWAE gap per epoch, reconstructions: first row the test digits then one row per "
+                 f"model in the order {', '.join(by)}, prior samples per model), `checkpoints/` (final "
+                 "state_dicts, and the per-epoch checkpoints `--resume` continues from).\n")
     path = Path(out) / "summary.md"
     path.write_text("\n".join(lines))
     return path

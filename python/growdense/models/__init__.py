@@ -1,6 +1,7 @@
 """Models built on growdense layers: the study's MNIST VAE and its evaluation."""
 
-from .evaluation import elbo_estimates, elbo_variance, iwae_bound, log_importance_weights
+from .evaluation import (elbo_estimates, elbo_variance, estimator_variance, iwae_bound, iwae_gap,
+                         log_importance_weights, log_weight_variance)
 from .vae import VAE, bernoulli_nll, gaussian_kl, negative_elbo
 
 __all__ = [
@@ -12,4 +13,7 @@ __all__ = [
     "elbo_estimates",
     "elbo_variance",
     "log_importance_weights",
+    "log_weight_variance",
+    "estimator_variance",
+    "iwae_gap",
 ]
