@@ -13,8 +13,9 @@
 #   TORCHVISION          the torchvision to install (default: the release paired with that
 #                        torch, see torchvision_for; "none" installs none).
 #   GROWDENSE_CUDA       ON/OFF forces the CUDA kernels' build; by default they are built
-#                        when /usr/local/cuda/bin/nvcc (or $CUDA_HOME/bin/nvcc) exists and
-#                        that torch is a CUDA build of the same CUDA major version.
+#                        when $CUDA_HOME/bin/nvcc (or /usr/local/cuda/bin/nvcc) exists and
+#                        that torch is a CUDA build of the same CUDA release (major.minor:
+#                        the CUDA headers that come with torch's wheels must match nvcc).
 #
 # Exit status: 0 when every release built and passed its tests, 1 otherwise.
 set -euo pipefail
@@ -44,9 +45,9 @@ nvcc=""
 for candidate in "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc" /usr/local/cuda/bin/nvcc; do
   if [ -x "$candidate" ]; then nvcc=$candidate; break; fi
 done
-nvcc_major=""
+nvcc_cuda=""
 if [ -n "$nvcc" ]; then
-  nvcc_major=$("$nvcc" --version | sed -n 's/.*release \([0-9]*\)\..*/\1/p')
+  nvcc_cuda=$("$nvcc" --version | sed -n 's/.*release \([0-9]*\.[0-9]*\).*/\1/p')
 fi
 
 summary=()
@@ -105,9 +106,10 @@ EOF
   if [ -z "$cuda" ]; then
     if [ -z "$nvcc" ]; then cuda=OFF; why="no nvcc"
     elif [ "$torch_cuda" = none ]; then cuda=OFF; why="torch is a CPU-only build"
-    elif [ "${torch_cuda%%.*}" != "$nvcc_major" ]; then
-      cuda=OFF; why="torch's CUDA $torch_cuda does not match nvcc's CUDA $nvcc_major"
-    else cuda=ON; why="nvcc $nvcc_major.x matches torch's CUDA $torch_cuda"
+    elif [ "$torch_cuda" != "$nvcc_cuda" ]; then
+      # cccl refuses CUDA headers (torch's wheels bring them) of another release than nvcc.
+      cuda=OFF; why="torch's CUDA $torch_cuda is not nvcc's CUDA $nvcc_cuda"
+    else cuda=ON; why="nvcc's CUDA $nvcc_cuda is torch's"
     fi
   else
     why="set by GROWDENSE_CUDA"
@@ -115,11 +117,11 @@ EOF
   echo "building growdense against torch $torch_full (CUDA kernels $cuda: $why)"
   build_env=(GROWDENSE_CUDA="$cuda" PATH="$venv/bin:$PATH" VIRTUAL_ENV="$venv")
   if [ -n "$nvcc" ]; then build_env+=(CUDA_HOME="$(dirname "$(dirname "$nvcc")")"); fi
-  # Each environment keeps its own build folder: the default one in the repository is
-  # shared, and CMake's cache there would hold another environment's torch. Ninja keeps
-  # going after an error (-k0) so that the log names every file that fails to compile.
+  # One build folder per torch release: the default one is shared by every environment,
+  # and CMake's cache there would hold another environment's torch. Ninja keeps going
+  # after an error (-k0) so that the log names every file that fails to compile.
   if env "${build_env[@]}" "$py" -m pip install -v --no-build-isolation --no-deps \
-      --force-reinstall --config-settings=build-dir="$venv/growdense-build" \
+      --force-reinstall --config-settings=build-dir="$repo/build/torch-$version" \
       --config-settings=build.tool-args=-k0 "$repo" \
       >"$log_build" 2>&1; then
     build=ok
