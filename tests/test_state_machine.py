@@ -114,6 +114,9 @@ class GrowthMachine(RuleBasedStateMachine):
         cls, kwargs = OPTIMIZERS[opt]
         self.optimizer = cls(self.model.parameters(), **kwargs)
         self.wiring = self.model.wiring(self.optimizer)
+        # The reference step below models one step count per parameter; the per-neuron
+        # counts of optimizer_state="keep" are checked in test_optimizer_state.py.
+        self.wiring.optimizer_state = "keep_global_step"
         self.generator = torch.Generator().manual_seed(seed + 1)
         data = torch.Generator().manual_seed(seed + 2)
         self.x = torch.randn(6, 4, generator=data, dtype=torch.float64)

@@ -100,7 +100,9 @@ class Wiring:
 
     @optimizer.setter
     def optimizer(self, optimizer: Optional[torch.optim.Optimizer]) -> None:
-        self._optimizer = _check_optimizer(optimizer)
+        optimizer = _check_optimizer(optimizer)
+        optim_state.check_attachable(optimizer)  # refuses what growdense cannot keep right
+        self._optimizer = optimizer
 
     @classmethod
     def chain(
@@ -123,16 +125,6 @@ class Wiring:
         for i, name in enumerate(names):
             wiring.add(name, layers[i], [layers[i + 1]])
         return wiring
-
-    @property
-    def optimizer(self) -> Optional[torch.optim.Optimizer]:
-        """The optimizer whose state follows the changes (``None``: none)."""
-        return self._optimizer
-
-    @optimizer.setter
-    def optimizer(self, optimizer: Optional[torch.optim.Optimizer]) -> None:
-        optim_state.check_attachable(optimizer)
-        self._optimizer = optimizer
 
     def _policy(self, optimizer_state: Optional[str]) -> str:
         """The policy of a shrink (``None``: the wiring's, else ``"keep"``)."""

@@ -9,7 +9,6 @@ epoch (no per-step synchronisation); logging happens once per epoch.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -54,15 +53,10 @@ def _generator(device: torch.device, seed: int) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed)
 
 
-def _accepts_optimizer_state(fn: Callable) -> bool:
-    return "optimizer_state" in inspect.signature(fn).parameters
-
-
 def apply_growth(
     schedule: GrowthSchedule,
     epoch: int,
     wiring: Wiring,
-    optimizer: torch.optim.Optimizer,
     *,
     init: str,
     keep: str,
@@ -72,20 +66,14 @@ def apply_growth(
     """``schedule.apply`` with an optimizer-state policy; ``True`` if the widths changed.
 
     ``"reset"``: after the event the optimizer's whole state restarts as a newly built
-    optimizer's (for torch's and growdense's Adam, an empty ``state`` is exactly a new
-    optimizer: the next step initialises moments and step counts afresh). ``"keep"``: the
-    old neurons' state continues; the new neurons' slices start from zero state. When
-    ``GrowthSchedule.apply`` takes an ``optimizer_state`` argument, the policy is handed to it.
+    optimizer's (the study's way). ``"keep"``: the old neurons' state continues; the new
+    neurons start a fresh Adam, their bias correction counted from their birth.
     """
     if optimizer_state not in ("reset", "keep"):
         raise ValueError(f"unknown optimizer_state {optimizer_state!r}; expected 'reset' or 'keep'")
-    if _accepts_optimizer_state(schedule.apply):
-        return bool(schedule.apply(epoch, wiring, init=init, keep=keep, generator=generator,
-                                   optimizer_state=optimizer_state))
-    grew = bool(schedule.apply(epoch, wiring, init=init, keep=keep, generator=generator))
-    if grew and optimizer_state == "reset":
-        optimizer.state.clear()
-    return grew
+    return bool(
+        schedule.apply(epoch, wiring, init=init, keep=keep, generator=generator, optimizer_state=optimizer_state)
+    )
 
 
 def train_epoch(
@@ -239,7 +227,7 @@ def train_run(
         if schedule is not None and epoch in schedule.growth_epochs():
             before_w = model.widths()
             before = evaluate_loss(model, probe, cfg.samples, cfg.seed + 5)["loss"]
-            grew = apply_growth(schedule, epoch, model.wiring, optimizer, init=spec.init, keep=spec.keep,
+            grew = apply_growth(schedule, epoch, model.wiring, init=spec.init, keep=spec.keep,
                                 optimizer_state=spec.optimizer_state, generator=gens["grow"])
             if grew:
                 after = evaluate_loss(model, probe, cfg.samples, cfg.seed + 5)["loss"]
