@@ -1,15 +1,25 @@
-"""The CUDA kernels of the linear ops, run on the CPU: no GPU needed.
+"""growdense's CUDA kernels, run on the CPU: no GPU needed.
 
-``tests/cuda_host_emulation.cpp`` compiles ``csrc/cuda/linear_kernels.cuh`` with the
-host C++ compiler, runs each CUDA thread as a coroutine (``__syncthreads`` switches back
-to the block's scheduler) and compares every output element with float64 loops: the
-fused GEMM in its forward and backward uses, both tile shapes, ragged edges, capacity
-padding (NaN-filled inputs there must never be read, NaN-poisoned outputs there must be
-overwritten with zeros), every activation of ``csrc/activation.h`` (forward, the
-pre-activation it saves, its backward from the output or the pre-activation, against
-float64 formulas written independently in the test), the bias gradient, and the cuBLAS
-path's element-wise kernels. It checks the kernels' logic, not the GPU's arithmetic or speed;
-``tests/test_cuda.py`` does that on a GPU.
+Each ``tests/*_host_emulation.cpp`` compiles a kernel header of ``csrc/cuda/`` with the
+host C++ compiler through ``tests/host_emulation.h`` (each CUDA thread a coroutine,
+``__syncthreads`` a switch back to the block's scheduler) and compares every output
+element with float64 loops:
+
+- ``cuda_host_emulation.cpp`` (``linear_kernels.cuh``): the fused GEMM in its forward and
+  backward uses, both tile shapes, ragged edges, capacity padding (NaN-filled inputs
+  there must never be read, NaN-poisoned outputs there must be overwritten with zeros),
+  every activation of ``csrc/activation.h`` (forward, the pre-activation it saves, its
+  backward from the output or the pre-activation, against float64 formulas written
+  independently in the test), the bias gradient, and the cuBLAS path's element-wise
+  kernels;
+- ``elbo_host_emulation.cpp`` (``elbo_kernels.cuh``, the fused negative ELBO): the
+  forward's block reduction, grid-stride loops with grids smaller and larger than the
+  work, D above and below the block size, L = 1 and 20, batch 1, float32, float64,
+  bfloat16 and float16 logits, every gradient of the backward, and that gradients not
+  asked for are not written.
+
+They check the kernels' logic, not the GPU's arithmetic or speed; ``tests/test_cuda.py``
+and ``tests/test_elbo.py`` do that on a GPU.
 """
 
 from __future__ import annotations
@@ -24,8 +34,10 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCE = ROOT / "tests" / "cuda_host_emulation.cpp"
-KERNELS = ROOT / "csrc" / "cuda" / "linear_kernels.cuh"
+EMULATED = {  # test source -> the kernel header it runs
+    "linear": ("cuda_host_emulation.cpp", "linear_kernels.cuh"),
+    "elbo": ("elbo_host_emulation.cpp", "elbo_kernels.cuh"),
+}
 
 
 def _compiler() -> str | None:
@@ -36,17 +48,19 @@ def _compiler() -> str | None:
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="the emulation's coroutines use glibc's ucontext")
-def test_linear_kernels_match_float64_loops_when_emulated(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kernels", sorted(EMULATED))
+def test_kernels_match_float64_loops_when_emulated(kernels: str, tmp_path: Path) -> None:
+    source, header = EMULATED[kernels]
     compiler = _compiler()
     if compiler is None:
         pytest.skip("no C++ compiler")
-    if not KERNELS.exists():
+    if not (ROOT / "csrc" / "cuda" / header).exists():
         pytest.skip("the CUDA sources are not in this checkout")
     torch_include = Path(torch.__file__).parent / "include"
-    exe = tmp_path / "cuda_host_emulation"
+    exe = tmp_path / f"{kernels}_host_emulation"
     build = subprocess.run(
         [compiler, "-std=c++20", "-O1", "-w", f"-I{ROOT / 'csrc'}", "-isystem", str(torch_include),
-         str(SOURCE), "-o", str(exe)],
+         str(ROOT / "tests" / source), "-o", str(exe)],
         capture_output=True,
         text=True,
     )

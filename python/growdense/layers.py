@@ -7,7 +7,6 @@ import weakref
 from typing import Any, Mapping, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import ops
@@ -279,12 +278,13 @@ class GrowLinear(nn.Module):
         super().__setattr__(name, value)
 
     def forward(self, input: Tensor) -> Tensor:
-        if torch.compiler.is_compiling():
-            return self._forward_traced(input)
-        # The op checks its arguments itself; the descriptive errors below are built only
-        # when it refuses them, so a call costs no more than the op's. torch.func
-        # transforms cannot run the op's C++ autograd: they get the composite formula.
-        if _functorch_active():
+        # torch.compile and torch.func see the composite formula, aten ops on views of the
+        # active block: the op's int widths would specialise a compiled graph to one width
+        # (the widths are DynamicInts, symbolic under compile, so one graph serves them
+        # all and inductor fuses bias and activation itself), and functorch transforms
+        # cannot run the op's C++ autograd. The op checks its arguments itself; the
+        # descriptive errors below are built only when it refuses them.
+        if torch.compiler.is_compiling() or _functorch_active():
             return ops.composite_linear(
                 input, self.weight, self.bias, self._active_in, self._active_out, self.activation
             )
@@ -294,21 +294,6 @@ class GrowLinear(nn.Module):
             if isinstance(input, Tensor):
                 self._check_input(input)
             raise
-
-    def _forward_traced(self, input: Tensor) -> Tensor:
-        """The forward as torch.compile sees it: aten ops on views of the active block.
-
-        The widths are symbolic there (they are DynamicInt), so the graph holds for every
-        width and inductor fuses the bias and activation itself; the op's int arguments
-        would specialise the graph to one width. Same values and gradients as the op
-        (zero outside the block, through the views).
-        """
-        ai, ao = self._active_in, self._active_out
-        # narrow, not [:ao]: a slice's bound check would tell width == capacity apart
-        bias = None if self.bias is None else self.bias.narrow(0, 0, ao)
-        y = F.linear(input, self.weight.narrow(0, 0, ao).narrow(1, 0, ai), bias)
-        act = ops.ACTIVATION_FUNCTIONS[self.activation]
-        return y if act is None else act(y)
 
     def _check_input(self, input: Tensor) -> None:
         if input.dim() == 0 or input.shape[-1] != self._active_in:

@@ -49,11 +49,13 @@ def composite_linear(
 ) -> Tensor:
     """:func:`linear` written with ``F.linear`` on views of the active block.
 
-    What ``torch.func`` transforms run instead of the fused op; differentiable to any
-    order (gradients of ``weight`` and ``bias`` have their capacity shapes, zero
-    outside the active block).
+    What ``torch.func`` transforms and ``torch.compile`` run instead of the fused op;
+    differentiable to any order (gradients of ``weight`` and ``bias`` have their capacity
+    shapes, zero outside the active block). ``narrow``, not slicing: a slice's bound
+    check would make the compiler tell a width equal to the capacity apart.
     """
-    y = F.linear(x, weight[:active_out, :active_in], None if bias is None else bias[:active_out])
+    bias = None if bias is None else bias.narrow(0, 0, active_out)
+    y = F.linear(x, weight.narrow(0, 0, active_out).narrow(1, 0, active_in), bias)
     fn = ACTIVATION_FUNCTIONS[activation]
     return y if fn is None else fn(y)
 
