@@ -78,26 +78,18 @@ def main(argv=None) -> int:
     common.finish(info)
     headline = [r for r in results if r["L"] == 20]
     met = all(r["speedup"] >= GOAL for r in headline)
-    print()
-    print(f"Machine: {common.machine_line(info)}.")
-    print(f"Negative ELBO per image, mean over the batch, forward + backward: batch {B}, D = {D}, Z = {Z}; "
-          f"{reps} interleaved rounds after 3 warm-up rounds, medians; speed-up = median over rounds of "
-          "formula / fused.")
-    print()
-    print(common.markdown_table(["L", "logits", "PyTorch formula", "fused op", "speed-up"], rows))
-    print()
-    print(f"Goal: fused >= {GOAL}x the formula at L = 20: "
-          + ", ".join(f"{r['logits_dtype']} {r['speedup']:.2f}x" for r in headline)
-          + f": {'met' if met else 'MISSED'}.")
-    path = common.write_json(
-        f"bench_loss-{'cuda' if device.startswith('cuda') else 'cpu'}-{torch.get_num_threads()}threads"
-        + ("-quick" if args.quick else ""),
-        {"benchmark": "bench_loss", "command": common.command_line(), "machine": info,
-         "sizes": {"batch": B, "pixels": D, "latent": Z}, "results": results,
+    common.report(
+        "bench_loss", args, info, ["L", "logits", "PyTorch formula", "fused op", "speed-up"], rows,
+        [f"Negative ELBO per image, mean over the batch, forward + backward: batch {B}, D = {D}, Z = {Z}; "
+         f"{reps} interleaved rounds after 3 warm-up rounds, medians; speed-up = median over rounds of "
+         "formula / fused."],
+        {"sizes": {"batch": B, "pixels": D, "latent": Z}, "results": results,
          "goal": f"fused >= {GOAL}x formula at L = 20", "goal_met": bool(met)},
-        args.json,
+        after=[f"Goal: fused >= {GOAL}x the formula at L = 20: "
+               + ", ".join(f"{r['logits_dtype']} {r['speedup']:.2f}x" for r in headline)
+               + f": {'met' if met else 'MISSED'}."],
+        tag=f"{torch.get_num_threads()}threads",
     )
-    print(f"\nwrote {path}")
     return 0
 
 

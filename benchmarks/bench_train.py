@@ -180,29 +180,23 @@ def run_peers(args) -> int:
     steps_per_epoch = 60000 // args.batch_size
     rows = [[name, common.fmt_time(med[name]), f"{common.spread(samples[name]):.2f}",
              f"{med[name] * steps_per_epoch:.1f} s", f"{ratios[name]:.2f}x"] for name in samples]
-    print()
-    print(f"Machine: {common.machine_line(info)}.")
-    print(f"The study's VAE at 256/128, batch {args.batch_size}, L = {args.samples}, Adam lr {args.lr}, {data_note}; "
-          f"{reps} interleaved rounds after 3 warm-up rounds, medians. 'epoch' = 468 steps x the median step "
-          "(60,000 images, steps only). 'growdense bf16 is' = median over rounds of (side's step / growdense bf16's "
-          "step).")
-    print()
-    print(common.markdown_table(["side", "median step", "IQR/median", "epoch (steps)", "growdense bf16 is"], rows))
-    print()
-    verdicts = {}
+    verdicts, goal_lines = {}, []
     for label, (name, goal) in goals.items():
         met = ratios[name] >= goal
         verdicts[label] = {"against": name, "ratio": ratios[name], "goal": goal, "met": bool(met)}
-        print(f"Goal: growdense bf16 >= {goal}x {label} ({name}): {ratios[name]:.2f}x, {'met' if met else 'MISSED'}.")
-    path = common.write_json(
-        f"bench_train-peers-{'cuda' if device.startswith('cuda') else 'cpu'}-{torch.get_num_threads()}threads"
-        + ("-quick" if args.quick else ""),
-        {"benchmark": "bench_train --peers", "command": common.command_line(), "machine": info,
-         "summary": common.summarize(samples), "ratios": ratios, "goals": verdicts,
+        goal_lines.append(f"Goal: growdense bf16 >= {goal}x {label} ({name}): {ratios[name]:.2f}x, "
+                          f"{'met' if met else 'MISSED'}.")
+    common.report(
+        "bench_train-peers", args, info, ["side", "median step", "IQR/median", "epoch (steps)", "growdense bf16 is"],
+        rows,
+        [f"The study's VAE at 256/128, batch {args.batch_size}, L = {args.samples}, Adam lr {args.lr}, {data_note}; "
+         f"{reps} interleaved rounds after 3 warm-up rounds, medians. 'epoch' = 468 steps x the median step "
+         "(60,000 images, steps only). 'growdense bf16 is' = median over rounds of (side's step / growdense bf16's "
+         "step)."],
+        {"summary": common.summarize(samples), "ratios": ratios, "goals": verdicts,
          "sizes": {"batch": args.batch_size, "samples_L": args.samples, "h1": 256, "h2": 128}},
-        args.json,
+        after=goal_lines, tag=f"{torch.get_num_threads()}threads",
     )
-    print(f"\nwrote {path}")
     return 0
 
 
@@ -349,33 +343,25 @@ def main(argv=None) -> int:
         summary["goal"] = f"growdense throughput ≥ {GOAL}x reallocate (CPU)"
         summary["goal_met"] = bool(summary["throughput_ratio_total"] >= GOAL)
 
-    print()
-    print(f"Machine: {common.machine_line(info)}.")
-    print(f"Approach 1 (32/16 → 256/128, +32/+16 per growth), {data_note}, {args.epochs} epochs, growth at epochs "
-          f"{growth_epochs} (the study: 60,000 images, 200 epochs, growth every 25), batch {args.batch_size}, "
-          f"L = {args.samples}, Adam lr {args.lr}, seed {args.seed}. Steps interleaved growdense/reallocate; "
-          "ratio = growdense throughput / reallocate throughput (> 1: growdense faster).")
-    print()
     header = ["epoch", "h1/h2", "growdense img/s", "reallocate img/s", "ratio", "median step ratio"]
     table = [[r["epoch"], f"{r['h1']}/{r['h2']}" + (" (grew)" if r["grew"] else ""),
               f"{r['growdense_images_per_s']:.0f}", f"{r['reallocate_images_per_s']:.0f}",
               f"{r['throughput_ratio']:.3f}", f"{r['median_step_ratio']:.3f}"] for r in rows]
     table.append(["all (steps + growths)", "", f"{summary['growdense_images_per_s_total']:.0f}",
                   f"{summary['reallocate_images_per_s_total']:.0f}", f"**{summary['throughput_ratio_total']:.3f}**", ""])
-    print(common.markdown_table(header, table))
-    print()
-    print(f"Growth events: growdense {', '.join(common.fmt_time(t) for t in gd.growth_times) or '-'}; "
-          f"reallocate {', '.join(common.fmt_time(t) for t in rl.growth_times) or '-'}. "
-          f"Final training loss (mean of the last 10 steps): growdense {summary['final_loss_growdense']:.2f}, "
-          f"reallocate {summary['final_loss_reallocate']:.2f} nats."
-          + (f" Goal (≥ {GOAL}x): {'met' if summary['goal_met'] else 'MISSED'}." if "goal" in summary else ""))
-    path = common.write_json(
-        f"bench_train-{'cuda' if device.startswith('cuda') else 'cpu'}" + ("-quick" if args.quick else ""),
-        {"benchmark": "bench_train", "command": common.command_line(), "machine": info, "summary": summary,
-         "epochs": rows},
-        args.json,
+    common.report(
+        "bench_train", args, info, header, table,
+        [f"Approach 1 (32/16 → 256/128, +32/+16 per growth), {data_note}, {args.epochs} epochs, growth at epochs "
+         f"{growth_epochs} (the study: 60,000 images, 200 epochs, growth every 25), batch {args.batch_size}, "
+         f"L = {args.samples}, Adam lr {args.lr}, seed {args.seed}. Steps interleaved growdense/reallocate; "
+         "ratio = growdense throughput / reallocate throughput (> 1: growdense faster)."],
+        {"summary": summary, "epochs": rows},
+        after=[f"Growth events: growdense {', '.join(common.fmt_time(t) for t in gd.growth_times) or '-'}; "
+               f"reallocate {', '.join(common.fmt_time(t) for t in rl.growth_times) or '-'}. "
+               f"Final training loss (mean of the last 10 steps): growdense {summary['final_loss_growdense']:.2f}, "
+               f"reallocate {summary['final_loss_reallocate']:.2f} nats."
+               + (f" Goal (≥ {GOAL}x): {'met' if summary['goal_met'] else 'MISSED'}." if "goal" in summary else "")],
     )
-    print(f"\nwrote {path}")
     return 0
 
 

@@ -226,10 +226,11 @@ def _plain(value):
 
 
 def report(name: str, args, info: dict, header: Sequence[str], table: Sequence[Sequence[object]],
-           notes: Sequence[str], payload: dict) -> Path:
-    """The shared ending of a benchmark: the machine line, the notes, the markdown table, and the JSON.
+           notes: Sequence[str], payload: dict, *, after: Sequence[str] = (), tag: str = "") -> Path:
+    """The shared ending of a benchmark: the machine line, the notes, the markdown table, the
+    lines ``after`` it (goals, verdicts), and the JSON.
 
-    The JSON goes to ``args.json`` or ``benchmarks/results/<name>-<cpu|cuda>[-quick].json``
+    The JSON goes to ``args.json`` or ``benchmarks/results/<name>-<cpu|cuda>[-<tag>][-quick].json``
     and holds ``benchmark``, ``command`` and ``machine`` plus ``payload``. Returns its path.
     """
     print()
@@ -238,9 +239,13 @@ def report(name: str, args, info: dict, header: Sequence[str], table: Sequence[S
         print(note)
     print()
     print(markdown_table(header, table))
+    if after:
+        print()
+        for line in after:
+            print(line)
     device = "cuda" if str(args.device).startswith("cuda") else "cpu"
-    path = write_json(f"{name}-{device}" + ("-quick" if args.quick else ""),
-                      {"benchmark": name, "command": command_line(), "machine": info, **payload}, args.json)
+    stem = f"{name}-{device}" + (f"-{tag}" if tag else "") + ("-quick" if args.quick else "")
+    path = write_json(stem, {"benchmark": name, "command": command_line(), "machine": info, **payload}, args.json)
     print(f"\nwrote {path}")
     return path
 
