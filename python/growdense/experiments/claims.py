@@ -1,0 +1,351 @@
+"""The study's claims against finished ``growdense reproduce`` runs: one row per claim.
+
+Reads every ``metrics.csv`` under the folders given (with the ``config.json`` and
+``growth_events.csv`` written beside it), across seeds, and writes a markdown table
+claim | study | growdense | verdict, plus the final losses per model and seed::
+
+    python -m growdense.experiments.claims docs/study --out docs/study/claims.md
+
+What "level" means is stated in the output: two models end level when their final test
+losses differ by no more than the tolerance, the larger of 0.5 nats and the spread between
+seeds of either model's final loss. A claim whose runs have not reached the configured
+number of epochs is "pending".
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+__all__ = ["RunRecord", "Claim", "load_records", "assess", "claims_markdown", "main"]
+
+FLOOR_NATS = 0.5  # smallest tolerance for "level": below it, differences are not claimed either way
+RECOVERY_EPOCHS = 5  # "stabilises quickly": the test loss is back at its pre-growth level within this many epochs
+STUDY_TRAIN_SECONDS = 4034.42
+STUDY_CROSSING_EPOCH = 37
+FIXED, APPROACH1, APPROACH2 = "fixed", "approach1-he", "approach2-he-first"
+
+
+@dataclass
+class RunRecord:
+    """One model's per-epoch history and growth events, from one seed's output folder."""
+
+    seed: int
+    name: str
+    epochs: int  # the configured number of epochs
+    history: list[dict[str, float]] = field(default_factory=list)
+    events: list[dict[str, float]] = field(default_factory=list)
+    evaluation: Optional[dict[str, Any]] = None
+
+    @property
+    def finished(self) -> bool:
+        return len(self.history) >= self.epochs
+
+    @property
+    def final_test_loss(self) -> float:
+        return self.history[-1]["test_loss"]
+
+
+@dataclass
+class Claim:
+    claim: str
+    study: str
+    growdense: str
+    verdict: str
+
+
+def _numbers(row: dict[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in row.items():
+        try:
+            out[k] = float(v)
+        except (TypeError, ValueError):
+            out[k] = v
+    return out
+
+
+def _read_csv(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file() or path.stat().st_size == 0:
+        return []
+    with path.open(newline="") as f:
+        return [_numbers(r) for r in csv.DictReader(f)]
+
+
+def load_records(roots: Sequence[Path]) -> list[RunRecord]:
+    """Every (seed, model) found under ``roots``; where a model appears twice for a seed,
+    the longer history wins."""
+    found: dict[tuple[int, str], RunRecord] = {}
+    for root in roots:
+        for metrics in sorted(Path(root).rglob("metrics.csv")):
+            folder = metrics.parent
+            config_file = folder / "config.json"
+            if not config_file.is_file():
+                raise FileNotFoundError(f"{config_file} is missing: a reproduce output folder has one beside "
+                                        f"metrics.csv (it says the seed and the number of epochs)")
+            cfg = json.loads(config_file.read_text())["config"]
+            evaluation_file = folder / "evaluation.json"
+            evaluations = json.loads(evaluation_file.read_text()) if evaluation_file.is_file() else {}
+            rows, events = _read_csv(metrics), _read_csv(folder / "growth_events.csv")
+            for name in dict.fromkeys(r["run"] for r in rows):
+                rec = RunRecord(
+                    seed=int(cfg["seed"]), name=name, epochs=int(cfg["epochs"]),
+                    history=sorted((r for r in rows if r["run"] == name), key=lambda r: r["epoch"]),
+                    events=[e for e in events if e["run"] == name],
+                    evaluation=evaluations.get(name),
+                )
+                key = (rec.seed, name)
+                if key not in found or len(rec.history) > len(found[key].history):
+                    found[key] = rec
+    return sorted(found.values(), key=lambda r: (r.name, r.seed))
+
+
+def _by_seed(records: Sequence[RunRecord], name: str) -> dict[int, RunRecord]:
+    return {r.seed: r for r in records if r.name == name}
+
+
+def _fmt(v: float, digits: int = 2) -> str:
+    return f"{v:+.{digits}f}" if v < 0 or v > 0 else f"{v:.{digits}f}"
+
+
+def _seeds_text(values: dict[int, str]) -> str:
+    return "; ".join(f"seed {s}: {t}" for s, t in sorted(values.items()))
+
+
+def tolerance(records: Sequence[RunRecord], names: Sequence[str]) -> float:
+    """The larger of :data:`FLOOR_NATS` and the largest spread between seeds of the final
+    test loss of any of ``names`` (finished runs only)."""
+    spreads = [FLOOR_NATS]
+    for name in names:
+        finals = [r.final_test_loss for r in _by_seed(records, name).values() if r.finished]
+        if len(finals) > 1:
+            spreads.append(max(finals) - min(finals))
+    return max(spreads)
+
+
+def _paired(records: Sequence[RunRecord], a: str, b: str) -> dict[int, tuple[RunRecord, RunRecord]]:
+    ra, rb = _by_seed(records, a), _by_seed(records, b)
+    return {s: (ra[s], rb[s]) for s in sorted(set(ra) & set(rb))}
+
+
+def _pending(pairs: dict[int, tuple[RunRecord, ...]]) -> Optional[str]:
+    if not pairs:
+        return "pending: no seed has both runs yet"
+    short = [f"seed {s}: {r.name} at {len(r.history)}/{r.epochs} epochs"
+             for s, rs in pairs.items() for r in rs if not r.finished]
+    return "pending: " + "; ".join(short) if short else None
+
+
+def crossing_epoch(grown: RunRecord, fixed: RunRecord, after: int = 0) -> Optional[int]:
+    """The first epoch (1-based, after epoch ``after``) from which ``grown``'s test loss stays
+    below ``fixed``'s to the end of the shorter history; None if it never does."""
+    n = min(len(grown.history), len(fixed.history))
+    below = [grown.history[i]["test_loss"] < fixed.history[i]["test_loss"] for i in range(n)]
+    start = None
+    for i in range(n - 1, after - 1, -1):
+        if not below[i]:
+            break
+        start = i
+    return None if start is None else start + 1
+
+
+def recovery_epochs(run: RunRecord) -> list[Optional[int]]:
+    """For each growth event: epochs until the test loss is back at or below the last
+    pre-growth epoch's (None if never within the history)."""
+    out: list[Optional[int]] = []
+    losses = [r["test_loss"] for r in run.history]
+    for e in run.events:
+        g = int(e["epoch"])
+        if g < 1:
+            out.append(None)
+            continue
+        before = losses[g - 1]
+        back = next((i - g + 1 for i in range(g, len(losses)) if losses[i] <= before), None)
+        out.append(back)
+    return out
+
+
+def _widths_claim(records: Sequence[RunRecord], every: int) -> Claim:
+    # Table 1: +32/+16 each phase from 32/16. Table 2: 256/128 for the first phase, then cut to
+    # 32/16 and grown at once to 64/32, then as Approach 1 (256/128 in the last phase).
+    expected = {
+        APPROACH1: lambda p: (32 * (p + 1), 16 * (p + 1)),
+        APPROACH2: lambda p: (256, 128) if p == 0 else (32 * (p + 1), 16 * (p + 1)),
+    }
+    checked, wrong = [], []
+    for name, widths in expected.items():
+        for r in _by_seed(records, name).values():
+            for row in r.history:
+                p = min(int(row["epoch"]) // every, 7)
+                if (int(row["h1"]), int(row["h2"])) != widths(p):
+                    wrong.append(f"{name} seed {r.seed} epoch {int(row['epoch']) + 1}")
+            checked.append(f"{name} seed {r.seed} ({len(r.history)} epochs)")
+    if not checked:
+        return Claim("Widths follow Tables 1 and 2", "Tables 1 and 2", "no run yet", "pending")
+    return Claim("Widths follow Tables 1 and 2", "Tables 1 and 2: 32/16 → 256/128 by +32/+16 every 25 epochs; "
+                 "Approach 2 starts at 256/128 and is cut at epoch 25",
+                 "checked every epoch of " + ", ".join(checked),
+                 "reproduced" if not wrong else "not reproduced: " + ", ".join(wrong[:3]))
+
+
+def _level_claim(records: Sequence[RunRecord]) -> Claim:
+    pairs = _paired(records, APPROACH1, FIXED)
+    study = "the two models end at identical loss values, no significant improvement (Fig. 6)"
+    text = _seeds_text({s: f"{a.final_test_loss:.2f} vs {f.final_test_loss:.2f} ({_fmt(a.final_test_loss - f.final_test_loss)})"
+                        for s, (a, f) in pairs.items()})
+    pending = _pending(pairs)
+    if pending:
+        return Claim("Approach 1 ends level with Fixed", study, text or "-", pending)
+    tol = tolerance(records, [APPROACH1, FIXED])
+    diffs = [a.final_test_loss - f.final_test_loss for a, f in pairs.values()]
+    seeds = f" ({len(pairs)} seed{'s' if len(pairs) > 1 else ''}, tolerance {tol:.2f} nats)"
+    if all(abs(d) <= tol for d in diffs):
+        verdict = "reproduced" + seeds
+    else:
+        side = "above" if statistics.mean(diffs) > 0 else "below"
+        verdict = f"not reproduced: Approach 1 ends {abs(statistics.mean(diffs)):.2f} nats {side} Fixed" + seeds
+    return Claim("Approach 1 ends level with Fixed", study, "final test loss, Approach 1 vs Fixed: " + text, verdict)
+
+
+def _crossing_claim(records: Sequence[RunRecord], every: int) -> Claim:
+    pairs = _paired(records, APPROACH2, FIXED)
+    study = f"Approach 2's loss below Fixed's from epoch {STUDY_CROSSING_EPOCH} on, and improving (Fig. 7)"
+    # The study's epoch 37 is 12 epochs after its cut at 25; a shorter schedule scales it.
+    ref = max(every + 1, round(STUDY_CROSSING_EPOCH * every / 25))
+    per_seed = {}
+    for s, (a, f) in pairs.items():
+        e = crossing_epoch(a, f, after=every)
+        at = (a.history[ref - 1]["test_loss"] - f.history[ref - 1]["test_loss"]
+              if min(len(a.history), len(f.history)) >= ref else None)
+        per_seed[s] = ((f"below from epoch {e}" if e is not None else "not below at the end")
+                       + (f", at epoch {ref} {_fmt(at)}" if at is not None else "")
+                       + f", final {_fmt(a.final_test_loss - f.final_test_loss)}")
+    pending = _pending(pairs)
+    text = "test loss, Approach 2 − Fixed: " + _seeds_text(per_seed) if per_seed else "-"
+    if pending:
+        return Claim("Approach 2 below Fixed from about epoch 37", study, text, pending)
+    tol = tolerance(records, [APPROACH2, FIXED])
+    diffs = [a.final_test_loss - f.final_test_loss for a, f in pairs.values()]
+    crossings = [crossing_epoch(a, f, after=every) for a, f in pairs.values()]
+    seeds = f" ({len(pairs)} seed{'s' if len(pairs) > 1 else ''}, tolerance {tol:.2f} nats)"
+    if all(c is not None for c in crossings) and all(d < -tol for d in diffs):
+        verdict = "reproduced" + seeds
+    elif all(c is not None for c in crossings):
+        verdict = "partly: below Fixed at the end, but within the tolerance" + seeds
+    else:
+        verdict = "not reproduced" + seeds
+    return Claim("Approach 2 below Fixed from about epoch 37", study, text, verdict)
+
+
+def _spike_claim(records: Sequence[RunRecord]) -> Claim:
+    runs = list(_by_seed(records, APPROACH1).values())
+    study = "the loss spikes at each growth, then quickly stabilises (Fig. 6)"
+    if not runs:
+        return Claim("Loss spikes at each growth, then stabilises", study, "-", "pending")
+    jumps = [e["jump"] for r in runs for e in r.events]
+    rec = [x for r in runs for x in recovery_epochs(r)]
+    known = [x for x in rec if x is not None]
+    text = (f"Approach 1, {len(jumps)} growths over {len(runs)} seed(s): probe loss jump "
+            f"{min(jumps):.1f} to {max(jumps):.1f} nats; test loss back at its pre-growth level after "
+            + ((f"{min(known)} to {max(known)} epochs" if min(known) < max(known) else
+                f"{min(known)} epoch{'s' if min(known) > 1 else ''}") if known else "-")
+            + (f" ({len(rec) - len(known)} not yet)" if len(known) < len(rec) else "")) if jumps else "no growth yet"
+    if not all(r.finished for r in runs):
+        return Claim("Loss spikes at each growth, then stabilises", study, text, "pending: runs unfinished")
+    ok = jumps and all(j > 0 for j in jumps) and len(known) == len(rec) and max(known) <= RECOVERY_EPOCHS
+    return Claim("Loss spikes at each growth, then stabilises", study, text,
+                 "reproduced" if ok else f"not reproduced (a spike, or a recovery over {RECOVERY_EPOCHS} epochs)")
+
+
+def _cut_claim(records: Sequence[RunRecord]) -> Claim:
+    runs = list(_by_seed(records, APPROACH2).values())
+    study = "a large spike at the first change (the cut to 32/16 and regrowth), Fig. 7"
+    per_seed = {}
+    big = []
+    for r in runs:
+        if not r.events:
+            continue
+        first, rest = r.events[0]["jump"], [e["jump"] for e in r.events[1:]]
+        per_seed[r.seed] = f"{first:.1f} nats" + (f" vs at most {max(rest):.1f} at later growths" if rest else "")
+        big.append(bool(rest) and first > max(rest))
+    if not per_seed:
+        return Claim("Large spike at Approach 2's cut", study, "-", "pending")
+    verdict = "reproduced" if all(big) and all(r.finished for r in runs) else (
+        "pending: runs unfinished" if not all(r.finished for r in runs) else "not reproduced")
+    return Claim("Large spike at Approach 2's cut", study, "probe loss jump at the cut: " + _seeds_text(per_seed),
+                 verdict)
+
+
+def _time_claim(records: Sequence[RunRecord]) -> Claim:
+    runs = [r for r in _by_seed(records, APPROACH1).values()]
+    study = f"{STUDY_TRAIN_SECONDS:.2f} s of training for Approach 1 (hardware not stated)"
+    if not runs:
+        return Claim("Training time", study, "-", "pending")
+    per_seed = {}
+    for r in runs:
+        times = [row.get("train_time", row.get("epoch_time", 0.0)) for row in r.history]
+        per_seed[r.seed] = (f"{sum(times):.0f} s over {len(times)} epochs (median epoch {statistics.median(times):.1f} s"
+                            f", x{r.epochs} = {statistics.median(times) * r.epochs:.0f} s)")
+    return Claim("Training time", study, "training steps of Approach 1: " + _seeds_text(per_seed),
+                 "not comparable (other hardware; the study's is not stated)"
+                 if all(r.finished for r in runs) else "pending: runs unfinished")
+
+
+def assess(records: Sequence[RunRecord], *, every: int = 25) -> list[Claim]:
+    """One :class:`Claim` per claim of the study, from ``records``."""
+    return [_widths_claim(records, every), _level_claim(records), _crossing_claim(records, every),
+            _spike_claim(records), _cut_claim(records), _time_claim(records)]
+
+
+def final_losses_table(records: Sequence[RunRecord]) -> str:
+    seeds = sorted({r.seed for r in records})
+    lines = ["| model | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---" * (len(seeds) + 1) + "|"]
+    for name in dict.fromkeys(r.name for r in records):
+        runs = _by_seed(records, name)
+        cells = []
+        for s in seeds:
+            r = runs.get(s)
+            cells.append("-" if r is None else f"{r.final_test_loss:.2f}" + (
+                "" if r.finished else f" (epoch {len(r.history)}/{r.epochs})"))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def claims_markdown(records: Sequence[RunRecord], *, every: int = 25) -> str:
+    """The claims table and the final test losses, as markdown."""
+    rows = assess(records, every=every)
+    out = ["| claim | study | growdense | verdict |", "|---|---|---|---|"]
+    out += [f"| {c.claim} | {c.study} | {c.growdense} | {c.verdict} |" for c in rows]
+    out += ["", "Test loss at the last epoch reached (nats per image):", "",
+            final_losses_table(records), "",
+            f"Tolerance of \"level\": the larger of {FLOOR_NATS} nats and the largest spread between seeds of "
+            f"either model's final test loss. \"Stabilises\": the test loss is back at its last pre-growth value "
+            f"within {RECOVERY_EPOCHS} epochs. Epochs are counted from 1."]
+    return "\n".join(out) + "\n"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m growdense.experiments.claims", description=__doc__.split("\n\n")[0])
+    parser.add_argument("roots", nargs="+", type=Path, help="folders holding reproduce outputs (searched recursively)")
+    parser.add_argument("--every", type=int, default=25, help="epochs between growths (default 25, the study's)")
+    parser.add_argument("--out", type=Path, help="write the markdown here (default: print it)")
+    args = parser.parse_args(argv)
+    records = load_records(args.roots)
+    if not records:
+        parser.error(f"no metrics.csv under {', '.join(map(str, args.roots))}")
+    text = claims_markdown(records, every=args.every)
+    if args.out:
+        args.out.write_text(text)
+        print(f"wrote {args.out}")
+    else:
+        print(text, end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

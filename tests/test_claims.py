@@ -1,0 +1,148 @@
+"""The study's claims assessed from reproduce output folders (growdense.experiments.claims).
+
+The folders are written by hand here, with histories whose verdicts are known, so each
+rule (level within the tolerance, the crossing epoch, pending runs, the widths of Tables 1
+and 2, the spikes and their recovery) is checked against a case built to pass or fail it.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from growdense.experiments import claims
+from growdense.experiments.output import write_csv
+
+EVERY, EPOCHS = 2, 16  # 8 phases, 7 growths: the study's schedule at 1/12.5 of its length
+
+
+def widths(name: str, epoch: int) -> tuple[int, int]:
+    p = min(epoch // EVERY, 7)
+    if name == "fixed":
+        return 256, 128
+    if name == "approach2-he-first" and p == 0:
+        return 256, 128
+    return 32 * (p + 1), 16 * (p + 1)
+
+
+def write_run(folder, seed, losses: dict[str, list[float]], *, jumps=None, epochs=EPOCHS, bad_widths=()):
+    """A reproduce output folder: config.json, metrics.csv and growth_events.csv."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps({"config": {"seed": seed, "epochs": epochs, "every": EVERY}}))
+    rows, events = [], []
+    for name, curve in losses.items():
+        for e, loss in enumerate(curve):
+            h1, h2 = widths(name, e)
+            if (name, e) in bad_widths:
+                h1 += 1
+            rows.append({"run": name, "epoch": e, "h1": h1, "h2": h2, "train_loss": loss + 1, "test_loss": loss,
+                         "train_time": 2.0})
+        if name != "fixed":
+            for i, g in enumerate(range(EVERY, min(len(curve), epochs), EVERY)):
+                jump = (jumps or {}).get(name, [10.0] * 7)[i]
+                events.append({"run": name, "index": i + 1, "epoch": g, "jump": jump})
+    write_csv(folder / "metrics.csv", rows)
+    write_csv(folder / "growth_events.csv", events)
+
+
+def decreasing(start: float, end: float, n: int = EPOCHS) -> list[float]:
+    return [start + (end - start) * i / (n - 1) for i in range(n)]
+
+
+def verdicts(root) -> dict[str, claims.Claim]:
+    return {c.claim: c for c in claims.assess(claims.load_records([root]), every=EVERY)}
+
+
+def test_level_within_the_floor_is_reproduced_and_beyond_it_is_not(tmp_path):
+    write_run(tmp_path / "a", 0, {"fixed": decreasing(150, 100), "approach1-he": decreasing(160, 100.3)})
+    assert verdicts(tmp_path)["Approach 1 ends level with Fixed"].verdict.startswith("reproduced")
+    other = tmp_path / "c"
+    write_run(other, 0, {"fixed": decreasing(150, 100), "approach1-he": decreasing(160, 102.0)})
+    c = verdicts(other)["Approach 1 ends level with Fixed"]
+    assert c.verdict.startswith("not reproduced: Approach 1 ends 2.00 nats above Fixed")
+    assert "tolerance 0.50 nats" in c.verdict
+
+
+def test_the_tolerance_widens_to_the_spread_between_seeds(tmp_path):
+    # Fixed's two seeds end 3 nats apart, so a 2-nat gap is within the tolerance.
+    write_run(tmp_path / "s0", 0, {"fixed": decreasing(150, 100), "approach1-he": decreasing(160, 102)})
+    write_run(tmp_path / "s1", 1, {"fixed": decreasing(150, 103), "approach1-he": decreasing(160, 104)})
+    records = claims.load_records([tmp_path])
+    assert claims.tolerance(records, ["approach1-he", "fixed"]) == pytest.approx(3.0)
+    c = verdicts(tmp_path)["Approach 1 ends level with Fixed"]
+    assert c.verdict == "reproduced (2 seeds, tolerance 3.00 nats)"
+
+
+def test_the_crossing_epoch_is_the_first_from_which_approach2_stays_below(tmp_path):
+    fixed = [100.0] * EPOCHS
+    a2 = [101.0] * 5 + [99.0, 101.0] + [97.0] * (EPOCHS - 7)  # below at epoch 6, above at 7, below from 8 on
+    write_run(tmp_path, 0, {"fixed": fixed, "approach2-he-first": a2})
+    rec = {r.name: r for r in claims.load_records([tmp_path])}
+    assert claims.crossing_epoch(rec["approach2-he-first"], rec["fixed"], after=EVERY) == 8
+    c = verdicts(tmp_path)["Approach 2 below Fixed from about epoch 37"]
+    assert "below from epoch 8" in c.growdense and c.verdict.startswith("reproduced")
+
+
+def test_approach2_above_fixed_at_the_end_is_not_reproduced(tmp_path):
+    write_run(tmp_path, 0, {"fixed": [100.0] * EPOCHS, "approach2-he-first": [99.0] * (EPOCHS - 1) + [100.5]})
+    c = verdicts(tmp_path)["Approach 2 below Fixed from about epoch 37"]
+    assert "not below at the end" in c.growdense and c.verdict.startswith("not reproduced")
+
+
+def test_unfinished_runs_are_pending_and_say_how_far_they_are(tmp_path):
+    write_run(tmp_path, 0, {"fixed": decreasing(150, 100)[:9], "approach1-he": decreasing(160, 100)})
+    c = verdicts(tmp_path)["Approach 1 ends level with Fixed"]
+    assert c.verdict == "pending: seed 0: fixed at 9/16 epochs"
+    assert "(epoch 9/16)" in claims.final_losses_table(claims.load_records([tmp_path]))
+
+
+def test_widths_are_checked_every_epoch(tmp_path):
+    write_run(tmp_path / "ok", 0, {"approach1-he": decreasing(160, 100), "approach2-he-first": decreasing(160, 100)})
+    assert verdicts(tmp_path / "ok")["Widths follow Tables 1 and 2"].verdict == "reproduced"
+    write_run(tmp_path / "bad", 0, {"approach2-he-first": decreasing(160, 100)}, bad_widths={("approach2-he-first", 5)})
+    c = verdicts(tmp_path / "bad")["Widths follow Tables 1 and 2"]
+    assert c.verdict == "not reproduced: approach2-he-first seed 0 epoch 6"
+
+
+def test_spikes_and_recovery(tmp_path):
+    # A spike at every growth (epochs 2, 4, ...), each recovered within one epoch.
+    curve = [100.0 - e for e in range(EPOCHS)]
+    write_run(tmp_path / "quick", 0, {"approach1-he": curve})
+    rec = claims.load_records([tmp_path / "quick"])[0]
+    assert claims.recovery_epochs(rec) == [1] * 7
+    assert verdicts(tmp_path / "quick")["Loss spikes at each growth, then stabilises"].verdict == "reproduced"
+    # After the growth at epoch 4 (0-based) the loss stays above its pre-growth level.
+    slow = [100.0, 99.0, 98.0, 97.0] + [97.5] * (EPOCHS - 4)
+    write_run(tmp_path / "slow", 0, {"approach1-he": slow})
+    rec = claims.load_records([tmp_path / "slow"])[0]
+    assert claims.recovery_epochs(rec)[:2] == [1, None]
+    assert verdicts(tmp_path / "slow")["Loss spikes at each growth, then stabilises"].verdict.startswith("not")
+
+
+def test_the_cut_spike_must_be_the_largest(tmp_path):
+    big = [80.0] + [10.0] * 6
+    write_run(tmp_path / "big", 0, {"approach2-he-first": decreasing(160, 100)}, jumps={"approach2-he-first": big})
+    assert verdicts(tmp_path / "big")["Large spike at Approach 2's cut"].verdict == "reproduced"
+    small = [5.0] + [10.0] * 6
+    write_run(tmp_path / "small", 0, {"approach2-he-first": decreasing(160, 100)}, jumps={"approach2-he-first": small})
+    assert verdicts(tmp_path / "small")["Large spike at Approach 2's cut"].verdict == "not reproduced"
+
+
+def test_the_longer_history_of_a_model_wins_and_the_cli_writes_markdown(tmp_path, capsys):
+    write_run(tmp_path / "partial", 0, {"fixed": decreasing(150, 100)[:5]})
+    write_run(tmp_path / "full", 0, {"fixed": decreasing(150, 100), "approach1-he": decreasing(160, 100.2)})
+    records = claims.load_records([tmp_path])
+    assert [len(r.history) for r in records if r.name == "fixed"] == [EPOCHS]
+    out = tmp_path / "claims.md"
+    assert claims.main([str(tmp_path), "--every", str(EVERY), "--out", str(out)]) == 0
+    text = out.read_text()
+    assert text.startswith("| claim | study | growdense | verdict |")
+    assert "| fixed | 100.00 |" in text
+
+
+def test_a_folder_without_its_config_is_an_error(tmp_path):
+    write_run(tmp_path, 0, {"fixed": decreasing(150, 100)})
+    (tmp_path / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="config.json is missing"):
+        claims.load_records([tmp_path])
