@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from growdense.experiments import claims
 from growdense.experiments.output import write_csv
@@ -145,4 +146,35 @@ def test_a_folder_without_its_config_is_an_error(tmp_path):
     write_run(tmp_path, 0, {"fixed": decreasing(150, 100)})
     (tmp_path / "config.json").unlink()
     with pytest.raises(FileNotFoundError, match="config.json is missing"):
+        claims.load_records([tmp_path])
+
+
+def test_checkpoints_give_the_history_so_far_and_export_round_trips(tmp_path):
+    # A per-epoch checkpoint as train_run writes it: the history and events under "extra",
+    # with the run's trajectory (its configuration, values as repr strings).
+    history = [{"run": "fixed", "epoch": e, "h1": 256, "h2": 128, "test_loss": 150.0 - e, "train_time": 1.0}
+               for e in range(6)]
+    extra = {"epoch": 5, "history": history, "events": [],
+             "trajectory": {"run": "fixed", "seed": "3", "epochs": str(EPOCHS), "precision": "'fp32'"}}
+    (tmp_path / "runs" / "checkpoints").mkdir(parents=True)
+    torch.save({"format": "growdense-checkpoint", "extra": extra}, tmp_path / "runs" / "checkpoints" / "fixed.last.pt")
+    write_run(tmp_path / "runs" / "a1", 3, {"approach1-he": decreasing(160, 100)})
+    records = claims.load_records([tmp_path / "runs"])
+    fixed = next(r for r in records if r.name == "fixed")
+    assert (fixed.seed, fixed.epochs, len(fixed.history), fixed.finished) == (3, EPOCHS, 6, False)
+    c = {c.claim: c for c in claims.assess(records, every=EVERY)}["Approach 1 ends level with Fixed"]
+    assert "at epoch 6" in c.growdense and c.verdict == "pending: seed 3: fixed at 6/16 epochs"
+    claims.export(records, tmp_path / "export")
+    again = claims.load_records([tmp_path / "export"])
+    assert [(r.name, r.seed, len(r.history)) for r in again] == [(r.name, r.seed, len(r.history)) for r in records]
+    assert [row["test_loss"] for row in again[1].history] == [row["test_loss"] for row in fixed.history]
+
+
+def test_two_precisions_of_one_model_are_refused(tmp_path):
+    write_run(tmp_path / "fp32", 0, {"fixed": decreasing(150, 100)})
+    write_run(tmp_path / "bf16", 0, {"fixed": decreasing(150, 100)})
+    cfg = json.loads((tmp_path / "bf16" / "config.json").read_text())
+    cfg["config"]["precision"] = "bf16"
+    (tmp_path / "bf16" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="fixed seed 0 was found trained at"):
         claims.load_records([tmp_path])

@@ -1,10 +1,14 @@
 """The study's claims against finished ``growdense reproduce`` runs: one row per claim.
 
 Reads every ``metrics.csv`` under the folders given (with the ``config.json`` and
-``growth_events.csv`` written beside it), across seeds, and writes a markdown table
-claim | study | growdense | verdict, plus the final losses per model and seed::
+``growth_events.csv`` written beside it) and every per-epoch checkpoint
+(``checkpoints/*.last.pt``, which holds a model's history so far), across seeds, and
+writes a markdown table claim | study | growdense | verdict, plus the final losses per
+model and seed; ``--export`` writes the histories it used as metrics.csv and
+growth_events.csv, one folder per seed, which this command reads back::
 
-    python -m growdense.experiments.claims docs/study --out docs/study/claims.md
+    python -m growdense.experiments.claims runs/study-seed0 runs/study-seed1 \
+        --out docs/study/claims.md --export docs/study
 
 What "level" means is stated in the output: two models end level when their final test
 losses differ by no more than the tolerance, the larger of 0.5 nats and the spread between
@@ -23,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-__all__ = ["RunRecord", "Claim", "load_records", "assess", "claims_markdown", "main"]
+__all__ = ["RunRecord", "Claim", "load_records", "assess", "claims_markdown", "export", "main"]
 
 FLOOR_NATS = 0.5  # smallest tolerance for "level": below it, differences are not claimed either way
 RECOVERY_EPOCHS = 5  # "stabilises quickly": the test loss is back at its pre-growth level within this many epochs
@@ -39,6 +43,7 @@ class RunRecord:
     seed: int
     name: str
     epochs: int  # the configured number of epochs
+    precision: str = "fp32"
     history: list[dict[str, float]] = field(default_factory=list)
     events: list[dict[str, float]] = field(default_factory=list)
     evaluation: Optional[dict[str, Any]] = None
@@ -77,11 +82,43 @@ def _read_csv(path: Path) -> list[dict[str, Any]]:
         return [_numbers(r) for r in csv.DictReader(f)]
 
 
+def _checkpoint_records(root: Path) -> list[RunRecord]:
+    import torch
+
+    out = []
+    for path in sorted(Path(root).rglob("*.last.pt")):
+        extra = torch.load(path, map_location="cpu", weights_only=True).get("extra") or {}
+        trajectory = extra.get("trajectory")
+        if not trajectory or "history" not in extra:
+            continue  # not a reproduce checkpoint
+        out.append(RunRecord(
+            seed=int(trajectory["seed"]), name=trajectory["run"], epochs=int(trajectory["epochs"]),
+            precision=str(trajectory.get("precision", "'fp32'")).strip("'\""),
+            history=[dict(r) for r in extra["history"]], events=[dict(e) for e in extra["events"]]))
+    return out
+
+
 def load_records(roots: Sequence[Path]) -> list[RunRecord]:
-    """Every (seed, model) found under ``roots``; where a model appears twice for a seed,
-    the longer history wins."""
+    """Every (seed, model) found under ``roots`` (output folders' CSVs and per-epoch
+    checkpoints); where a model appears twice for a seed, the longer history wins."""
     found: dict[tuple[int, str], RunRecord] = {}
+
+    def add(rec: RunRecord) -> None:
+        key = (rec.seed, rec.name)
+        old = found.get(key)
+        if old is not None and old.precision != rec.precision:
+            raise ValueError(f"{rec.name} seed {rec.seed} was found trained at {old.precision} and at {rec.precision}; "
+                             f"give the folders of one precision")
+        if old is None or len(rec.history) > len(old.history):
+            if old is not None and rec.evaluation is None:
+                rec.evaluation = old.evaluation
+            found[key] = rec
+        elif old.evaluation is None:
+            old.evaluation = rec.evaluation
+
     for root in roots:
+        for rec in _checkpoint_records(root):
+            add(rec)
         for metrics in sorted(Path(root).rglob("metrics.csv")):
             folder = metrics.parent
             config_file = folder / "config.json"
@@ -94,14 +131,12 @@ def load_records(roots: Sequence[Path]) -> list[RunRecord]:
             rows, events = _read_csv(metrics), _read_csv(folder / "growth_events.csv")
             for name in dict.fromkeys(r["run"] for r in rows):
                 rec = RunRecord(
-                    seed=int(cfg["seed"]), name=name, epochs=int(cfg["epochs"]),
+                    seed=int(cfg["seed"]), name=name, epochs=int(cfg["epochs"]), precision=cfg.get("precision", "fp32"),
                     history=sorted((r for r in rows if r["run"] == name), key=lambda r: r["epoch"]),
                     events=[e for e in events if e["run"] == name],
                     evaluation=evaluations.get(name),
                 )
-                key = (rec.seed, name)
-                if key not in found or len(rec.history) > len(found[key].history):
-                    found[key] = rec
+                add(rec)
     return sorted(found.values(), key=lambda r: (r.name, r.seed))
 
 
@@ -196,11 +231,17 @@ def _widths_claim(records: Sequence[RunRecord], every: int) -> Claim:
 def _level_claim(records: Sequence[RunRecord]) -> Claim:
     pairs = _paired(records, APPROACH1, FIXED)
     study = "the two models end at identical loss values, no significant improvement (Fig. 6)"
-    text = _seeds_text({s: f"{a.final_test_loss:.2f} vs {f.final_test_loss:.2f} ({_fmt(a.final_test_loss - f.final_test_loss)})"
-                        for s, (a, f) in pairs.items()})
     pending = _pending(pairs)
     if pending:
-        return Claim("Approach 1 ends level with Fixed", study, text or "-", pending)
+        so_far = {}
+        for s, (a, f) in pairs.items():
+            n = min(len(a.history), len(f.history))
+            la, lf = a.history[n - 1]["test_loss"], f.history[n - 1]["test_loss"]
+            so_far[s] = f"at epoch {n}, {la:.2f} vs {lf:.2f} ({_fmt(la - lf)})"
+        return Claim("Approach 1 ends level with Fixed", study,
+                     ("test loss so far, Approach 1 vs Fixed: " + _seeds_text(so_far)) if so_far else "-", pending)
+    text = _seeds_text({s: f"{a.final_test_loss:.2f} vs {f.final_test_loss:.2f} ({_fmt(a.final_test_loss - f.final_test_loss)})"
+                        for s, (a, f) in pairs.items()})
     tol = tolerance(records, [APPROACH1, FIXED])
     diffs = [a.final_test_loss - f.final_test_loss for a, f in pairs.values()]
     seeds = f" ({len(pairs)} seed{'s' if len(pairs) > 1 else ''}, tolerance {tol:.2f} nats)"
@@ -329,15 +370,43 @@ def claims_markdown(records: Sequence[RunRecord], *, every: int = 25) -> str:
     return "\n".join(out) + "\n"
 
 
+def export(records: Sequence[RunRecord], dest: Path) -> list[Path]:
+    """Write ``records`` as ``dest/seed<k>/{config.json, metrics.csv, growth_events.csv}``."""
+    from .output import write_csv, write_json
+
+    folders = []
+    for seed in sorted({r.seed for r in records}):
+        runs = [r for r in records if r.seed == seed]
+        epochs = {r.epochs for r in runs}
+        if len(epochs) != 1:
+            raise ValueError(f"seed {seed}'s runs were configured for different numbers of epochs {sorted(epochs)}; "
+                             f"export them separately")
+        folder = Path(dest) / f"seed{seed}"
+        folder.mkdir(parents=True, exist_ok=True)
+        precisions = {r.precision for r in runs}
+        write_json(folder / "config.json", {"config": {"seed": seed, "epochs": epochs.pop(), "precision": precisions.pop()}})
+        write_csv(folder / "metrics.csv", [row for r in runs for row in r.history])
+        write_csv(folder / "growth_events.csv", [e for r in runs for e in r.events])
+        folders.append(folder)
+    return folders
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m growdense.experiments.claims", description=__doc__.split("\n\n")[0])
     parser.add_argument("roots", nargs="+", type=Path, help="folders holding reproduce outputs (searched recursively)")
     parser.add_argument("--every", type=int, default=25, help="epochs between growths (default 25, the study's)")
     parser.add_argument("--out", type=Path, help="write the markdown here (default: print it)")
+    parser.add_argument("--export", type=Path, help="also write the histories used, one folder per seed")
     args = parser.parse_args(argv)
-    records = load_records(args.roots)
+    try:
+        records = load_records(args.roots)
+    except (OSError, ValueError) as e:
+        parser.error(str(e))
     if not records:
-        parser.error(f"no metrics.csv under {', '.join(map(str, args.roots))}")
+        parser.error(f"no metrics.csv or checkpoint under {', '.join(map(str, args.roots))}")
+    if args.export:
+        for folder in export(records, args.export):
+            print(f"wrote {folder}")
     text = claims_markdown(records, every=args.every)
     if args.out:
         args.out.write_text(text)
