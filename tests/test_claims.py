@@ -178,3 +178,11 @@ def test_two_precisions_of_one_model_are_refused(tmp_path):
     (tmp_path / "bf16" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="fixed seed 0 was found trained at"):
         claims.load_records([tmp_path])
+
+
+def test_comparisons_are_one_factor_at_a_time_per_seed(tmp_path):
+    write_run(tmp_path, 0, {"approach1-he": decreasing(160, 105), "approach1-zero_out": decreasing(160, 103.5),
+                            "fixed": decreasing(150, 100)})
+    table = claims.comparisons_table(claims.load_records([tmp_path]))
+    assert "(`approach1-zero_out` − `approach1-he`) | seed 0: -1.50 |" in table
+    assert "keep" not in table  # absent models give no row

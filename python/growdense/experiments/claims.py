@@ -357,16 +357,49 @@ def final_losses_table(records: Sequence[RunRecord]) -> str:
     return "\n".join(lines)
 
 
+# One factor at a time: (question, model, against).
+COMPARISONS = [
+    ("Adam state kept at growth (keep) instead of a new Adam (reset), Approach 1", "approach1-he-keep", APPROACH1),
+    ("Adam state kept at growth (keep) instead of a new Adam (reset), Approach 2", "approach2-he-first-keep",
+     APPROACH2),
+    ("function-preserving init (zero_out) instead of He, Approach 1", "approach1-zero_out", APPROACH1),
+    ("function-preserving init (zero_out) instead of He, Approach 2", "approach2-zero_out-first", APPROACH2),
+    ("keep the largest-norm neurons at the cut instead of the first, Approach 2", "approach2-he-norm", APPROACH2),
+    ("grown to 256/128 (Approach 1) against staying at 32/16 from scratch", APPROACH1, "fixed-32x16"),
+]
+
+
+def comparisons_table(records: Sequence[RunRecord]) -> str:
+    """The final test loss of each comparison's model minus its reference's, per seed (only
+    the comparisons with both models present)."""
+    lines = ["| comparison | model − reference, final test loss (nats) |", "|---|---|"]
+    for question, model, ref in COMPARISONS:
+        pairs = _paired(records, model, ref)
+        if not pairs:
+            continue
+        cells = {}
+        for s, (a, b) in pairs.items():
+            n = min(len(a.history), len(b.history))
+            d = a.history[n - 1]["test_loss"] - b.history[n - 1]["test_loss"]
+            cells[s] = _fmt(d) + ("" if a.finished and b.finished else f" (at epoch {n}, unfinished)")
+        lines.append(f"| {question} (`{model}` − `{ref}`) | {_seeds_text(cells)} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def claims_markdown(records: Sequence[RunRecord], *, every: int = 25) -> str:
     """The claims table and the final test losses, as markdown."""
     rows = assess(records, every=every)
     out = ["| claim | study | growdense | verdict |", "|---|---|---|---|"]
     out += [f"| {c.claim} | {c.study} | {c.growdense} | {c.verdict} |" for c in rows]
     out += ["", "Test loss at the last epoch reached (nats per image):", "",
-            final_losses_table(records), "",
-            f"Tolerance of \"level\": the larger of {FLOOR_NATS} nats and the largest spread between seeds of "
-            f"either model's final test loss. \"Stabilises\": the test loss is back at its last pre-growth value "
-            f"within {RECOVERY_EPOCHS} epochs. Epochs are counted from 1."]
+            final_losses_table(records), ""]
+    comparisons = comparisons_table(records)
+    if comparisons:
+        out += ["Beyond the study, one factor at a time (negative: the model ends below its reference):", "",
+                comparisons, ""]
+    out.append(f"Tolerance of \"level\": the larger of {FLOOR_NATS} nats and the largest spread between seeds of "
+               f"either model's final test loss. \"Stabilises\": the test loss is back at its last pre-growth value "
+               f"within {RECOVERY_EPOCHS} epochs. Epochs are counted from 1.")
     return "\n".join(out) + "\n"
 
 
