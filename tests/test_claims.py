@@ -186,3 +186,14 @@ def test_comparisons_are_one_factor_at_a_time_per_seed(tmp_path):
     table = claims.comparisons_table(claims.load_records([tmp_path]))
     assert "(`approach1-zero_out` − `approach1-he`) | seed 0: -1.50 |" in table
     assert "keep" not in table  # absent models give no row
+
+
+def test_estimates_are_read_exported_and_tabled(tmp_path):
+    write_run(tmp_path / "run", 0, {"fixed": decreasing(150, 100)})
+    write_csv(tmp_path / "run" / "estimates.csv",
+              [{"run": "fixed", "epoch": 1, "samples": 100, "images": 500, "gap": 3.5, "logw_var": 9.87}])
+    records = claims.load_records([tmp_path / "run"])
+    assert "| fixed | 0 | 2: 3.50 / 9.9 |" in claims.estimates_table(records)
+    claims.export(records, tmp_path / "export")
+    assert claims.load_records([tmp_path / "export"])[0].estimates[0]["logw_var"] == 9.87
+    assert "K = 100" in claims.claims_markdown(records, every=EVERY)
