@@ -197,3 +197,13 @@ def test_estimates_are_read_exported_and_tabled(tmp_path):
     claims.export(records, tmp_path / "export")
     assert claims.load_records([tmp_path / "export"])[0].estimates[0]["logw_var"] == 9.87
     assert "K = 100" in claims.claims_markdown(records, every=EVERY)
+
+
+def test_the_final_evaluation_is_tabled(tmp_path):
+    write_run(tmp_path, 0, {"fixed": decreasing(150, 100)})
+    var = [{"L": 1, "var": 20.0}, {"L": 100, "var": 0.2}]
+    ev = {"fixed": {"elbo": -100.5, "iwae": {"1000": -96.25}, "variance": var, "logw_variance": var,
+                    "iwae_variance": [{"K": 1, "var": 20.0}, {"K": 100, "var": 0.5}]}}
+    (tmp_path / "evaluation.json").write_text(json.dumps(ev))
+    table = claims.evaluation_table(claims.load_records([tmp_path]))
+    assert "| fixed | 0 | -100.50 | -96.25 | 20 / 0.2 | 20 / 0.2 | 20 / 0.5 |" in table
