@@ -207,3 +207,17 @@ def test_the_final_evaluation_is_tabled(tmp_path):
     (tmp_path / "evaluation.json").write_text(json.dumps(ev))
     table = claims.evaluation_table(claims.load_records([tmp_path]))
     assert "| fixed | 0 | -100.50 | -96.25 | 20 / 0.2 | 20 / 0.2 | 20 / 0.5 |" in table
+
+
+def test_insert_fills_the_marked_block_only(tmp_path):
+    write_run(tmp_path / "run", 0, {"fixed": decreasing(150, 100)})
+    doc = tmp_path / "results.md"
+    doc.write_text("intro\n<!-- claims:begin -->\nold table\n<!-- claims:end -->\noutro\n")
+    assert claims.main([str(tmp_path / "run"), "--every", str(EVERY), "--insert", str(doc)]) == 0
+    text = doc.read_text()
+    assert text.startswith("intro\n<!-- claims:begin -->\n| claim |") and text.endswith("<!-- claims:end -->\noutro\n")
+    assert "old table" not in text
+    doc.write_text("no markers\n")
+    with pytest.raises(SystemExit):
+        claims.main([str(tmp_path / "run"), "--insert", str(doc)])
+    assert doc.read_text() == "no markers\n"

@@ -20,7 +20,7 @@ model() {  # seed, then reproduce options
   growdense reproduce "${common[@]}" --seed "$seed" --out "$runs/study-seed$seed" "$@"
   mkdir -p "$docs"
   python -m growdense.experiments.claims "$runs/study-seed0" $( [ -d "$runs/study-seed1" ] && echo "$runs/study-seed1" ) \
-    --out "$docs/claims.md" --export "$docs"
+    --out "$docs/claims.md" --export "$docs" --insert docs/results.md
 }
 
 model 0 --approach fixed

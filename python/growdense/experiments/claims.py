@@ -1,14 +1,16 @@
-"""The study's claims against finished ``growdense reproduce`` runs: one row per claim.
+"""The study's claims against ``growdense reproduce`` runs: one row per claim.
 
-Reads every ``metrics.csv`` under the folders given (with the ``config.json`` and
-``growth_events.csv`` written beside it) and every per-epoch checkpoint
-(``checkpoints/*.last.pt``, which holds a model's history so far), across seeds, and
-writes a markdown table claim | study | growdense | verdict, plus the final losses per
-model and seed; ``--export`` writes the histories it used as metrics.csv and
-growth_events.csv, one folder per seed, which this command reads back::
+Reads every ``metrics.csv`` under the folders given (with the ``config.json``,
+``growth_events.csv``, ``estimates.csv`` and ``evaluation.json`` written beside it) and
+every per-epoch checkpoint (``checkpoints/*.last.pt``, which holds a model's history so
+far), across seeds, and writes a markdown table claim | study | growdense | verdict, the
+final losses per model and seed, the comparisons beyond the study and the estimators of
+section 3.4. ``--export`` writes the histories it used (one folder per seed, which this
+command reads back); ``--insert`` puts the markdown between ``<!-- claims:begin -->`` and
+``<!-- claims:end -->`` in a file::
 
     python -m growdense.experiments.claims runs/study-seed0 runs/study-seed1 \
-        --out docs/study/claims.md --export docs/study
+        --out docs/study/claims.md --export docs/study --insert docs/results.md
 
 What "level" means is stated in the output: two models end level when their final test
 losses differ by no more than the tolerance, the larger of 0.5 nats and the spread between
@@ -475,12 +477,27 @@ def export(records: Sequence[RunRecord], dest: Path) -> list[Path]:
     return folders
 
 
+BEGIN, END = "<!-- claims:begin -->", "<!-- claims:end -->"
+
+
+def insert(text: str, path: Path) -> None:
+    """Replace what lies between the markers ``<!-- claims:begin -->`` and
+    ``<!-- claims:end -->`` in the markdown file ``path`` with ``text``."""
+    doc = Path(path).read_text()
+    start, end = doc.find(BEGIN), doc.find(END)
+    if start < 0 or end < start:
+        raise ValueError(f"{path} has no {BEGIN} ... {END} block to fill; add the two markers where the claims go")
+    Path(path).write_text(doc[: start + len(BEGIN)] + "\n" + text + doc[end:])
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m growdense.experiments.claims", description=__doc__.split("\n\n")[0])
     parser.add_argument("roots", nargs="+", type=Path, help="folders holding reproduce outputs (searched recursively)")
     parser.add_argument("--every", type=int, default=25, help="epochs between growths (default 25, the study's)")
     parser.add_argument("--out", type=Path, help="write the markdown here (default: print it)")
     parser.add_argument("--export", type=Path, help="also write the histories used, one folder per seed")
+    parser.add_argument("--insert", type=Path, action="append", default=[],
+                        help="also put the markdown between the claims markers of this file (repeatable)")
     args = parser.parse_args(argv)
     try:
         records = load_records(args.roots)
@@ -492,10 +509,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for folder in export(records, args.export):
             print(f"wrote {folder}")
     text = claims_markdown(records, every=args.every)
+    for path in args.insert:
+        try:
+            insert(text, path)
+        except (OSError, ValueError) as e:
+            parser.error(str(e))
+        print(f"updated {path}")
     if args.out:
         args.out.write_text(text)
         print(f"wrote {args.out}")
-    else:
+    elif not args.insert:
         print(text, end="")
     return 0
 
