@@ -101,6 +101,8 @@ def test_unfinished_runs_are_pending_and_say_how_far_they_are(tmp_path):
 def test_widths_are_checked_every_epoch(tmp_path):
     write_run(tmp_path / "ok", 0, {"approach1-he": decreasing(160, 100), "approach2-he-first": decreasing(160, 100)})
     assert verdicts(tmp_path / "ok")["Widths follow Tables 1 and 2"].verdict == "reproduced"
+    write_run(tmp_path / "part", 0, {"approach1-he": decreasing(160, 100)[:7]})
+    assert verdicts(tmp_path / "part")["Widths follow Tables 1 and 2"].verdict == "reproduced so far"
     write_run(tmp_path / "bad", 0, {"approach2-he-first": decreasing(160, 100)}, bad_widths={("approach2-he-first", 5)})
     c = verdicts(tmp_path / "bad")["Widths follow Tables 1 and 2"]
     assert c.verdict == "not reproduced: approach2-he-first seed 0 epoch 6"
