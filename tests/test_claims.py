@@ -223,3 +223,40 @@ def test_insert_fills_the_marked_block_only(tmp_path):
     with pytest.raises(SystemExit):
         claims.main([str(tmp_path / "run"), "--insert", str(doc)])
     assert doc.read_text() == "no markers\n"
+
+
+@pytest.mark.parametrize("name", ["fixed", "fixed-32x16", "approach1-he", "approach1-zero_out-keep",
+                                  "approach2-he-first", "approach2-zero_out-norm-keep"])
+def test_run_names_parse_back_to_their_spec(name):
+    from growdense.experiments.config import RunSpec
+
+    assert RunSpec.from_name(name).name == name
+
+
+@pytest.mark.parametrize("name", ["fixed-32", "approach3-he", "approach1", "fixed-axb"])
+def test_a_name_that_is_no_run_is_refused(name):
+    from growdense.experiments.config import RunSpec
+
+    with pytest.raises(ValueError, match="is not the name of a reproduce run"):
+        RunSpec.from_name(name)
+
+
+def test_figures_are_drawn_from_checkpoints_with_their_batch_losses(tmp_path):
+    pytest.importorskip("matplotlib")
+    per_epoch = 5
+    for name, (start, end) in {"fixed": (150, 100), "approach1-he": (160, 101)}.items():
+        curve = decreasing(start, end)
+        history = [{"run": name, "epoch": e, "h1": widths(name, e)[0], "h2": widths(name, e)[1],
+                    "train_loss": v + 1, "test_loss": v, "train_time": 1.0} for e, v in enumerate(curve)]
+        events = [] if name == "fixed" else [{"run": name, "index": i + 1, "epoch": g, "step": g * per_epoch,
+                                              "jump": 10.0} for i, g in enumerate(range(EVERY, EPOCHS, EVERY))]
+        steps = torch.tensor([v + 1 for v in curve for _ in range(per_epoch)], dtype=torch.float64)
+        extra = {"history": history, "events": events, "estimates": [], "steps": steps,
+                 "trajectory": {"run": name, "seed": "0", "epochs": str(EPOCHS), "precision": "'fp32'"}}
+        (tmp_path / "checkpoints").mkdir(exist_ok=True)
+        torch.save({"extra": extra}, tmp_path / "checkpoints" / f"{name}.last.pt")
+    paths = claims.figures(claims.load_records([tmp_path]), tmp_path / "figures", spike_window=2)
+    names = {p.name for p in paths}
+    assert {"fixed_loss.png", "approach1_loss_elbo.png", "growth_spikes.png", "batch_losses.png"} <= names
+    assert "approach2_loss_elbo.png" not in names  # no Approach 2 run
+    assert all(p.stat().st_size > 10_000 and p.parent == tmp_path / "figures" / "seed0" for p in paths)

@@ -6,11 +6,12 @@ every per-epoch checkpoint (``checkpoints/*.last.pt``, which holds a model's his
 far), across seeds, and writes a markdown table claim | study | growdense | verdict, the
 final losses per model and seed, the comparisons beyond the study and the estimators of
 section 3.4. ``--export`` writes the histories it used (one folder per seed, which this
-command reads back); ``--insert`` puts the markdown between ``<!-- claims:begin -->`` and
-``<!-- claims:end -->`` in a file::
+command reads back); ``--figures`` draws the study's Figures 4, 6 and 7 (and more) from the
+checkpoints' mini-batch losses; ``--insert`` puts the markdown between
+``<!-- claims:begin -->`` and ``<!-- claims:end -->`` in a file::
 
-    python -m growdense.experiments.claims runs/study-seed0 runs/study-seed1 \
-        --out docs/study/claims.md --export docs/study --insert docs/results.md
+    python -m growdense.experiments.claims runs/study-seed0 runs/study-seed1 --out docs/study/claims.md \
+        --export docs/study --figures docs/study/figures --insert docs/results.md
 
 What "level" means is stated in the output: two models end level when their final test
 losses differ by no more than the tolerance, the larger of 0.5 nats and the spread between
@@ -29,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-__all__ = ["RunRecord", "Claim", "load_records", "assess", "claims_markdown", "export", "main"]
+__all__ = ["RunRecord", "Claim", "load_records", "assess", "claims_markdown", "export", "figures", "main"]
 
 FLOOR_NATS = 0.5  # smallest tolerance for "level": below it, differences are not claimed either way
 RECOVERY_EPOCHS = 5  # "stabilises quickly": the test loss is back at its pre-growth level within this many epochs
@@ -49,6 +50,7 @@ class RunRecord:
     history: list[dict[str, float]] = field(default_factory=list)
     events: list[dict[str, float]] = field(default_factory=list)
     estimates: list[dict[str, float]] = field(default_factory=list)  # IWAE gap and Var log w during training
+    steps: list[float] = field(default_factory=list)  # every mini-batch's training loss (checkpoints only)
     evaluation: Optional[dict[str, Any]] = None
 
     @property
@@ -98,7 +100,8 @@ def _checkpoint_records(root: Path) -> list[RunRecord]:
             seed=int(trajectory["seed"]), name=trajectory["run"], epochs=int(trajectory["epochs"]),
             precision=str(trajectory.get("precision", "'fp32'")).strip("'\""),
             history=[dict(r) for r in extra["history"]], events=[dict(e) for e in extra["events"]],
-            estimates=[dict(e) for e in extra.get("estimates", [])]))
+            estimates=[dict(e) for e in extra.get("estimates", [])],
+            steps=[float(v) for v in extra.get("steps", [])]))
     return out
 
 
@@ -479,6 +482,29 @@ def export(records: Sequence[RunRecord], dest: Path) -> list[Path]:
     return folders
 
 
+def figures(records: Sequence[RunRecord], dest: Path, *, spike_window: int = 10) -> list[Path]:
+    """The study's Figures 4, 6 and 7 (and the growth spikes, every mini-batch loss, the IWAE
+    gap) per seed, from the records that carry their mini-batch losses (per-epoch checkpoints),
+    under ``dest/seed<k>/``."""
+    from .config import RunSpec
+    from .plots import training_figures
+    from .training import add_spikes
+
+    written = []
+    for seed in sorted({r.seed for r in records}):
+        results = []
+        for r in records:
+            if r.seed != seed or not r.steps:
+                continue
+            events = [dict(e) for e in r.events]
+            add_spikes(events, r.steps, spike_window)
+            results.append({"spec": RunSpec.from_name(r.name), "history": r.history, "steps": r.steps,
+                            "events": events, "estimates": r.estimates})
+        if results:
+            written += training_figures(Path(dest) / f"seed{seed}", results)
+    return written
+
+
 BEGIN, END = "<!-- claims:begin -->", "<!-- claims:end -->"
 
 
@@ -498,6 +524,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--every", type=int, default=25, help="epochs between growths (default 25, the study's)")
     parser.add_argument("--out", type=Path, help="write the markdown here (default: print it)")
     parser.add_argument("--export", type=Path, help="also write the histories used, one folder per seed")
+    parser.add_argument("--figures", type=Path, help="also draw the training figures (Figures 4, 6, 7, ...) of the "
+                        "models whose checkpoints were read, one folder per seed")
     parser.add_argument("--insert", type=Path, action="append", default=[],
                         help="also put the markdown between the claims markers of this file (repeatable)")
     args = parser.parse_args(argv)
@@ -511,6 +539,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for folder in export(records, args.export):
             print(f"wrote {folder}")
     text = claims_markdown(records, every=args.every)
+    if args.figures:
+        for path in figures(records, args.figures):
+            print(f"wrote {path}")
     for path in args.insert:
         try:
             insert(text, path)

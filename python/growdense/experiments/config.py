@@ -92,6 +92,27 @@ class RunSpec:
         name = f"approach1-{self.init}" if self.approach == "1" else f"approach2-{self.init}-{self.keep}"
         return name if self.optimizer_state == "reset" else f"{name}-{self.optimizer_state}"
 
+    @classmethod
+    def from_name(cls, name: str) -> "RunSpec":
+        """The spec whose :attr:`name` is ``name`` (``fixed``, ``fixed-32x16``,
+        ``approach1-he``, ``approach2-zero_out-norm-keep``, ...)."""
+        parts = name.split("-")
+        try:
+            if parts[0] == "fixed" and len(parts) <= 2:
+                if len(parts) == 1:
+                    return cls("fixed")
+                h1, h2 = parts[1].split("x")
+                return cls("fixed", widths=(int(h1), int(h2)))
+            if parts[0] == "approach1" and len(parts) in (2, 3):
+                return cls("1", init=parts[1], **({"optimizer_state": parts[2]} if len(parts) == 3 else {}))
+            if parts[0] == "approach2" and len(parts) in (3, 4):
+                return cls("2", init=parts[1], keep=parts[2],
+                           **({"optimizer_state": parts[3]} if len(parts) == 4 else {}))
+        except ValueError:
+            pass
+        raise ValueError(f"{name!r} is not the name of a reproduce run (fixed, fixed-<h1>x<h2>, "
+                         f"approach1-<init>[-<state>], approach2-<init>-<keep>[-<state>])")
+
 
 def run_specs(cfg: ReproduceConfig) -> list[RunSpec]:
     """The models to train: Fixed (at each of ``fixed_widths``); Approach 1 per init, then per

@@ -7,7 +7,7 @@ from typing import Any, Sequence
 
 import torch
 
-__all__ = ["write_figures"]
+__all__ = ["write_figures", "training_figures"]
 
 _COLORS = {"fixed": "tab:blue", "approach1-he": "tab:red", "approach1-zero_out": "tab:orange",
            "approach1-split": "tab:brown", "approach2-he-first": "tab:green",
@@ -228,20 +228,29 @@ def _gap(path: Path, results: Sequence[dict[str, Any]]) -> None:
     _save(fig, path)
 
 
-def write_figures(out: Path, results: Sequence[dict[str, Any]], evaluations: dict[str, Any], test: torch.Tensor,
-                  cfg: Any) -> list[Path]:
-    """Write every figure of a reproduction under ``out/figures``; return their paths."""
-    from torchvision.utils import save_image
-
-    fig_dir = Path(out) / "figures"
+def training_figures(fig_dir: Path, results: Sequence[dict[str, Any]]) -> list[Path]:
+    """The figures drawn from the training records alone (``spec``, ``history``, ``steps``,
+    ``events`` with their spikes, ``estimates``): the study's Figures 4, 6 and 7, the growth
+    spikes, every mini-batch loss and the IWAE gap. Figures whose models are absent are skipped."""
+    fig_dir = Path(fig_dir)
     fig_dir.mkdir(parents=True, exist_ok=True)
     _fixed_loss(fig_dir / "fixed_loss.png", results)
     _curves(fig_dir / "approach1_loss_elbo.png", results, "1", "Approach 1 vs Fixed (study's Figure 6)")
     _curves(fig_dir / "approach2_loss_elbo.png", results, "2", "Approach 2 vs Fixed (study's Figure 7)")
     _steps(fig_dir / "growth_spikes.png", results)
     _step_curves(fig_dir / "batch_losses.png", results)
-    _variance(fig_dir / "elbo_variance_iwae.png", evaluations)
     _gap(fig_dir / "iwae_gap.png", results)
+    return sorted(fig_dir.glob("*.png"))
+
+
+def write_figures(out: Path, results: Sequence[dict[str, Any]], evaluations: dict[str, Any], test: torch.Tensor,
+                  cfg: Any) -> list[Path]:
+    """Write every figure of a reproduction under ``out/figures``; return their paths."""
+    from torchvision.utils import save_image
+
+    fig_dir = Path(out) / "figures"
+    training_figures(fig_dir, results)
+    _variance(fig_dir / "elbo_variance_iwae.png", evaluations)
     # Figure 5: first row the test digits, then one row per model (posterior-mean reconstructions)
     x = test[:16]
     rows = [x] + [r["model"].reconstruct(x) for r in results]

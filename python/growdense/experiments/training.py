@@ -12,7 +12,7 @@ import contextlib
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -25,7 +25,7 @@ from ..schedule import GrowthSchedule
 from ..wiring import Wiring
 from .config import ReproduceConfig, RunSpec, gap_epochs, make_schedule
 
-__all__ = ["autocast", "apply_growth", "train_epoch", "evaluate_loss", "build_run", "train_run",
+__all__ = ["autocast", "apply_growth", "train_epoch", "evaluate_loss", "build_run", "train_run", "add_spikes",
            "ResumeError", "checkpoint_path", "check_resumable"]
 
 # Configuration fields that decide a run's trajectory: a checkpoint only resumes a run whose
@@ -177,6 +177,19 @@ def check_resumable(spec: RunSpec, cfg: ReproduceConfig, checkpoint_dir: Path) -
     return True
 
 
+def add_spikes(events: list[dict[str, Any]], steps: Sequence[float], window: int) -> None:
+    """Give each growth event its training-loss spike: the largest batch loss of the ``window``
+    steps from the growth on (``post_max``) minus the mean of the ``window`` steps before it
+    (``pre_mean``)."""
+    for ev in events:
+        s = int(ev["step"])
+        pre = steps[max(0, s - window) : s]
+        post = steps[s : s + window]
+        ev["pre_mean"] = sum(pre) / len(pre) if pre else float("nan")
+        ev["post_max"] = max(post) if post else float("nan")
+        ev["spike"] = ev["post_max"] - ev["pre_mean"]
+
+
 def train_run(
     spec: RunSpec,
     cfg: ReproduceConfig,
@@ -264,13 +277,6 @@ def train_run(
         if on_epoch is not None:
             on_epoch(row)
 
-    w = cfg.spike_window
-    for ev_ in events:
-        s = ev_["step"]
-        pre = steps[max(0, s - w) : s]
-        post = steps[s : s + w]
-        ev_["pre_mean"] = sum(pre) / len(pre) if pre else float("nan")
-        ev_["post_max"] = max(post) if post else float("nan")
-        ev_["spike"] = ev_["post_max"] - ev_["pre_mean"]
+    add_spikes(events, steps, cfg.spike_window)
     return {"spec": spec, "history": history, "steps": steps, "events": events, "estimates": estimates,
             "wall_time": wall, "model": model}
