@@ -3,8 +3,7 @@
 # seed 1's, then seed 0's comparisons. Every line resumes from its per-epoch checkpoints, so
 # the script can be stopped at any point and run again. After each model it refreshes the
 # claims table, the per-epoch metrics and the training figures (claims.md, seed*/ and
-# figures/seed*/ under $STUDY_DOCS, and the
-# claims block of results.md beside it).
+# figures/seed*/ under $STUDY_DOCS, and the claims block of results.md beside it).
 #
 #   tools/run_study.sh DATA_DIR [RUNS_DIR] [STUDY_DOCS]
 #
