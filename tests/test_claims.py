@@ -209,6 +209,8 @@ def test_the_final_evaluation_is_tabled(tmp_path):
     (tmp_path / "evaluation.json").write_text(json.dumps(ev))
     table = claims.evaluation_table(claims.load_records([tmp_path]))
     assert "| fixed | 0 | -100.50 | -96.25 | 20 / 0.2 | 20 / 0.2 | 20 / 0.5 |" in table
+    claims.export(claims.load_records([tmp_path]), tmp_path / "export")
+    assert claims.load_records([tmp_path / "export"])[0].evaluation == ev["fixed"]
 
 
 def test_insert_fills_the_marked_block_only(tmp_path):

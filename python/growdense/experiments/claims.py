@@ -461,7 +461,8 @@ def claims_markdown(records: Sequence[RunRecord], *, every: int = 25) -> str:
 
 
 def export(records: Sequence[RunRecord], dest: Path) -> list[Path]:
-    """Write ``records`` as ``dest/seed<k>/{config.json, metrics.csv, growth_events.csv}``."""
+    """Write ``records`` as ``dest/seed<k>/{config.json, metrics.csv, growth_events.csv,
+    estimates.csv, evaluation.json}`` (the last only for models that have one)."""
     from .output import write_csv, write_json
 
     folders = []
@@ -478,6 +479,9 @@ def export(records: Sequence[RunRecord], dest: Path) -> list[Path]:
         write_csv(folder / "metrics.csv", [row for r in runs for row in r.history])
         write_csv(folder / "growth_events.csv", [e for r in runs for e in r.events])
         write_csv(folder / "estimates.csv", [e for r in runs for e in r.estimates])
+        evaluations = {r.name: r.evaluation for r in runs if r.evaluation}
+        if evaluations:
+            write_json(folder / "evaluation.json", evaluations)
         folders.append(folder)
     return folders
 
