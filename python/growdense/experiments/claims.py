@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from .output import markdown_table
+
 __all__ = ["RunRecord", "Claim", "load_records", "assess", "claims_markdown", "export", "figures", "main"]
 
 FLOOR_NATS = 0.5  # smallest tolerance for "level": below it, differences are not claimed either way
@@ -154,7 +156,7 @@ def _by_seed(records: Sequence[RunRecord], name: str) -> dict[int, RunRecord]:
 
 
 def _fmt(v: float, digits: int = 2) -> str:
-    return f"{v:+.{digits}f}" if v < 0 or v > 0 else f"{v:.{digits}f}"
+    return f"{v:+.{digits}f}" if v else f"{v:.{digits}f}"  # no sign on zero
 
 
 def _seeds_text(values: dict[int, str]) -> str:
@@ -356,7 +358,7 @@ def assess(records: Sequence[RunRecord], *, every: int = 25) -> list[Claim]:
 
 def final_losses_table(records: Sequence[RunRecord]) -> str:
     seeds = sorted({r.seed for r in records})
-    lines = ["| model | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---" * (len(seeds) + 1) + "|"]
+    rows = []
     for name in dict.fromkeys(r.name for r in records):
         runs = _by_seed(records, name)
         cells = []
@@ -364,8 +366,8 @@ def final_losses_table(records: Sequence[RunRecord]) -> str:
             r = runs.get(s)
             cells.append("-" if r is None else f"{r.final_test_loss:.2f}" + (
                 "" if r.finished else f" (epoch {len(r.history)}/{r.epochs})"))
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        rows.append([name] + cells)
+    return markdown_table(["model"] + [f"seed {s}" for s in seeds], rows)
 
 
 # One factor at a time: (question, model, against).
@@ -383,7 +385,7 @@ COMPARISONS = [
 def comparisons_table(records: Sequence[RunRecord]) -> str:
     """The final test loss of each comparison's model minus its reference's, per seed (only
     the comparisons with both models present)."""
-    lines = ["| comparison | model − reference, final test loss (nats) |", "|---|---|"]
+    rows = []
     for question, model, ref in COMPARISONS:
         pairs = _paired(records, model, ref)
         if not pairs:
@@ -393,19 +395,16 @@ def comparisons_table(records: Sequence[RunRecord]) -> str:
             n = min(len(a.history), len(b.history))
             d = a.history[n - 1]["test_loss"] - b.history[n - 1]["test_loss"]
             cells[s] = _fmt(d) + ("" if a.finished and b.finished else f" (at epoch {n}, unfinished)")
-        lines.append(f"| {question} (`{model}` − `{ref}`) | {_seeds_text(cells)} |")
-    return "\n".join(lines) if len(lines) > 2 else ""
+        rows.append([f"{question} (`{model}` − `{ref}`)", _seeds_text(cells)])
+    return markdown_table(["comparison", "model − reference, final test loss (nats)"], rows) if rows else ""
 
 
 def estimates_table(records: Sequence[RunRecord]) -> str:
     """Per model and seed, at each measured epoch: the IWAE gap (IWAE bound − ELBO) and the
     variance of log w = log p(x, z) − log q(z | x) under q (Eq. 3.3), both on test images."""
-    lines = ["| model | seed | epoch: IWAE gap (nats) / Var log w |", "|---|---|---|"]
-    for r in records:
-        if r.estimates:
-            cells = ", ".join(f"{int(e['epoch']) + 1}: {e['gap']:.2f} / {e['logw_var']:.1f}" for e in r.estimates)
-            lines.append(f"| {r.name} | {r.seed} | {cells} |")
-    return "\n".join(lines) if len(lines) > 2 else ""
+    rows = [[r.name, r.seed, ", ".join(f"{int(e['epoch']) + 1}: {e['gap']:.2f} / {e['logw_var']:.1f}"
+                                       for e in r.estimates)] for r in records if r.estimates]
+    return markdown_table(["model", "seed", "epoch: IWAE gap (nats) / Var log w"], rows) if rows else ""
 
 
 def _var_at(rows: Sequence[dict[str, Any]], key: str, n: int) -> str:
@@ -416,44 +415,43 @@ def _var_at(rows: Sequence[dict[str, Any]], key: str, n: int) -> str:
 def evaluation_table(records: Sequence[RunRecord]) -> str:
     """The final models' evaluation (``evaluation.json``): test ELBO and IWAE bound, and the
     variance of three estimators of log p(x) at 1 and 100 samples."""
-    lines = ["| model | seed | ELBO | IWAE K=1000 | Var, study's estimator, L=1 / 100 | "
-             "Var, mean of log w, L=1 / 100 | Var, IWAE, K=1 / 100 |", "|---|---|---|---|---|---|---|"]
+    rows = []
     for r in records:
         ev = r.evaluation
         if not ev:
             continue
         iwae = ev.get("iwae", {}).get("1000")
-        lines.append(
-            f"| {r.name} | {r.seed} | {ev['elbo']:.2f} | {'-' if iwae is None else f'{iwae:.2f}'} | "
-            f"{_var_at(ev.get('variance'), 'L', 1)} / {_var_at(ev.get('variance'), 'L', 100)} | "
-            f"{_var_at(ev.get('logw_variance'), 'L', 1)} / {_var_at(ev.get('logw_variance'), 'L', 100)} | "
-            f"{_var_at(ev.get('iwae_variance'), 'K', 1)} / {_var_at(ev.get('iwae_variance'), 'K', 100)} |")
-    return "\n".join(lines) if len(lines) > 2 else ""
+        rows.append([r.name, r.seed, f"{ev['elbo']:.2f}", "-" if iwae is None else f"{iwae:.2f}"] + [
+            f"{_var_at(ev.get(key), n, 1)} / {_var_at(ev.get(key), n, 100)}"
+            for key, n in (("variance", "L"), ("logw_variance", "L"), ("iwae_variance", "K"))])
+    header = ["model", "seed", "ELBO", "IWAE K=1000", "Var, study's estimator, L=1 / 100",
+              "Var, mean of log w, L=1 / 100", "Var, IWAE, K=1 / 100"]
+    return markdown_table(header, rows) if rows else ""
 
 
 def claims_markdown(records: Sequence[RunRecord], *, every: int = 25) -> str:
     """The claims table and the final test losses, as markdown."""
     rows = assess(records, every=every)
-    out = ["| claim | study | growdense | verdict |", "|---|---|---|---|"]
-    out += [f"| {c.claim} | {c.study} | {c.growdense} | {c.verdict} |" for c in rows]
-    out += ["", "Test loss at the last epoch reached (nats per image):", "",
-            final_losses_table(records), ""]
+    out = [markdown_table(["claim", "study", "growdense", "verdict"],
+                          [[c.claim, c.study, c.growdense, c.verdict] for c in rows]),
+           "Test loss at the last epoch reached (nats per image):", "",
+           final_losses_table(records)]
     comparisons = comparisons_table(records)
     if comparisons:
         out += ["Beyond the study, one factor at a time (negative: the model ends below its reference):", "",
-                comparisons, ""]
+                comparisons]
     evaluation = evaluation_table(records)
     if evaluation:
         out += ["The final models on the test set (`evaluation.json`; nats per image; variances of an estimate of "
                 "log p(x) over independent draws, per image, averaged over the images; the study's estimator is "
-                "the L-sample reconstruction term plus the analytic KL):", "", evaluation, ""]
+                "the L-sample reconstruction term plus the analytic KL):", "", evaluation]
     estimates = estimates_table(records)
     if estimates:
         first = next(r for r in records if r.estimates).estimates[0]
         out += [f"Section 3.4, measured during training on {int(first['images'])} test images: the IWAE gap with "
                 f"K = {int(first['samples'])}, and the variance of log w over K = {int(first['samples'])} samples "
                 "from q(z | x), per image, averaged over the images. Both go to 0 as q(z | x) approaches the "
-                "posterior:", "", estimates, ""]
+                "posterior:", "", estimates]
     out.append(f"Tolerance of \"level\": the larger of {FLOOR_NATS} nats and the largest spread between seeds of "
                f"either model's final test loss. \"Stabilises\": the test loss is back at its last pre-growth value "
                f"within {RECOVERY_EPOCHS} epochs. Epochs are counted from 1.")

@@ -1,4 +1,4 @@
-"""Writing a reproduction's files: CSV tables and strict JSON."""
+"""Writing a reproduction's files: CSV tables, strict JSON and markdown tables."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
-__all__ = ["write_csv", "write_json", "jsonable"]
+__all__ = ["write_csv", "write_json", "jsonable", "markdown_table"]
 
 
 def write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
@@ -38,3 +38,10 @@ def jsonable(obj: Any) -> Any:
 
 def write_json(path: Path, obj: Any) -> None:
     Path(path).write_text(json.dumps(jsonable(obj), indent=2, allow_nan=False))
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A markdown table (``None`` cells empty), ending with a newline."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join("" if v is None else str(v) for v in r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"

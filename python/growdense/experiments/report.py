@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
+from .output import markdown_table
+
 __all__ = ["width_table", "write_tables", "write_summary"]
 
 
@@ -29,12 +31,6 @@ def width_table(result: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def _md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join("" if v is None else str(v) for v in r) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
-
-
 def _tables_md(results: Sequence[dict[str, Any]]) -> str:
     parts = []
     for approach, label in (("1", "Table 1: Approach 1"), ("2", "Table 2: Approach 2")):
@@ -45,7 +41,7 @@ def _tables_md(results: Sequence[dict[str, Any]]) -> str:
         rows = width_table(r)
         same = all(width_table(o) == rows for o in runs[1:])
         parts.append(f"### {label} (widths of the encoder hidden layers, from `{r['spec'].name}`'s metrics)\n")
-        parts.append(_md_table(["growth", "epochs", "hidden layer 1", "hidden layer 2", "active parameters"],
+        parts.append(markdown_table(["growth", "epochs", "hidden layer 1", "hidden layer 2", "active parameters"],
                                [[x["growth"], x["epochs"], x["h1"], x["h2"], x["params"]] for x in rows]))
         if len(runs) > 1:
             parts.append(f"\nThe other Approach {approach} runs ({', '.join(o['spec'].name for o in runs[1:])}) "
@@ -98,7 +94,7 @@ def write_summary(out: Path, meta: dict[str, Any], results: Sequence[dict[str, A
     lines.append("## Results per model\n")
     lines.append(f"ELBO and IWAE bounds (nats per image, higher is better) on the first "
                  f"{next(iter(evaluations.values()))['iwae_images'] if evaluations else 0} test images.\n")
-    lines.append(_md_table(header, rows))
+    lines.append(markdown_table(header, rows))
 
     if "fixed" in by:
         fixed = by["fixed"]["history"]
@@ -119,7 +115,7 @@ def write_summary(out: Path, meta: dict[str, Any], results: Sequence[dict[str, A
             tail = max(1, n // 8)
             rows.append([name, _f(diff[-1]), _f(sum(diff[-tail:]) / tail), first_below, stays,
                          f"{len(below)}/{n - first_event}"])
-        lines.append(_md_table(["model", "final difference", f"mean difference, last {max(1, len(fixed) // 8)} "
+        lines.append(markdown_table(["model", "final difference", f"mean difference, last {max(1, len(fixed) // 8)} "
                                 "epochs", "first epoch below Fixed (from the first growth)",
                                 "below Fixed at every epoch from", "epochs below / epochs since first growth"],
                                rows))
@@ -134,7 +130,7 @@ def write_summary(out: Path, meta: dict[str, Any], results: Sequence[dict[str, A
         for e in r["events"]:
             rows.append([name, e["index"], e["epoch"], f"{e['h1_before']}/{e['h2_before']} -> {e['h1']}/{e['h2']}",
                          _f(e["probe_before"]), _f(e["probe_after"]), _f(e["jump"]), _f(e["spike"])])
-    lines.append(_md_table(["model", "event", "epoch", "widths", "probe before", "probe after", "jump", "spike"],
+    lines.append(markdown_table(["model", "event", "epoch", "widths", "probe before", "probe after", "jump", "spike"],
                            rows))
     rows = []
     for name, r in by.items():
@@ -145,7 +141,7 @@ def write_summary(out: Path, meta: dict[str, Any], results: Sequence[dict[str, A
         mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
         rows.append([name, _f(ev[0]["jump"]), _f(ev[0]["spike"]), _f(mean([e["jump"] for e in later])),
                      _f(mean([e["spike"] for e in later])), _f(max(e["spike"] for e in ev))])
-    lines.append("\n" + _md_table(["model", "first jump", "first spike",
+    lines.append("\n" + markdown_table(["model", "first jump", "first spike",
                                    "mean jump (growths only; Approach 2 without its cut)", "mean spike (same)",
                                    "largest spike"], rows))
 
@@ -166,13 +162,13 @@ def write_summary(out: Path, meta: dict[str, Any], results: Sequence[dict[str, A
             rows = [[n] + [f"{_f(evaluations[m][field][i]['std'], 3)} ({_f(evaluations[m][field][i]['mean'])})"
                            for m in names] for i, n in enumerate(counts)]
             lines.append(f"\n{label}:\n")
-            lines.append(_md_table([key] + names, rows))
+            lines.append(markdown_table([key] + names, rows))
         lines.append("\nFor comparison, the training loss's estimator (L-sample reconstruction term plus the analytic "
                      "KL, Eq. 2.16): its variance is that of log p(x | z), which does not vanish at the posterior.\n")
         ls = [v["L"] for v in first["variance"]]
         rows = [[L] + [f"{_f(evaluations[m]['variance'][i]['std'], 3)} ({_f(evaluations[m]['variance'][i]['mean'])})"
                        for m in names] for i, L in enumerate(ls)]
-        lines.append(_md_table(["L"] + names, rows))
+        lines.append(markdown_table(["L"] + names, rows))
 
     estimates = [e for r in results for e in r.get("estimates", [])]
     if estimates:
@@ -182,7 +178,7 @@ def write_summary(out: Path, meta: dict[str, Any], results: Sequence[dict[str, A
                      "bound, their gap (it shrinks to 0 as q approaches the posterior) and the variance of log w.\n")
         rows = [[e["run"], e["epoch"], f"{e['h1']}/{e['h2']}", _f(e["elbo"]), _f(e["iwae"]), _f(e["gap"], 3),
                  _f(e["logw_var"], 2)] for e in estimates]
-        lines.append(_md_table(["model", "epoch", "h1/h2", "ELBO", "IWAE", "gap", "Var log w"], rows))
+        lines.append(markdown_table(["model", "epoch", "h1/h2", "ELBO", "IWAE", "gap", "Var log w"], rows))
 
     lines.append("\n## Files\n")
     lines.append("`config.json` (run configuration), `metrics.csv` / `metrics.json` (per-epoch metrics of every "
