@@ -243,22 +243,95 @@ def test_a_name_that_is_no_run_is_refused(name):
         RunSpec.from_name(name)
 
 
+def write_checkpoint(folder, name: str, seed: int, curve: list[float], *, model=None, per_epoch: int = 5):
+    """A per-epoch checkpoint as train_run writes it (a real model, the history and events so far
+    under "extra", the trajectory's values as repr strings); returns the model saved."""
+    from growdense.checkpoint import save_checkpoint
+    from growdense.models.vae import VAE
+
+    history = [{"run": name, "epoch": e, "h1": widths(name, e)[0], "h2": widths(name, e)[1],
+                "train_loss": v + 1, "test_loss": v, "train_time": 1.0} for e, v in enumerate(curve)]
+    events = [] if name == "fixed" else [{"run": name, "index": i + 1, "epoch": g, "step": g * per_epoch,
+                                          "jump": 10.0} for i, g in enumerate(range(EVERY, len(curve), EVERY))]
+    steps = torch.tensor([v + 1 for v in curve for _ in range(per_epoch)], dtype=torch.float64)
+    if model is None:
+        model = VAE(*widths(name, len(curve) - 1))
+    extra = {"epoch": len(curve) - 1, "history": history, "events": events, "estimates": [], "steps": steps,
+             "trajectory": {"run": name, "seed": str(seed), "epochs": str(EPOCHS), "precision": "'fp32'",
+                            "target": "(256, 128)", "latent": "20"}}
+    (folder / "checkpoints").mkdir(parents=True, exist_ok=True)
+    save_checkpoint(folder / "checkpoints" / f"{name}.last.pt", model, extra=extra)
+    return model
+
+
 def test_figures_are_drawn_from_checkpoints_with_their_batch_losses(tmp_path):
     pytest.importorskip("matplotlib")
-    per_epoch = 5
+    pytest.importorskip("torchvision")
+    torch.manual_seed(0)
     for name, (start, end) in {"fixed": (150, 100), "approach1-he": (160, 101)}.items():
-        curve = decreasing(start, end)
-        history = [{"run": name, "epoch": e, "h1": widths(name, e)[0], "h2": widths(name, e)[1],
-                    "train_loss": v + 1, "test_loss": v, "train_time": 1.0} for e, v in enumerate(curve)]
-        events = [] if name == "fixed" else [{"run": name, "index": i + 1, "epoch": g, "step": g * per_epoch,
-                                              "jump": 10.0} for i, g in enumerate(range(EVERY, EPOCHS, EVERY))]
-        steps = torch.tensor([v + 1 for v in curve for _ in range(per_epoch)], dtype=torch.float64)
-        extra = {"history": history, "events": events, "estimates": [], "steps": steps,
-                 "trajectory": {"run": name, "seed": "0", "epochs": str(EPOCHS), "precision": "'fp32'"}}
-        (tmp_path / "checkpoints").mkdir(exist_ok=True)
-        torch.save({"extra": extra}, tmp_path / "checkpoints" / f"{name}.last.pt")
-    paths = claims.figures(claims.load_records([tmp_path]), tmp_path / "figures", spike_window=2)
+        write_checkpoint(tmp_path, name, 0, decreasing(start, end))
+    test = torch.rand(20, 784)
+    paths = claims.figures(claims.load_records([tmp_path]), tmp_path / "figures", spike_window=2, test=test)
     names = {p.name for p in paths}
     assert {"fixed_loss.png", "approach1_loss_elbo.png", "growth_spikes.png", "batch_losses.png"} <= names
+    assert {"samples_fixed.png", "samples_approach1-he.png", "reconstructions.png"} <= names
     assert "approach2_loss_elbo.png" not in names  # no Approach 2 run
-    assert all(p.stat().st_size > 10_000 and p.parent == tmp_path / "figures" / "seed0" for p in paths)
+    assert all(p.parent == tmp_path / "figures" / "seed0" for p in paths)
+    assert all(p.stat().st_size > 10_000 for p in paths if p.name.endswith("loss.png"))
+
+
+def test_a_checkpoint_gives_back_its_final_model(tmp_path):
+    torch.manual_seed(0)
+    saved = write_checkpoint(tmp_path, "approach1-he", 0, decreasing(160, 101)[:5])
+    record = claims.load_records([tmp_path])[0]
+    loaded = claims.load_model(record)
+    assert loaded.widths() == saved.widths() == widths("approach1-he", 4)
+    got, want = loaded.state_dict(), saved.state_dict()
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[k], want[k]) if torch.is_tensor(want[k]) else got[k] == want[k] for k in want)
+    record.checkpoint = None
+    with pytest.raises(ValueError, match="without its checkpoint"):
+        claims.load_model(record)
+
+
+def _samples_claim_with(tmp_path, *, grown_like_fixed: bool, fixed_seeds_alike: bool) -> claims.Claim:
+    """Fixed with seeds 0 and 1 and Approach 1 with seed 0, all finished; Approach 1's decoder a
+    copy of Fixed seed 0's or a model of its own, Fixed seed 1 a copy of seed 0 or its own."""
+    from growdense.models.vae import VAE
+
+    torch.manual_seed(0)
+    fixed0 = write_checkpoint(tmp_path / "s0", "fixed", 0, decreasing(150, 100))
+    # a fresh model's samples are near 0.5 everywhere; a trained one's are not: sharpen the
+    # decoder's output so that different models' samples are far apart
+    with torch.no_grad():
+        fixed0.dec3.weight.mul_(20)
+    write_checkpoint(tmp_path / "s0", "fixed", 0, decreasing(150, 100), model=fixed0)
+
+    def other():
+        m = VAE(256, 128)
+        with torch.no_grad():
+            m.dec3.weight.mul_(20)
+        return m
+
+    write_checkpoint(tmp_path / "s0", "approach1-he", 0, decreasing(160, 100),
+                     model=fixed0 if grown_like_fixed else other())
+    write_checkpoint(tmp_path / "s1", "fixed", 1, decreasing(150, 100), model=fixed0 if fixed_seeds_alike else other())
+    records = claims.load_records([tmp_path / "s0", tmp_path / "s1"])
+    return {c.claim: c for c in claims.assess(records, every=EVERY)}["Grown and fixed models' samples alike"]
+
+
+def test_samples_alike_when_grown_is_no_further_from_fixed_than_two_fixed_seeds(tmp_path):
+    c = _samples_claim_with(tmp_path, grown_like_fixed=True, fixed_seeds_alike=False)
+    assert c.verdict.startswith("reproduced"), c
+    assert "Approach 1 vs Fixed: seed 0:" in c.growdense and "Fixed seed 0 vs Fixed seed 1" in c.growdense
+
+
+def test_samples_not_alike_when_grown_is_further_than_two_fixed_seeds(tmp_path):
+    c = _samples_claim_with(tmp_path, grown_like_fixed=False, fixed_seeds_alike=True)
+    assert c.verdict.startswith("not reproduced"), c
+
+
+def test_samples_claim_is_pending_without_final_models(tmp_path):
+    write_run(tmp_path, 0, {"fixed": decreasing(150, 100), "approach1-he": decreasing(160, 100)})
+    c = verdicts(tmp_path)["Grown and fixed models' samples alike"]
+    assert c.verdict.startswith("pending") and c.growdense == "-"

@@ -2,7 +2,7 @@
 # The full-scale study, one model at a time, in the README's order: seed 0's three models,
 # seed 1's, then seed 0's comparisons. Every line resumes from its per-epoch checkpoints, so
 # the script can be stopped at any point and run again. After each model it refreshes the
-# claims table, the per-epoch metrics and the training figures (claims.md, seed*/ and
+# claims table, the per-epoch metrics and the figures (claims.md, seed*/ and
 # figures/seed*/ under $STUDY_DOCS, and the claims block of results.md beside it).
 #
 #   tools/run_study.sh DATA_DIR [RUNS_DIR] [STUDY_DOCS]
@@ -20,8 +20,11 @@ model() {  # seed, then reproduce options
   echo "$(date '+%F %T') seed $seed $*"
   growdense reproduce "${common[@]}" --seed "$seed" --out "$runs/study-seed$seed" "$@"
   mkdir -p "$docs"
+  # $docs is read too: a one-model line rewrites its folder's evaluation.json with its own model
+  # only, and the earlier models' evaluations live on in the last export.
   python -m growdense.experiments.claims "$runs/study-seed0" $( [ -d "$runs/study-seed1" ] && echo "$runs/study-seed1" ) \
-    --out "$docs/claims.md" --export "$docs" --figures "$docs/figures" --insert "$(dirname "$docs")/results.md"
+    $( [ -d "$docs" ] && echo "$docs" ) --out "$docs/claims.md" --export "$docs" --figures "$docs/figures" \
+    --data-dir "$data" --insert "$(dirname "$docs")/results.md"
 }
 
 model 0 --approach fixed

@@ -7,7 +7,7 @@ from typing import Any, Sequence
 
 import torch
 
-__all__ = ["write_figures", "training_figures"]
+__all__ = ["write_figures", "training_figures", "image_figures"]
 
 _COLORS = {"fixed": "tab:blue", "approach1-he": "tab:red", "approach1-zero_out": "tab:orange",
            "approach1-split": "tab:brown", "approach2-he-first": "tab:green",
@@ -243,23 +243,35 @@ def training_figures(fig_dir: Path, results: Sequence[dict[str, Any]]) -> list[P
     return sorted(fig_dir.glob("*.png"))
 
 
+def image_figures(fig_dir: Path, models: Sequence[tuple[str, Any]], seed: int,
+                  test: torch.Tensor | None = None) -> list[Path]:
+    """The study's Figure 3 (64 samples from the prior per model, the same z for every model:
+    ``samples_<name>.png``) and, given ``test`` images, its Figure 5 (first row 16 test digits,
+    then one row of posterior-mean reconstructions per model: ``reconstructions.png``)."""
+    from torchvision.utils import save_image
+
+    fig_dir = Path(fig_dir)
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    if test is not None:
+        x = test[:16]
+        rows = [x] + [model.reconstruct(x) for _, model in models]
+        path = fig_dir / "reconstructions.png"
+        save_image(torch.cat(rows).reshape(-1, 1, 28, 28).cpu(), path, nrow=16, padding=2, pad_value=0.5)
+        written.append(path)
+    for name, model in models:
+        g = torch.Generator(device=model.dec1.weight.device).manual_seed(seed + 9)
+        path = fig_dir / f"samples_{name}.png"
+        save_image(model.sample(64, g).reshape(-1, 1, 28, 28).cpu(), path, nrow=8, padding=2, pad_value=0.5)
+        written.append(path)
+    return written
+
+
 def write_figures(out: Path, results: Sequence[dict[str, Any]], evaluations: dict[str, Any], test: torch.Tensor,
                   cfg: Any) -> list[Path]:
     """Write every figure of a reproduction under ``out/figures``; return their paths."""
-    from torchvision.utils import save_image
-
     fig_dir = Path(out) / "figures"
     training_figures(fig_dir, results)
     _variance(fig_dir / "elbo_variance_iwae.png", evaluations)
-    # Figure 5: first row the test digits, then one row per model (posterior-mean reconstructions)
-    x = test[:16]
-    rows = [x] + [r["model"].reconstruct(x) for r in results]
-    save_image(torch.cat(rows).reshape(-1, 1, 28, 28).cpu(), fig_dir / "reconstructions.png", nrow=16, padding=2,
-               pad_value=0.5)
-    # Figure 3: 64 samples from the prior per model, the same z for every model
-    for r in results:
-        g = torch.Generator(device=x.device).manual_seed(cfg.seed + 9)
-        imgs = r["model"].sample(64, g)
-        save_image(imgs.reshape(-1, 1, 28, 28).cpu(), fig_dir / f"samples_{r['spec'].name}.png", nrow=8,
-                   padding=2, pad_value=0.5)
+    image_figures(fig_dir, [(r["spec"].name, r["model"]) for r in results], cfg.seed, test)
     return sorted(fig_dir.glob("*.png"))
