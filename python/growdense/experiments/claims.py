@@ -413,7 +413,7 @@ def _samples_claim(records: Sequence[RunRecord]) -> Claim:
         else:
             verdict = ("not reproduced in distribution: Approach 1's samples are further from Fixed's than two Fixed "
                        "seeds' are apart (by eye: the samples figures)")
-    text = (f"kernel two-sample test, {SAMPLE_IMAGES} prior samples per model (mean images; Gaussian kernel of "
+    text = (f"kernel two-sample test, {SAMPLE_IMAGES:,} prior samples per model (mean images; Gaussian kernel of "
             f"width {h:.2f}, the median distance between Fixed seed {ref}'s samples), MMD²: " + "; ".join(parts))
     return Claim(title, study, text, verdict)
 
@@ -571,7 +571,8 @@ def figures(records: Sequence[RunRecord], dest: Path, *, spike_window: int = 10,
     """The study's Figures 4, 6 and 7 (and the growth spikes, every mini-batch loss, the IWAE
     gap) per seed, from the records that carry their mini-batch losses (per-epoch checkpoints),
     under ``dest/seed<k>/``; and its Figures 3 and 5 (prior samples, and reconstructions of
-    the ``test`` images if given) of the finished models."""
+    the ``test`` images if given: Fixed's row first, then the other finished models by name)
+    of the finished models."""
     from .config import RunSpec
     from .plots import image_figures, training_figures
     from .training import add_spikes
@@ -588,7 +589,7 @@ def figures(records: Sequence[RunRecord], dest: Path, *, spike_window: int = 10,
                             "events": events, "estimates": r.estimates})
         if results:
             written += training_figures(Path(dest) / f"seed{seed}", results)
-        finished = [(r.name, load_model(r)) for r in records
+        finished = [(r.name, load_model(r)) for r in sorted(records, key=lambda r: r.name != FIXED)
                     if r.seed == seed and r.finished and r.checkpoint is not None]
         if finished:
             written += image_figures(Path(dest) / f"seed{seed}", finished, seed, test)
