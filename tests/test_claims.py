@@ -157,13 +157,15 @@ def test_checkpoints_give_the_history_so_far_and_export_round_trips(tmp_path):
     history = [{"run": "fixed", "epoch": e, "h1": 256, "h2": 128, "test_loss": 150.0 - e, "train_time": 1.0}
                for e in range(6)]
     extra = {"epoch": 5, "history": history, "events": [],
-             "trajectory": {"run": "fixed", "seed": "3", "epochs": str(EPOCHS), "precision": "'fp32'"}}
+             "trajectory": {"run": "fixed", "seed": "3", "epochs": str(EPOCHS), "precision": "'fp32'",
+                            "target": "(256, 128)", "latent": "20"}}
     (tmp_path / "runs" / "checkpoints").mkdir(parents=True)
     torch.save({"format": "growdense-checkpoint", "extra": extra}, tmp_path / "runs" / "checkpoints" / "fixed.last.pt")
     write_run(tmp_path / "runs" / "a1", 3, {"approach1-he": decreasing(160, 100)})
     records = claims.load_records([tmp_path / "runs"])
     fixed = next(r for r in records if r.name == "fixed")
     assert (fixed.seed, fixed.epochs, len(fixed.history), fixed.finished) == (3, EPOCHS, 6, False)
+    assert (fixed.capacity, fixed.latent) == ((256, 128), 20)
     c = {c.claim: c for c in claims.assess(records, every=EVERY)}["Approach 1 ends level with Fixed"]
     assert "at epoch 6" in c.growdense and c.verdict == "pending: seed 3: fixed at 6/16 epochs"
     claims.export(records, tmp_path / "export")

@@ -23,6 +23,7 @@ number of epochs is "pending".
 from __future__ import annotations
 
 import argparse
+import ast
 import csv
 import json
 import statistics
@@ -58,6 +59,8 @@ class RunRecord:
     steps: list[float] = field(default_factory=list)  # every mini-batch's training loss (checkpoints only)
     evaluation: Optional[dict[str, Any]] = None
     checkpoint: Optional[Path] = None  # the per-epoch checkpoint this history was read from
+    capacity: Optional[tuple[int, int]] = None  # the model's hidden capacities and latent size (checkpoints only)
+    latent: Optional[int] = None
 
     @property
     def finished(self) -> bool:
@@ -107,7 +110,8 @@ def _checkpoint_records(root: Path) -> list[RunRecord]:
             precision=str(trajectory.get("precision", "'fp32'")).strip("'\""),
             history=[dict(r) for r in extra["history"]], events=[dict(e) for e in extra["events"]],
             estimates=[dict(e) for e in extra.get("estimates", [])],
-            steps=[float(v) for v in extra.get("steps", [])], checkpoint=path))
+            steps=[float(v) for v in extra.get("steps", [])], checkpoint=path,
+            capacity=tuple(ast.literal_eval(trajectory["target"])), latent=int(ast.literal_eval(trajectory["latent"]))))
     return out
 
 
@@ -128,8 +132,8 @@ def load_records(roots: Sequence[Path]) -> list[RunRecord]:
             found[key] = rec
         else:
             old.evaluation = old.evaluation or rec.evaluation
-            if len(rec.history) == len(old.history):
-                old.checkpoint = old.checkpoint or rec.checkpoint
+            if len(rec.history) == len(old.history) and old.checkpoint is None:
+                old.checkpoint, old.capacity, old.latent = rec.checkpoint, rec.capacity, rec.latent
 
     for root in roots:
         for rec in _checkpoint_records(root):
@@ -343,20 +347,14 @@ def _cut_claim(records: Sequence[RunRecord]) -> Claim:
 
 def load_model(record: RunRecord):
     """The model at the end of ``record``'s history, from its per-epoch checkpoint, in eval mode."""
-    import ast
-
-    import torch
-
     from ..checkpoint import load_checkpoint
     from ..models.vae import VAE
 
     if record.checkpoint is None:
         raise ValueError(f"{record.name} seed {record.seed} was read without its checkpoint; give the folder that "
                          f"holds checkpoints/{record.name}.last.pt")
-    trajectory = torch.load(record.checkpoint, map_location="cpu", weights_only=True)["extra"]["trajectory"]
     last = record.history[-1]
-    model = VAE(int(last["h1"]), int(last["h2"]), capacity=ast.literal_eval(trajectory["target"]),
-                latent=int(ast.literal_eval(trajectory["latent"])))
+    model = VAE(int(last["h1"]), int(last["h2"]), capacity=record.capacity, latent=record.latent)
     load_checkpoint(record.checkpoint, model, restore_global_rng=False, map_location="cpu")
     return model.eval()
 
@@ -396,13 +394,14 @@ def _samples_claim(records: Sequence[RunRecord]) -> Claim:
         return mmd_test(samples[a], samples[b], bandwidth=h, permutations=SAMPLE_PERMUTATIONS,
                         generator=torch.Generator().manual_seed(0))
 
+    def text_of(results: dict[int, Any]) -> str:
+        return _seeds_text({s: f"{t.mmd2:.4f} ({_p_text(t.p_value)})" for s, t in results.items()})
+
     versus = {s: test((s, APPROACH1), (s, FIXED)) for s in seeds}
-    parts = ["Approach 1 vs Fixed: " + _seeds_text({s: f"{t.mmd2:.4f} ({_p_text(t.p_value)})"
-                                                    for s, t in versus.items()})]
-    both2 = sorted(set(fixed) & set(others))
-    if both2:
-        parts.append("Approach 2 vs Fixed: " + _seeds_text({s: f"{t.mmd2:.4f} ({_p_text(t.p_value)})" for s, t in
-                                                            ((s, test((s, APPROACH2), (s, FIXED))) for s in both2)}))
+    parts = ["Approach 1 vs Fixed: " + text_of(versus)]
+    seeds2 = sorted(set(fixed) & set(others))
+    if seeds2:
+        parts.append("Approach 2 vs Fixed: " + text_of({s: test((s, APPROACH2), (s, FIXED)) for s in seeds2}))
     verdict = "pending: needs the finished Fixed models of two seeds (how far apart two Fixed models' samples are)"
     if len(fixed) >= 2:
         s0, s1 = sorted(fixed)[:2]
