@@ -59,8 +59,8 @@ class RunRecord:
     steps: list[float] = field(default_factory=list)  # every mini-batch's training loss (checkpoints only)
     evaluation: Optional[dict[str, Any]] = None
     checkpoint: Optional[Path] = None  # the per-epoch checkpoint this history was read from
-    capacity: Optional[tuple[int, int]] = None  # the model's hidden capacities and latent size (checkpoints only)
-    latent: Optional[int] = None
+    capacity: Optional[tuple[int, int]] = None  # the hidden layers' capacities (checkpoints only)
+    latent: Optional[int] = None  # the latent size (checkpoints only)
 
     @property
     def finished(self) -> bool:
@@ -588,7 +588,7 @@ def figures(records: Sequence[RunRecord], dest: Path, *, spike_window: int = 10,
                             "events": events, "estimates": r.estimates})
         if results:
             written += training_figures(Path(dest) / f"seed{seed}", results)
-        finished = [(r.name, load_model(r)) for r in sorted(records, key=lambda r: r.name != FIXED)
+        finished = [(r.name, load_model(r)) for r in sorted(records, key=lambda r: (r.name != FIXED, r.name))
                     if r.seed == seed and r.finished and r.checkpoint is not None]
         if finished:
             written += image_figures(Path(dest) / f"seed{seed}", finished, seed, test)
