@@ -282,6 +282,20 @@ def test_figures_are_drawn_from_checkpoints_with_their_batch_losses(tmp_path):
     assert all(p.stat().st_size > 10_000 for p in paths if p.name.endswith("loss.png"))
 
 
+def test_figures_lists_only_what_it_drew(tmp_path):
+    pytest.importorskip("matplotlib")
+    torch.manual_seed(0)
+    write_checkpoint(tmp_path, "fixed", 0, decreasing(150, 100)[:5])
+    stale = tmp_path / "figures" / "seed0" / "approach2_loss_elbo.png"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"from an earlier call")
+    paths = claims.figures(claims.load_records([tmp_path]), tmp_path / "figures", spike_window=2)
+    names = [p.name for p in paths]
+    assert "fixed_loss.png" in names
+    assert stale not in paths and stale.read_bytes() == b"from an earlier call"  # untouched, not reported
+    assert len(names) == len(set(names))
+
+
 def test_a_checkpoint_gives_back_its_final_model(tmp_path):
     torch.manual_seed(0)
     saved = write_checkpoint(tmp_path, "approach1-he", 0, decreasing(160, 101)[:5])

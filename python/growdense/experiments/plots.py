@@ -30,12 +30,13 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path: Path) -> None:
+def _save(fig, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return path
 
 
 def _steps_per_epoch(r: dict[str, Any]) -> int:
@@ -70,13 +71,13 @@ def _elbo_limits(ax, results: Sequence[dict[str, Any]]) -> None:
         ax.set_ylim(vals[int(0.001 * (len(vals) - 1))] - 10, vals[-1] + 2)
 
 
-def _curves(path: Path, results: Sequence[dict[str, Any]], approach: str, title: str) -> None:
+def _curves(path: Path, results: Sequence[dict[str, Any]], approach: str, title: str) -> Path | None:
     """The study's Figures 6 and 7: the loss per epoch (left) and the ELBO per mini-batch with its
     spread (right), Fixed against one approach, growth epochs marked."""
     plt = _pyplot()
     chosen = [r for r in results if r["spec"].approach in ("fixed", approach)]
     if not any(r["spec"].approach == approach for r in chosen):
-        return
+        return None
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.4))
     growth = sorted({e["epoch"] for r in chosen for e in r["events"]})
     for r in chosen:
@@ -101,15 +102,15 @@ def _curves(path: Path, results: Sequence[dict[str, Any]], approach: str, title:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(f"{title} (dashed lines: growth events)")
-    _save(fig, path)
+    return _save(fig, path)
 
 
-def _fixed_loss(path: Path, results: Sequence[dict[str, Any]]) -> None:
+def _fixed_loss(path: Path, results: Sequence[dict[str, Any]]) -> Path | None:
     """The study's Figure 4: the fixed (target) model's training loss on its own."""
     plt = _pyplot()
     fixed = [r for r in results if r["spec"].approach == "fixed"]
     if not fixed:
-        return
+        return None
     r = next((f for f in fixed if f["spec"].widths is None), fixed[0])
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
     ep = [h["epoch"] for h in r["history"]]
@@ -130,14 +131,14 @@ def _fixed_loss(path: Path, results: Sequence[dict[str, Any]]) -> None:
     w = r["spec"].widths
     fig.suptitle(f"{r['spec'].name} ({'256/128' if w is None else f'{w[0]}/{w[1]}'}): training loss "
                  f"(study's Figure 4)")
-    _save(fig, path)
+    return _save(fig, path)
 
 
-def _steps(path: Path, results: Sequence[dict[str, Any]]) -> None:
+def _steps(path: Path, results: Sequence[dict[str, Any]]) -> Path | None:
     plt = _pyplot()
     growing = [r for r in results if r["events"]]
     if not growing:
-        return
+        return None
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
     for r in growing:
         name = r["spec"].name
@@ -154,15 +155,15 @@ def _steps(path: Path, results: Sequence[dict[str, Any]]) -> None:
         ax.set_yscale("symlog", linthresh=1.0)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    _save(fig, path)
+    return _save(fig, path)
 
 
-def _step_curves(path: Path, results: Sequence[dict[str, Any]]) -> None:
+def _step_curves(path: Path, results: Sequence[dict[str, Any]]) -> Path | None:
     """Every mini-batch loss of every model, each model's growth events marked in its colour."""
     plt = _pyplot()
     growing = [r for r in results if r["events"]]
     if not growing:
-        return
+        return None
     fig, ax = plt.subplots(figsize=(12, 4.2))
     for r in results:
         name = r["spec"].name
@@ -176,10 +177,10 @@ def _step_curves(path: Path, results: Sequence[dict[str, Any]]) -> None:
     ax.set_ylabel("batch loss (nats per image)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    _save(fig, path)
+    return _save(fig, path)
 
 
-def _variance(path: Path, evaluations: dict[str, Any]) -> None:
+def _variance(path: Path, evaluations: dict[str, Any]) -> Path | None:
     """Std of the log-weight estimators against L and K (zero at the true posterior), the
     analytic-KL training estimator for comparison, and the IWAE bound against K."""
     plt = _pyplot()
@@ -203,15 +204,15 @@ def _variance(path: Path, evaluations: dict[str, Any]) -> None:
     for ax in axes:
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=6)
-    _save(fig, path)
+    return _save(fig, path)
 
 
-def _gap(path: Path, results: Sequence[dict[str, Any]]) -> None:
+def _gap(path: Path, results: Sequence[dict[str, Any]]) -> Path | None:
     """The IWAE gap and the variance of log w at the chosen epochs, per model."""
     plt = _pyplot()
     with_estimates = [r for r in results if r["estimates"]]
     if not with_estimates:
-        return
+        return None
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
     for r in with_estimates:
         name = r["spec"].name
@@ -225,22 +226,23 @@ def _gap(path: Path, results: Sequence[dict[str, Any]]) -> None:
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7)
-    _save(fig, path)
+    return _save(fig, path)
 
 
 def training_figures(fig_dir: Path, results: Sequence[dict[str, Any]]) -> list[Path]:
     """The figures drawn from the training records alone (``spec``, ``history``, ``steps``,
     ``events`` with their spikes, ``estimates``): the study's Figures 4, 6 and 7, the growth
-    spikes, every mini-batch loss and the IWAE gap. Figures whose models are absent are skipped."""
+    spikes, every mini-batch loss and the IWAE gap. Figures whose models are absent are skipped;
+    returns the paths drawn."""
     fig_dir = Path(fig_dir)
     fig_dir.mkdir(parents=True, exist_ok=True)
-    _fixed_loss(fig_dir / "fixed_loss.png", results)
-    _curves(fig_dir / "approach1_loss_elbo.png", results, "1", "Approach 1 vs Fixed (study's Figure 6)")
-    _curves(fig_dir / "approach2_loss_elbo.png", results, "2", "Approach 2 vs Fixed (study's Figure 7)")
-    _steps(fig_dir / "growth_spikes.png", results)
-    _step_curves(fig_dir / "batch_losses.png", results)
-    _gap(fig_dir / "iwae_gap.png", results)
-    return sorted(fig_dir.glob("*.png"))
+    drawn = [_fixed_loss(fig_dir / "fixed_loss.png", results),
+             _curves(fig_dir / "approach1_loss_elbo.png", results, "1", "Approach 1 vs Fixed (study's Figure 6)"),
+             _curves(fig_dir / "approach2_loss_elbo.png", results, "2", "Approach 2 vs Fixed (study's Figure 7)"),
+             _steps(fig_dir / "growth_spikes.png", results),
+             _step_curves(fig_dir / "batch_losses.png", results),
+             _gap(fig_dir / "iwae_gap.png", results)]
+    return [path for path in drawn if path is not None]
 
 
 def image_figures(fig_dir: Path, models: Sequence[tuple[str, Any]], seed: int,
