@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -172,6 +173,9 @@ def test_checkpoints_give_the_history_so_far_and_export_round_trips(tmp_path):
     again = claims.load_records([tmp_path / "export"])
     assert [(r.name, r.seed, len(r.history)) for r in again] == [(r.name, r.seed, len(r.history)) for r in records]
     assert [row["test_loss"] for row in again[1].history] == [row["test_loss"] for row in fixed.history]
+    claims.export(again, tmp_path / "export2")  # what is read back writes out the same files
+    for name in ("metrics.csv", "growth_events.csv", "config.json"):
+        assert (tmp_path / "export2" / "seed3" / name).read_bytes() == (tmp_path / "export" / "seed3" / name).read_bytes()
 
 
 def test_two_precisions_of_one_model_are_refused(tmp_path):
@@ -351,3 +355,102 @@ def test_samples_claim_is_pending_without_final_models(tmp_path):
     write_run(tmp_path, 0, {"fixed": decreasing(150, 100), "approach1-he": decreasing(160, 100)})
     c = verdicts(tmp_path)["Grown and fixed models' samples alike"]
     assert c.verdict.startswith("pending") and c.growdense == "-"
+
+
+def _grid_rows(path, rows: int) -> torch.Tensor:
+    """The 28x28 tiles of a 16-wide image grid (padding 2), as uint8 rows of 16 x 784 pixels."""
+    from PIL import Image
+
+    img = torch.tensor(np.array(Image.open(path).convert("L")))
+    return torch.stack([torch.stack([img[2 + 30 * i: 30 + 30 * i, 2 + 30 * j: 30 + 30 * j].reshape(784)
+                                     for j in range(16)]) for i in range(rows)])
+
+
+def test_the_export_keeps_batch_losses_and_reconstructions_so_figures_need_no_checkpoint(tmp_path):
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("torchvision")
+    from growdense.experiments.plots import to_pixels
+
+    torch.manual_seed(0)
+    fixed = write_checkpoint(tmp_path / "runs", "fixed", 0, decreasing(150, 100))
+    write_checkpoint(tmp_path / "runs", "approach1-he", 0, decreasing(160, 101)[:9])  # unfinished
+    test = torch.rand(16, 784)
+    records = claims.load_records([tmp_path / "runs"])
+    claims.figures(records, tmp_path / "fig", spike_window=2, test=test)
+    claims.export(records, tmp_path / "export")
+    again = claims.load_records([tmp_path / "export"])
+    assert all(r.checkpoint is None for r in again)
+    for old, new in zip(records, again):
+        # stored as float32: equal to 1e-6 relative, far below a figure's resolution
+        assert new.steps == pytest.approx(old.steps, rel=1e-6) and len(new.steps) == len(old.steps) > 0
+    by_name = {r.name: r for r in again}
+    assert by_name["approach1-he"].reconstruction is None  # unfinished: no final model
+    assert torch.equal(by_name["fixed"].reconstruction, to_pixels(fixed.reconstruct(test)))
+
+    # The checkpoints gone, the training figures are drawn again from the export, and a newly
+    # finished model's reconstructions join the exported row of Fixed in Figure 5.
+    grown = write_checkpoint(tmp_path / "new", "approach1-he", 0, decreasing(160, 101))
+    records = claims.load_records([tmp_path / "export", tmp_path / "new"])
+    names = {p.name for p in claims.figures(records, tmp_path / "fig2", spike_window=2, test=test)}
+    assert {"fixed_loss.png", "approach1_loss_elbo.png", "batch_losses.png", "reconstructions.png",
+            "samples_approach1-he.png"} <= names
+    assert "samples_fixed.png" not in names  # its model is not there to sample
+    rows = _grid_rows(tmp_path / "fig2" / "seed0" / "reconstructions.png", 3)
+    assert torch.equal(rows[0], to_pixels(test))
+    assert torch.equal(rows[1], to_pixels(fixed.reconstruct(test)))
+    assert torch.equal(rows[2], to_pixels(grown.reconstruct(test)))
+
+
+def test_figures_of_a_seed_without_batch_losses_are_left_as_they_are(tmp_path):
+    pytest.importorskip("matplotlib")
+    write_run(tmp_path / "runs", 0, {"fixed": decreasing(150, 100), "approach1-he": decreasing(160, 101)})
+    folder = tmp_path / "fig" / "seed0"
+    folder.mkdir(parents=True)
+    (folder / "approach1_loss_elbo.png").write_bytes(b"drawn with the batch losses")
+    assert claims.figures(claims.load_records([tmp_path / "runs"]), tmp_path / "fig") == []
+    assert (folder / "approach1_loss_elbo.png").read_bytes() == b"drawn with the batch losses"
+
+    # With a grown model's batch losses, Fixed is drawn from its history beside it; its
+    # Figure 4, which is its batch losses, is not drawn again.
+    torch.manual_seed(0)
+    write_checkpoint(tmp_path / "new", "approach2-he-first", 0, decreasing(170, 99))
+    records = claims.load_records([tmp_path / "runs", tmp_path / "new"])
+    names = {p.name for p in claims.figures(records, tmp_path / "fig", spike_window=2)}
+    assert {"approach2_loss_elbo.png", "batch_losses.png", "growth_spikes.png"} <= names
+    assert "fixed_loss.png" not in names
+    assert "approach1_loss_elbo.png" not in names  # neither of its models has batch losses
+
+
+def test_the_samples_claim_is_carried_by_the_export_when_the_checkpoints_are_gone(tmp_path):
+    _samples_claim_with(tmp_path, grown_like_fixed=False, fixed_seeds_alike=False)
+    records = claims.load_records([tmp_path / "s0", tmp_path / "s1"])
+    tests = claims.SampleTests()
+    first = {c.claim: c for c in claims.assess(records, every=EVERY, sample_tests=tests)}
+    assert len(tests.results) == 2  # Approach 1 vs Fixed (seed 0), Fixed seed 0 vs seed 1
+    claims.export(records, tmp_path / "export", tests)
+    again = claims.load_records([tmp_path / "export"])
+    assert all(r.checkpoint is None for r in again)
+    carried = claims.load_sample_tests([tmp_path / "export"])
+    assert carried == tests
+    second = {c.claim: c for c in claims.assess(again, every=EVERY, sample_tests=carried)}
+    title = "Grown and fixed models' samples alike"
+    assert second[title].verdict == first[title].verdict
+    assert second[title].growdense == first[title].growdense + (
+        " (the tests of final models whose checkpoints were not kept: as exported in samples.json)")
+    # Without the tests, nothing can be measured from histories alone.
+    assert claims.assess(again, every=EVERY)[5].verdict.startswith("pending")
+
+
+def test_a_pair_neither_measured_nor_carried_says_so(tmp_path):
+    _samples_claim_with(tmp_path, grown_like_fixed=False, fixed_seeds_alike=False)
+    records = claims.load_records([tmp_path / "s0", tmp_path / "s1"])
+    # Approach 1 of seed 1 finishes after Fixed seed 1's checkpoint is gone.
+    write_run(tmp_path / "s1-late", 1, {"approach1-he": decreasing(160, 100)})
+    for r in records:
+        if r.seed == 1:
+            r.checkpoint = None
+    records += claims.load_records([tmp_path / "s1-late"])
+    c = {c.claim: c for c in claims.assess(records, every=EVERY)}["Grown and fixed models' samples alike"]
+    assert "seed 1: not measured" in c.growdense
+    assert "Fixed seed 0 vs Fixed seed 1" not in c.growdense
+    assert c.verdict.startswith("pending: needs the finished Fixed models of two seeds")

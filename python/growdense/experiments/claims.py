@@ -5,10 +5,12 @@ Reads every ``metrics.csv`` under the folders given (with the ``config.json``,
 every per-epoch checkpoint (``checkpoints/*.last.pt``, which holds a model's history so
 far), across seeds, and writes a markdown table claim | study | growdense | verdict, the
 final losses per model and seed, the comparisons beyond the study and the estimators of
-section 3.4. ``--export`` writes the histories it used (one folder per seed, which this
-command reads back); ``--figures`` draws the study's Figures 4, 6 and 7 (and more) from the
-checkpoints' mini-batch losses, and the finished models' samples (with ``--data-dir``, their
-reconstructions too); ``--insert`` puts the markdown between
+section 3.4. ``--export`` writes what it used (one folder per seed, which this command
+reads back): the histories, every mini-batch loss, the finished models' reconstructions and
+the two-sample tests of their samples, so that the results regenerate without the
+checkpoints, which are not kept with them; ``--figures`` draws the study's Figures 4, 6 and
+7 (and more) from the mini-batch losses, and the finished models' samples (with
+``--data-dir``, their reconstructions too); ``--insert`` puts the markdown between
 ``<!-- claims:begin -->`` and ``<!-- claims:end -->`` in a file::
 
     python -m growdense.experiments.claims runs/study-seed0 runs/study-seed1 --out docs/study/claims.md \
@@ -28,13 +30,15 @@ import csv
 import json
 import statistics
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from .output import markdown_table
 
-__all__ = ["RunRecord", "Claim", "load_records", "assess", "claims_markdown", "export", "figures", "main"]
+__all__ = ["RunRecord", "Claim", "SampleTests", "load_records", "load_sample_tests", "assess", "claims_markdown",
+           "export", "figures", "main"]
 
 FLOOR_NATS = 0.5  # smallest tolerance for "level": below it, differences are not claimed either way
 RECOVERY_EPOCHS = 5  # "stabilises quickly": the test loss is back at its pre-growth level within this many epochs
@@ -61,6 +65,8 @@ class RunRecord:
     checkpoint: Optional[Path] = None  # the per-epoch checkpoint this history was read from
     capacity: Optional[tuple[int, int]] = None  # the hidden layers' capacities (checkpoints only)
     latent: Optional[int] = None  # the latent size (checkpoints only)
+    # the final model's reconstructions of the first 16 test images as uint8 pixels (Figure 5's row)
+    reconstruction: Optional[Any] = None
 
     @property
     def finished(self) -> bool:
@@ -69,6 +75,22 @@ class RunRecord:
     @property
     def final_test_loss(self) -> float:
         return self.history[-1]["test_loss"]
+
+
+@dataclass
+class SampleTests:
+    """The two-sample tests of the "samples alike" claim, by pair of models ``(seed, name)``:
+    computed from the final models where their checkpoints are read, carried from an export's
+    ``samples.json`` where they are not. ``bandwidth`` is the kernel width every test uses."""
+
+    bandwidth: Optional[float] = None
+    results: dict[tuple[tuple[int, str], tuple[int, str]], tuple[float, float]] = field(default_factory=dict)
+    note: str = ""  # where carried tests came from, kept through every export
+
+    def to_json(self) -> dict[str, Any]:
+        return {"images": SAMPLE_IMAGES, "permutations": SAMPLE_PERMUTATIONS, "bandwidth": self.bandwidth,
+                "note": self.note, "tests": [{"a": list(a), "b": list(b), "mmd2": m, "p_value": p}
+                                             for (a, b), (m, p) in sorted(self.results.items())]}
 
 
 @dataclass
@@ -82,10 +104,12 @@ class Claim:
 def _numbers(row: dict[str, str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in row.items():
-        try:
-            out[k] = float(v)
-        except (TypeError, ValueError):
-            out[k] = v
+        for kind in (int, float):  # ints stay ints, so an exported CSV reads back and writes out the same
+            try:
+                out[k] = kind(v)
+                break
+            except (TypeError, ValueError):
+                out[k] = v
     return out
 
 
@@ -115,9 +139,20 @@ def _checkpoint_records(root: Path) -> list[RunRecord]:
     return out
 
 
+def _read_arrays(path: Path) -> dict[str, Any]:
+    import numpy as np
+
+    if not path.is_file():
+        return {}
+    with np.load(path) as arrays:
+        return {k: arrays[k] for k in arrays.files}
+
+
 def load_records(roots: Sequence[Path]) -> list[RunRecord]:
     """Every (seed, model) found under ``roots`` (output folders' CSVs and per-epoch
     checkpoints); where a model appears twice for a seed, the longer history wins."""
+    import torch
+
     found: dict[tuple[int, str], RunRecord] = {}
 
     def add(rec: RunRecord) -> None:
@@ -132,8 +167,12 @@ def load_records(roots: Sequence[Path]) -> list[RunRecord]:
             found[key] = rec
         else:
             old.evaluation = old.evaluation or rec.evaluation
-            if len(rec.history) == len(old.history) and old.checkpoint is None:
-                old.checkpoint, old.capacity, old.latent = rec.checkpoint, rec.capacity, rec.latent
+            if len(rec.history) == len(old.history):  # the same run, read twice: keep what either adds
+                if old.checkpoint is None:
+                    old.checkpoint, old.capacity, old.latent = rec.checkpoint, rec.capacity, rec.latent
+                old.steps = old.steps or rec.steps
+                if old.reconstruction is None:
+                    old.reconstruction = rec.reconstruction
 
     for root in roots:
         for rec in _checkpoint_records(root):
@@ -149,6 +188,7 @@ def load_records(roots: Sequence[Path]) -> list[RunRecord]:
             evaluations = json.loads(evaluation_file.read_text()) if evaluation_file.is_file() else {}
             rows, events = _read_csv(metrics), _read_csv(folder / "growth_events.csv")
             estimates = _read_csv(folder / "estimates.csv")
+            steps, pixels = _read_arrays(folder / "steps.npz"), _read_arrays(folder / "reconstructions.npz")
             for name in dict.fromkeys(r["run"] for r in rows):
                 rec = RunRecord(
                     seed=int(cfg["seed"]), name=name, epochs=int(cfg["epochs"]), precision=cfg.get("precision", "fp32"),
@@ -156,6 +196,8 @@ def load_records(roots: Sequence[Path]) -> list[RunRecord]:
                     events=[e for e in events if e["run"] == name],
                     estimates=[e for e in estimates if e["run"] == name],
                     evaluation=evaluations.get(name),
+                    steps=steps[name].tolist() if name in steps else [],
+                    reconstruction=torch.from_numpy(pixels[name]) if name in pixels else None,
                 )
                 add(rec)
     return sorted(found.values(), key=lambda r: (r.name, r.seed))
@@ -360,15 +402,37 @@ def load_model(record: RunRecord):
 
 
 def _final(records: Sequence[RunRecord], name: str) -> dict[int, RunRecord]:
-    """The finished runs of ``name`` whose final model can be loaded, by seed."""
-    return {s: r for s, r in _by_seed(records, name).items() if r.finished and r.checkpoint is not None}
+    """The finished runs of ``name``, by seed."""
+    return {s: r for s, r in _by_seed(records, name).items() if r.finished}
 
 
 def _p_text(p: float) -> str:
     return f"p ≤ {p:.3f}" if p <= 1 / (1 + SAMPLE_PERMUTATIONS) + 1e-12 else f"p = {p:.3f}"
 
 
-def _samples_claim(records: Sequence[RunRecord]) -> Claim:
+def load_sample_tests(roots: Sequence[Path]) -> SampleTests:
+    """The two-sample tests kept in the ``samples.json`` files under ``roots`` (written by
+    :func:`export`)."""
+    tests = SampleTests()
+    for path in sorted(p for root in roots for p in Path(root).rglob("samples.json")):
+        data = json.loads(path.read_text())
+        if (data["images"], data["permutations"]) != (SAMPLE_IMAGES, SAMPLE_PERMUTATIONS):
+            continue  # another test's settings: not comparable
+        if tests.bandwidth is not None and abs(data["bandwidth"] - tests.bandwidth) > 1e-9 * tests.bandwidth:
+            raise ValueError(f"{path} holds tests at kernel width {data['bandwidth']}, others at {tests.bandwidth}: "
+                             f"give the folders of one study")
+        tests.bandwidth = data["bandwidth"]
+        tests.note = " ".join(n for n in (tests.note, data.get("note", "")) if n)
+        for t in data["tests"]:
+            a, b = (int(t["a"][0]), str(t["a"][1])), (int(t["b"][0]), str(t["b"][1]))
+            tests.results[(a, b)] = (float(t["mmd2"]), float(t["p_value"]))
+    return tests
+
+
+def _samples_claim(records: Sequence[RunRecord], tests: Optional[SampleTests] = None) -> Claim:
+    """Approach 1's samples against Fixed's per seed, against the distance between two Fixed
+    seeds' samples. A test is computed where both final models' checkpoints are read, else
+    taken from ``tests`` (which receives the computed ones)."""
     import torch
 
     from .two_sample import median_bandwidth, mmd_test
@@ -376,44 +440,69 @@ def _samples_claim(records: Sequence[RunRecord]) -> Claim:
     title = "Grown and fixed models' samples alike"
     study = ("the images generated by the grown model cannot be told apart by eye from the fixed model's "
              "(section 4.2.1, Approach 1)")
-    fixed, grown = _final(records, FIXED), _final(records, APPROACH1)
-    seeds = sorted(set(fixed) & set(grown))
-    if not seeds:
+    tests = SampleTests() if tests is None else tests
+    roles = {FIXED: 0, APPROACH1: 1, APPROACH2: 2}  # an independent draw per model
+    finals = {name: _final(records, name) for name in roles}
+    fixed = finals[FIXED]
+    drawn: dict[tuple[int, str], Any] = {}
+    carried: list[tuple[tuple[int, str], tuple[int, str]]] = []  # the tests used that were not computed here
+
+    def samples(key: tuple[int, str]):
+        if key not in drawn:
+            g = torch.Generator().manual_seed(1000 * (key[0] + 1) + roles[key[1]])
+            drawn[key] = load_model(finals[key[1]][key[0]]).sample(SAMPLE_IMAGES, g)
+        return drawn[key]
+
+    if fixed and fixed[min(fixed)].checkpoint is not None:
+        h = median_bandwidth(samples((min(fixed), FIXED)))
+        if tests.bandwidth is not None and abs(h - tests.bandwidth) > 1e-6 * h:
+            tests.results.clear()  # measured on another scale: not comparable
+            tests.note = ""
+        tests.bandwidth = h
+
+    def test(a: tuple[int, str], b: tuple[int, str]) -> Optional[tuple[float, float]]:
+        ra, rb = finals[a[1]].get(a[0]), finals[b[1]].get(b[0])
+        if ra is None or rb is None:
+            return None
+        if ra.checkpoint is not None and rb.checkpoint is not None and tests.bandwidth is not None:
+            t = mmd_test(samples(a), samples(b), bandwidth=tests.bandwidth, permutations=SAMPLE_PERMUTATIONS,
+                         generator=torch.Generator().manual_seed(0))
+            tests.results[(a, b)] = (t.mmd2, t.p_value)
+        elif (a, b) in tests.results:
+            carried.append((a, b))
+        return tests.results.get((a, b))
+
+    def text_of(results: dict[int, Optional[tuple[float, float]]]) -> str:
+        return _seeds_text({s: "not measured (a final model's checkpoint was not kept)" if t is None
+                            else f"{t[0]:.4f} ({_p_text(t[1])})" for s, t in results.items()})
+
+    seeds = sorted(set(fixed) & set(finals[APPROACH1]))
+    versus = {s: test((s, APPROACH1), (s, FIXED)) for s in seeds}
+    if not any(t is not None for t in versus.values()):
         return Claim(title, study, "-", "pending: needs a seed whose Fixed and Approach 1 have finished "
                                         "(their checkpoints hold the final models)")
-    others = _final(records, APPROACH2)
-    samples: dict[tuple[int, str], Any] = {}
-    for index, runs in enumerate((fixed, grown, others)):
-        for s, r in runs.items():
-            g = torch.Generator().manual_seed(1000 * (s + 1) + index)  # an independent draw per model
-            samples[(s, r.name)] = load_model(r).sample(SAMPLE_IMAGES, g)
-    ref = min(fixed)
-    h = median_bandwidth(samples[(ref, FIXED)])
-
-    def test(a: tuple[int, str], b: tuple[int, str]):
-        return mmd_test(samples[a], samples[b], bandwidth=h, permutations=SAMPLE_PERMUTATIONS,
-                        generator=torch.Generator().manual_seed(0))
-
-    def text_of(results: dict[int, Any]) -> str:
-        return _seeds_text({s: f"{t.mmd2:.4f} ({_p_text(t.p_value)})" for s, t in results.items()})
-
-    versus = {s: test((s, APPROACH1), (s, FIXED)) for s in seeds}
     parts = ["Approach 1 vs Fixed: " + text_of(versus)]
-    seeds2 = sorted(set(fixed) & set(others))
+    seeds2 = sorted(set(fixed) & set(finals[APPROACH2]))
     if seeds2:
         parts.append("Approach 2 vs Fixed: " + text_of({s: test((s, APPROACH2), (s, FIXED)) for s in seeds2}))
     verdict = "pending: needs the finished Fixed models of two seeds (how far apart two Fixed models' samples are)"
     if len(fixed) >= 2:
         s0, s1 = sorted(fixed)[:2]
         yard = test((s0, FIXED), (s1, FIXED))
-        parts.append(f"Fixed seed {s0} vs Fixed seed {s1}: {yard.mmd2:.4f} ({_p_text(yard.p_value)})")
-        if all(t.mmd2 <= yard.mmd2 for t in versus.values()):
-            verdict = "reproduced: Approach 1's samples are no further from Fixed's than two Fixed seeds' are apart"
-        else:
-            verdict = ("not reproduced in distribution: Approach 1's samples are further from Fixed's than two Fixed "
-                       "seeds' are apart (by eye: the samples figures)")
+        if yard is not None:
+            parts.append(f"Fixed seed {s0} vs Fixed seed {s1}: {yard[0]:.4f} ({_p_text(yard[1])})")
+            measured = [t for t in versus.values() if t is not None]
+            if all(t[0] <= yard[0] for t in measured):
+                verdict = ("reproduced: Approach 1's samples are no further from Fixed's than two Fixed seeds' are "
+                           "apart")
+            else:
+                verdict = ("not reproduced in distribution: Approach 1's samples are further from Fixed's than two "
+                           "Fixed seeds' are apart (by eye: the samples figures)")
     text = (f"kernel two-sample test, {SAMPLE_IMAGES:,} prior samples per model (mean images; Gaussian kernel of "
-            f"width {h:.2f}, the median distance between Fixed seed {ref}'s samples), MMD²: " + "; ".join(parts))
+            f"width {tests.bandwidth:.2f}, the median distance between Fixed seed {min(fixed)}'s samples), MMD²: "
+            + "; ".join(parts))
+    if carried:
+        text += " (the tests of final models whose checkpoints were not kept: as exported in samples.json)"
     return Claim(title, study, text, verdict)
 
 
@@ -432,10 +521,11 @@ def _time_claim(records: Sequence[RunRecord]) -> Claim:
                  if all(r.finished for r in runs) else "pending: runs unfinished")
 
 
-def assess(records: Sequence[RunRecord], *, every: int = 25) -> list[Claim]:
-    """One :class:`Claim` per claim of the study, from ``records``."""
+def assess(records: Sequence[RunRecord], *, every: int = 25, sample_tests: Optional[SampleTests] = None) -> list[Claim]:
+    """One :class:`Claim` per claim of the study, from ``records``; ``sample_tests`` holds the
+    two-sample tests of models read without their checkpoints and receives those computed."""
     return [_widths_claim(records, every), _level_claim(records), _crossing_claim(records, every),
-            _spike_claim(records), _cut_claim(records), _samples_claim(records), _time_claim(records)]
+            _spike_claim(records), _cut_claim(records), _samples_claim(records, sample_tests), _time_claim(records)]
 
 
 def final_losses_table(records: Sequence[RunRecord]) -> str:
@@ -511,9 +601,10 @@ def evaluation_table(records: Sequence[RunRecord]) -> str:
     return markdown_table(header, rows) if rows else ""
 
 
-def claims_markdown(records: Sequence[RunRecord], *, every: int = 25) -> str:
-    """The claims table and the final test losses, as markdown."""
-    rows = assess(records, every=every)
+def claims_markdown(records: Sequence[RunRecord], *, every: int = 25,
+                    sample_tests: Optional[SampleTests] = None) -> str:
+    """The claims table and the final test losses, as markdown (``sample_tests``: as :func:`assess`)."""
+    rows = assess(records, every=every, sample_tests=sample_tests)
     out = [markdown_table(["claim", "study", "growdense", "verdict"],
                           [[c.claim, c.study, c.growdense, c.verdict] for c in rows]),
            "Test loss at the last epoch reached (nats per image):", "",
@@ -540,9 +631,14 @@ def claims_markdown(records: Sequence[RunRecord], *, every: int = 25) -> str:
     return "\n".join(out) + "\n"
 
 
-def export(records: Sequence[RunRecord], dest: Path) -> list[Path]:
+def export(records: Sequence[RunRecord], dest: Path, sample_tests: Optional[SampleTests] = None) -> list[Path]:
     """Write ``records`` as ``dest/seed<k>/{config.json, metrics.csv, growth_events.csv,
-    estimates.csv, evaluation.json}`` (the last only for models that have one)."""
+    estimates.csv, evaluation.json, steps.npz, reconstructions.npz}`` (the last three for the
+    models that have an evaluation, mini-batch losses, reconstructions: one array per model)
+    and ``sample_tests`` as ``dest/samples.json``; :func:`load_records` and
+    :func:`load_sample_tests` read them back."""
+    import numpy as np
+
     from .output import write_csv, write_json
 
     folders = []
@@ -562,36 +658,59 @@ def export(records: Sequence[RunRecord], dest: Path) -> list[Path]:
         evaluations = {r.name: r.evaluation for r in runs if r.evaluation}
         if evaluations:
             write_json(folder / "evaluation.json", evaluations)
+        steps = {r.name: np.asarray(r.steps, dtype=np.float32) for r in runs if r.steps}
+        if steps:
+            np.savez_compressed(folder / "steps.npz", **steps)
+        pixels = {r.name: r.reconstruction.numpy() for r in runs if r.reconstruction is not None}
+        if pixels:
+            np.savez_compressed(folder / "reconstructions.npz", **pixels)
         folders.append(folder)
+    if sample_tests is not None and sample_tests.results:
+        write_json(Path(dest) / "samples.json", sample_tests.to_json())
     return folders
 
 
 def figures(records: Sequence[RunRecord], dest: Path, *, spike_window: int = 10, test: Any = None) -> list[Path]:
     """The study's Figures 4, 6 and 7 (and the growth spikes, every mini-batch loss, the IWAE
-    gap) per seed, from the records that carry their mini-batch losses (per-epoch checkpoints),
-    under ``dest/seed<k>/``; and its Figures 3 and 5 (prior samples, and reconstructions of
-    the ``test`` images if given: Fixed's row first, then the other finished models by name)
-    of the finished models."""
+    gap) per seed, under ``dest/seed<k>/``, for the seeds with a model whose mini-batch losses
+    are known (models without them are drawn from their per-epoch history); and its Figures 3
+    and 5: the prior samples of the finished models read with their checkpoints, and the
+    reconstructions of the ``test`` images if given (Fixed's row first, then the other finished
+    models by name; a model read without its checkpoint gives its exported row, and a
+    record's row is set where its model is loaded)."""
     from .config import RunSpec
-    from .plots import image_figures, training_figures
+    from .plots import image_figures, reconstructions_figure, to_pixels, training_figures
     from .training import add_spikes
 
     written = []
     for seed in sorted({r.seed for r in records}):
-        results = []
-        for r in records:
-            if r.seed != seed or not r.steps:
-                continue
-            events = [dict(e) for e in r.events]
-            add_spikes(events, r.steps, spike_window)
-            results.append({"spec": RunSpec.from_name(r.name), "history": r.history, "steps": r.steps,
-                            "events": events, "estimates": r.estimates})
-        if results:
-            written += training_figures(Path(dest) / f"seed{seed}", results)
-        finished = [(r.name, load_model(r)) for r in sorted(records, key=lambda r: (r.name != FIXED, r.name))
-                    if r.seed == seed and r.finished and r.checkpoint is not None]
-        if finished:
-            written += image_figures(Path(dest) / f"seed{seed}", finished, seed, test)
+        runs = [r for r in records if r.seed == seed]
+        folder = Path(dest) / f"seed{seed}"
+        if any(r.steps for r in runs):
+            results = []
+            for r in runs:
+                events = [dict(e) for e in r.events]
+                if r.steps:
+                    add_spikes(events, r.steps, spike_window)
+                results.append({"spec": RunSpec.from_name(r.name), "history": r.history, "steps": r.steps,
+                                "events": events, "estimates": r.estimates})
+            written += training_figures(folder, results)
+        finished = sorted((r for r in runs if r.finished), key=lambda r: (r.name != FIXED, r.name))
+        loaded = {r.name: load_model(r) for r in finished if r.checkpoint is not None}
+        if loaded:
+            written += image_figures(folder, list(loaded.items()), seed)
+        if test is not None:
+            x = test[:16]
+            for r in finished:
+                if r.name in loaded:
+                    r.reconstruction = to_pixels(loaded[r.name].reconstruct(x))
+            rows = [r.reconstruction for r in finished if r.reconstruction is not None]
+            if loaded and len(rows) < len(finished):
+                missing = ", ".join(r.name for r in finished if r.reconstruction is None)
+                warnings.warn(f"seed {seed}'s reconstructions.png is drawn without {missing}: read without its "
+                              f"checkpoint or an exported row", stacklevel=2)
+            if loaded:
+                written.append(reconstructions_figure(folder / "reconstructions.png", x, rows))
     return written
 
 
@@ -627,10 +746,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(str(e))
     if not records:
         parser.error(f"no metrics.csv or checkpoint under {', '.join(map(str, args.roots))}")
-    if args.export:
-        for folder in export(records, args.export):
-            print(f"wrote {folder}")
-    text = claims_markdown(records, every=args.every)
+    try:
+        sample_tests = load_sample_tests(args.roots)
+    except (OSError, ValueError) as e:
+        parser.error(str(e))
+    text = claims_markdown(records, every=args.every, sample_tests=sample_tests)
     if args.figures:
         test = None
         if args.data_dir is not None:
@@ -642,6 +762,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 parser.error(str(e))
         for path in figures(records, args.figures, test=test):
             print(f"wrote {path}")
+    if args.export:  # after the figures, which give the loaded models' reconstructions
+        for folder in export(records, args.export, sample_tests):
+            print(f"wrote {folder}")
     for path in args.insert:
         try:
             insert(text, path)

@@ -7,7 +7,7 @@ from typing import Any, Sequence
 
 import torch
 
-__all__ = ["write_figures", "training_figures", "image_figures"]
+__all__ = ["write_figures", "training_figures", "image_figures", "reconstructions_figure", "to_pixels"]
 
 _COLORS = {"fixed": "tab:blue", "approach1-he": "tab:red", "approach1-zero_out": "tab:orange",
            "approach1-split": "tab:brown", "approach2-he-first": "tab:green",
@@ -45,9 +45,12 @@ def _steps_per_epoch(r: dict[str, Any]) -> int:
 
 def _batch_elbo(ax, r: dict[str, Any], growth_lines: bool = True) -> None:
     """ELBO per mini-batch (thin), its per-epoch mean and +-1 std over that epoch's mini-batches
-    (line and band), growth events marked at their mini-batch."""
+    (line and band), growth events marked at their mini-batch; nothing for a model whose
+    mini-batch losses are not known."""
     import numpy as np
 
+    if not r["steps"]:
+        return
     name = r["spec"].name
     per = _steps_per_epoch(r)
     elbo = -np.asarray(r["steps"], dtype=float)
@@ -76,7 +79,7 @@ def _curves(path: Path, results: Sequence[dict[str, Any]], approach: str, title:
     spread (right), Fixed against one approach, growth epochs marked."""
     plt = _pyplot()
     chosen = [r for r in results if r["spec"].approach in ("fixed", approach)]
-    if not any(r["spec"].approach == approach for r in chosen):
+    if not any(r["spec"].approach == approach for r in chosen) or not any(r["steps"] for r in chosen):
         return None
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.4))
     growth = sorted({e["epoch"] for r in chosen for e in r["events"]})
@@ -98,6 +101,10 @@ def _curves(path: Path, results: Sequence[dict[str, Any]], approach: str, title:
         lo, hi = min(vals), max(vals)
         axes[0].set_ylim(lo - 0.05 * (hi - lo) - 1, hi + 0.3 * (hi - lo) + 1)
     _elbo_limits(axes[1], chosen)
+    unknown = [r["spec"].name for r in chosen if not r["steps"]]
+    if unknown:
+        axes[1].text(0.02, 0.02, "mini-batch losses not kept: " + ", ".join(unknown), transform=axes[1].transAxes,
+                     fontsize=7, color="grey")
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
@@ -112,6 +119,8 @@ def _fixed_loss(path: Path, results: Sequence[dict[str, Any]]) -> Path | None:
     if not fixed:
         return None
     r = next((f for f in fixed if f["spec"].widths is None), fixed[0])
+    if not r["steps"]:
+        return None
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
     ep = [h["epoch"] for h in r["history"]]
     axes[0].plot(ep, [h["train_loss"] for h in r["history"]], color=_color("fixed"), label="train (epoch mean)")
@@ -144,7 +153,7 @@ def _steps(path: Path, results: Sequence[dict[str, Any]]) -> Path | None:
         name = r["spec"].name
         idx = [e["index"] for e in r["events"]]
         axes[0].plot(idx, [e["jump"] for e in r["events"]], "o-", label=name, color=_color(name))
-        axes[1].plot(idx, [e["spike"] for e in r["events"]], "o-", label=name, color=_color(name))
+        axes[1].plot(idx, [e.get("spike", float("nan")) for e in r["events"]], "o-", label=name, color=_color(name))
     axes[0].set_ylabel("probe loss after - before growth (nats)")
     axes[0].set_title("function change at the growth event")
     axes[1].set_ylabel("max of next batches - mean of previous (nats)")
@@ -161,8 +170,8 @@ def _steps(path: Path, results: Sequence[dict[str, Any]]) -> Path | None:
 def _step_curves(path: Path, results: Sequence[dict[str, Any]]) -> Path | None:
     """Every mini-batch loss of every model, each model's growth events marked in its colour."""
     plt = _pyplot()
-    growing = [r for r in results if r["events"]]
-    if not growing:
+    results = [r for r in results if r["steps"]]
+    if not any(r["events"] for r in results):
         return None
     fig, ax = plt.subplots(figsize=(12, 4.2))
     for r in results:
@@ -180,7 +189,7 @@ def _step_curves(path: Path, results: Sequence[dict[str, Any]]) -> Path | None:
     return _save(fig, path)
 
 
-def _variance(path: Path, evaluations: dict[str, Any]) -> Path | None:
+def _variance(path: Path, evaluations: dict[str, Any]) -> Path:
     """Std of the log-weight estimators against L and K (zero at the true posterior), the
     analytic-KL training estimator for comparison, and the IWAE bound against K."""
     plt = _pyplot()
@@ -245,6 +254,23 @@ def training_figures(fig_dir: Path, results: Sequence[dict[str, Any]]) -> list[P
     return [path for path in drawn if path is not None]
 
 
+def to_pixels(images: torch.Tensor) -> torch.Tensor:
+    """Images in [0, 1] as the uint8 pixels an image grid stores (the rounding of
+    ``torchvision.utils.save_image``), so a figure drawn again from them is the same file."""
+    return images.detach().mul(255).add(0.5).clamp(0, 255).to(torch.uint8).cpu()
+
+
+def reconstructions_figure(path: Path, test: torch.Tensor, rows: Sequence[torch.Tensor]) -> Path:
+    """The study's Figure 5: the first row ``test`` (16 digits), then one row per model of their
+    posterior-mean reconstructions (float in [0, 1], or uint8 pixels from :func:`to_pixels`)."""
+    from torchvision.utils import save_image
+
+    rows = [r.float().div(255) if r.dtype == torch.uint8 else r.float() for r in [test, *rows]]
+    save_image(torch.cat([r.cpu().reshape(-1, 784) for r in rows]).reshape(-1, 1, 28, 28), path, nrow=16,
+               padding=2, pad_value=0.5)
+    return Path(path)
+
+
 def image_figures(fig_dir: Path, models: Sequence[tuple[str, Any]], seed: int,
                   test: torch.Tensor | None = None) -> list[Path]:
     """The study's Figure 3 (64 samples from the prior per model, the same z for every model:
@@ -257,10 +283,8 @@ def image_figures(fig_dir: Path, models: Sequence[tuple[str, Any]], seed: int,
     written = []
     if test is not None:
         x = test[:16]
-        rows = [x] + [model.reconstruct(x) for _, model in models]
-        path = fig_dir / "reconstructions.png"
-        save_image(torch.cat(rows).reshape(-1, 1, 28, 28).cpu(), path, nrow=16, padding=2, pad_value=0.5)
-        written.append(path)
+        written.append(reconstructions_figure(fig_dir / "reconstructions.png", x,
+                                              [model.reconstruct(x) for _, model in models]))
     for name, model in models:
         g = torch.Generator(device=model.dec1.weight.device).manual_seed(seed + 9)
         path = fig_dir / f"samples_{name}.png"
@@ -273,7 +297,7 @@ def write_figures(out: Path, results: Sequence[dict[str, Any]], evaluations: dic
                   cfg: Any) -> list[Path]:
     """Write every figure of a reproduction under ``out/figures``; return their paths."""
     fig_dir = Path(out) / "figures"
-    training_figures(fig_dir, results)
-    _variance(fig_dir / "elbo_variance_iwae.png", evaluations)
-    image_figures(fig_dir, [(r["spec"].name, r["model"]) for r in results], cfg.seed, test)
-    return sorted(fig_dir.glob("*.png"))
+    drawn = training_figures(fig_dir, results)
+    drawn.append(_variance(fig_dir / "elbo_variance_iwae.png", evaluations))
+    drawn += image_figures(fig_dir, [(r["spec"].name, r["model"]) for r in results], cfg.seed, test)
+    return sorted(drawn)
