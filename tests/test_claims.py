@@ -380,6 +380,10 @@ def test_the_export_keeps_batch_losses_and_reconstructions_so_figures_need_no_ch
     claims.export(records, tmp_path / "export")
     again = claims.load_records([tmp_path / "export"])
     assert all(r.checkpoint is None for r in again)
+    files = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "export" / "seed0").glob("*.npz")}
+    assert set(files) == {"steps.npz", "reconstructions.npz"}
+    claims.export(again, tmp_path / "export")  # exported again: not rewritten (a zip stamps its time)
+    assert files == {p.name: p.stat().st_mtime_ns for p in (tmp_path / "export" / "seed0").glob("*.npz")}
     for old, new in zip(records, again):
         # stored as float32: equal to 1e-6 relative, far below a figure's resolution
         assert new.steps == pytest.approx(old.steps, rel=1e-6) and len(new.steps) == len(old.steps) > 0

@@ -148,6 +148,17 @@ def _read_arrays(path: Path) -> dict[str, Any]:
         return {k: arrays[k] for k in arrays.files}
 
 
+def _write_arrays(path: Path, arrays: dict[str, Any]) -> None:
+    """``arrays`` as a compressed ``.npz``, left as it is when it holds them already (a zip
+    archive stamps the time it was written)."""
+    import numpy as np
+
+    old = _read_arrays(path)
+    if not arrays or (old.keys() == arrays.keys() and all(np.array_equal(old[k], v) for k, v in arrays.items())):
+        return
+    np.savez_compressed(path, **arrays)
+
+
 def load_records(roots: Sequence[Path]) -> list[RunRecord]:
     """Every (seed, model) found under ``roots`` (output folders' CSVs and per-epoch
     checkpoints); where a model appears twice for a seed, the longer history wins."""
@@ -658,12 +669,9 @@ def export(records: Sequence[RunRecord], dest: Path, sample_tests: Optional[Samp
         evaluations = {r.name: r.evaluation for r in runs if r.evaluation}
         if evaluations:
             write_json(folder / "evaluation.json", evaluations)
-        steps = {r.name: np.asarray(r.steps, dtype=np.float32) for r in runs if r.steps}
-        if steps:
-            np.savez_compressed(folder / "steps.npz", **steps)
-        pixels = {r.name: r.reconstruction.numpy() for r in runs if r.reconstruction is not None}
-        if pixels:
-            np.savez_compressed(folder / "reconstructions.npz", **pixels)
+        _write_arrays(folder / "steps.npz", {r.name: np.asarray(r.steps, dtype=np.float32) for r in runs if r.steps})
+        _write_arrays(folder / "reconstructions.npz",
+                      {r.name: r.reconstruction.numpy() for r in runs if r.reconstruction is not None})
         folders.append(folder)
     if sample_tests is not None and sample_tests.results:
         write_json(Path(dest) / "samples.json", sample_tests.to_json())
