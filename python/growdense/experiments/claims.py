@@ -101,16 +101,17 @@ class Claim:
     verdict: str
 
 
+def _number(v: str) -> Any:
+    for kind in (int, float):  # ints stay ints, so an exported CSV reads back and writes out the same
+        try:
+            return kind(v)
+        except (TypeError, ValueError):
+            pass
+    return v
+
+
 def _numbers(row: dict[str, str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in row.items():
-        for kind in (int, float):  # ints stay ints, so an exported CSV reads back and writes out the same
-            try:
-                out[k] = kind(v)
-                break
-            except (TypeError, ValueError):
-                out[k] = v
-    return out
+    return {k: _number(v) for k, v in row.items()}
 
 
 def _read_csv(path: Path) -> list[dict[str, Any]]:
@@ -707,18 +708,17 @@ def figures(records: Sequence[RunRecord], dest: Path, *, spike_window: int = 10,
         loaded = {r.name: load_model(r) for r in finished if r.checkpoint is not None}
         if loaded:
             written += image_figures(folder, list(loaded.items()), seed)
-        if test is not None:
+        if loaded and test is not None:  # with no model loaded, Figure 5 has nothing new: left as drawn
             x = test[:16]
             for r in finished:
                 if r.name in loaded:
                     r.reconstruction = to_pixels(loaded[r.name].reconstruct(x))
-            rows = [r.reconstruction for r in finished if r.reconstruction is not None]
-            if loaded and len(rows) < len(finished):
-                missing = ", ".join(r.name for r in finished if r.reconstruction is None)
-                warnings.warn(f"seed {seed}'s reconstructions.png is drawn without {missing}: read without its "
-                              f"checkpoint or an exported row", stacklevel=2)
-            if loaded:
-                written.append(reconstructions_figure(folder / "reconstructions.png", x, rows))
+            missing = [r.name for r in finished if r.reconstruction is None]
+            if missing:
+                warnings.warn(f"seed {seed}'s reconstructions.png is drawn without {', '.join(missing)}: read "
+                              f"without its checkpoint or an exported row", stacklevel=2)
+            written.append(reconstructions_figure(folder / "reconstructions.png", x,
+                                                  [r.reconstruction for r in finished if r.reconstruction is not None]))
     return written
 
 
