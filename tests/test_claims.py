@@ -189,10 +189,13 @@ def test_two_precisions_of_one_model_are_refused(tmp_path):
 
 
 def test_comparisons_are_one_factor_at_a_time_per_seed(tmp_path):
-    write_run(tmp_path, 0, {"approach1-he": decreasing(160, 105), "approach1-zero_out": decreasing(160, 103.5),
-                            "fixed": decreasing(150, 100)})
-    table = claims.comparisons_table(claims.load_records([tmp_path]))
-    assert "(`approach1-zero_out` − `approach1-he`) | seed 0: -1.50 |" in table
+    he = decreasing(160, 105)
+    # the same computation until the first growth, off by rounding (+0.25), then 1.5 nats lower
+    zero_out = [v + 0.25 for v in he[:EVERY]] + [v - 1.5 for v in he[EVERY:]]
+    write_run(tmp_path, 0, {"approach1-he": he, "approach1-zero_out": zero_out, "fixed": decreasing(150, 100)})
+    table = claims.comparisons_table(claims.load_records([tmp_path]), every=EVERY)
+    assert f"after epoch {EVERY}, where both are still one computation" in table
+    assert "(`approach1-zero_out` − `approach1-he`) | seed 0: -1.50 | seed 0: +0.25 |" in table
     assert "keep" not in table  # absent models give no row
 
 

@@ -566,21 +566,29 @@ COMPARISONS = [
 ]
 
 
-def comparisons_table(records: Sequence[RunRecord]) -> str:
+def comparisons_table(records: Sequence[RunRecord], *, every: int = 25) -> str:
     """The final test loss of each comparison's model minus its reference's, per seed (only
-    the comparisons with both models present)."""
+    the comparisons with both models present), beside the same difference after epoch
+    ``every``: until their first growth or cut the two models train the same computation
+    from the same seed, so that difference is what rounding alone (another machine or
+    thread count) gives."""
     rows = []
     for question, model, ref in COMPARISONS:
         pairs = _paired(records, model, ref)
         if not pairs:
             continue
-        cells = {}
+        final, before = {}, {}
         for s, (a, b) in pairs.items():
             n = min(len(a.history), len(b.history))
             d = a.history[n - 1]["test_loss"] - b.history[n - 1]["test_loss"]
-            cells[s] = _fmt(d) + ("" if a.finished and b.finished else f" (at epoch {n}, unfinished)")
-        rows.append([f"{question} (`{model}` − `{ref}`)", _seeds_text(cells)])
-    return markdown_table(["comparison", "model − reference, final test loss (nats)"], rows) if rows else ""
+            final[s] = _fmt(d) + ("" if a.finished and b.finished else f" (at epoch {n}, unfinished)")
+            if n >= every:
+                before[s] = _fmt(a.history[every - 1]["test_loss"] - b.history[every - 1]["test_loss"])
+        rows.append([f"{question} (`{model}` − `{ref}`)", _seeds_text(final),
+                     _seeds_text(before) if before else "-"])
+    header = ["comparison", "model − reference, final test loss (nats)",
+              f"the same after epoch {every}, where both are still one computation (nats)"]
+    return markdown_table(header, rows) if rows else ""
 
 
 def estimates_table(records: Sequence[RunRecord]) -> str:
@@ -621,7 +629,7 @@ def claims_markdown(records: Sequence[RunRecord], *, every: int = 25,
                           [[c.claim, c.study, c.growdense, c.verdict] for c in rows]),
            "Test loss at the last epoch reached (nats per image):", "",
            final_losses_table(records)]
-    comparisons = comparisons_table(records)
+    comparisons = comparisons_table(records, every=every)
     if comparisons:
         out += ["Beyond the study, one factor at a time (negative: the model ends below its reference):", "",
                 comparisons]
