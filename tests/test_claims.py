@@ -461,3 +461,32 @@ def test_a_pair_neither_measured_nor_carried_says_so(tmp_path):
     assert "seed 1: not measured" in c.growdense
     assert "Fixed seed 0 vs Fixed seed 1" not in c.growdense
     assert c.verdict.startswith("pending: needs the finished Fixed models of two seeds")
+
+
+def test_a_fixed_model_at_other_widths_is_drawn_with_approach_1_only(tmp_path, monkeypatch):
+    """The 32/16 from scratch is Approach 1's starting point: Figure 6 draws it beside Fixed,
+    Figure 7 (Approach 2, which never trains at 32/16 from the start) does not."""
+    pytest.importorskip("matplotlib")
+    from growdense.experiments import plots
+    from growdense.experiments.config import RunSpec
+
+    drawn = {}
+
+    def keep_labels(fig, path):
+        import matplotlib.pyplot as plt
+
+        drawn[path.name] = {t.get_text() for t in fig.axes[0].get_legend().get_texts()}
+        plt.close(fig)
+        return path
+
+    monkeypatch.setattr(plots, "_save", keep_labels)
+    results = []
+    for name in ["fixed", "fixed-32x16", "approach1-he", "approach2-he-first"]:
+        curve = decreasing(150, 100)
+        results.append({"spec": RunSpec.from_name(name), "steps": [v + 1 for v in curve for _ in range(3)],
+                        "history": [{"epoch": e, "train_loss": v + 1, "test_loss": v} for e, v in enumerate(curve)],
+                        "events": [], "estimates": []})
+    plots.training_figures(tmp_path, results)
+    assert {"fixed (train)", "fixed-32x16 (train)", "approach1-he (train)"} <= drawn["approach1_loss_elbo.png"]
+    assert "fixed (train)" in drawn["approach2_loss_elbo.png"]
+    assert not any(label.startswith("fixed-32x16") for label in drawn["approach2_loss_elbo.png"])

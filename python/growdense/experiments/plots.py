@@ -76,9 +76,11 @@ def _elbo_limits(ax, results: Sequence[dict[str, Any]]) -> None:
 
 def _curves(path: Path, results: Sequence[dict[str, Any]], approach: str, title: str) -> Path | None:
     """The study's Figures 6 and 7: the loss per epoch (left) and the ELBO per mini-batch with its
-    spread (right), Fixed against one approach, growth epochs marked."""
+    spread (right), Fixed against one approach, growth epochs marked. A fixed model at other
+    widths (the starting 32/16 from scratch) is drawn with Approach 1, which starts there."""
     plt = _pyplot()
-    chosen = [r for r in results if r["spec"].approach in ("fixed", approach)]
+    chosen = [r for r in results if r["spec"].approach == approach
+              or (r["spec"].approach == "fixed" and (r["spec"].widths is None or approach == "1"))]
     if not any(r["spec"].approach == approach for r in chosen) or not any(r["steps"] for r in chosen):
         return None
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.4))
