@@ -490,3 +490,37 @@ def test_a_fixed_model_at_other_widths_is_drawn_with_approach_1_only(tmp_path, m
     assert {"fixed (train)", "fixed-32x16 (train)", "approach1-he (train)"} <= drawn["approach1_loss_elbo.png"]
     assert "fixed (train)" in drawn["approach2_loss_elbo.png"]
     assert not any(label.startswith("fixed-32x16") for label in drawn["approach2_loss_elbo.png"])
+
+
+def test_the_gap_figure_has_one_legend_beside_its_panels(tmp_path, monkeypatch):
+    """With twelve models a legend inside a panel hides points: the section 3.4 figure has one
+    legend for both panels, naming every model, to the right of them."""
+    pytest.importorskip("matplotlib")
+    from growdense.experiments import plots
+    from growdense.experiments.config import RunSpec
+
+    drawn = {}
+
+    def keep(fig, path, **kwargs):
+        import matplotlib.pyplot as plt
+
+        fig.canvas.draw()
+        drawn[path.name] = (fig, kwargs)
+        plt.close(fig)
+        return path
+
+    monkeypatch.setattr(plots, "_save", keep)
+    names = ["fixed", "fixed-32x16", "approach1-he", "approach2-he-first"]
+    results = [{"spec": RunSpec.from_name(name), "steps": [], "events": [],
+                "history": [{"epoch": e, "train_loss": 101.0 - e, "test_loss": 100.0 - e} for e in range(50)],
+                "estimates": [{"epoch": e, "gap": 4.0 + i / 10, "logw_var": 12.0 + i, "samples": 100}
+                              for e in (25, 50)]}
+              for i, name in enumerate(names)]
+    plots.training_figures(tmp_path, results)
+    fig, kwargs = drawn["iwae_gap.png"]
+    assert all(ax.get_legend() is None for ax in fig.axes)
+    (legend,) = fig.legends
+    assert [t.get_text() for t in legend.get_texts()] == names
+    right_of_panels = max(ax.get_window_extent().x1 for ax in fig.axes)
+    assert legend.get_window_extent().x0 >= right_of_panels
+    assert kwargs == {"crop": True}  # the saved image keeps the legend outside the axes

@@ -30,11 +30,12 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path: Path) -> Path:
+def _save(fig, path: Path, *, crop: bool = False) -> Path:
+    """Write ``fig``; ``crop`` fits the image to what is drawn, a legend outside the axes too."""
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight" if crop else None)
     plt.close(fig)
     return path
 
@@ -236,8 +237,9 @@ def _gap(path: Path, results: Sequence[dict[str, Any]]) -> Path | None:
     for ax in axes:
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=7)
-    return _save(fig, path)
+    # One legend for both panels, outside them: with many models it would hide their points.
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7)
+    return _save(fig, path, crop=True)
 
 
 def training_figures(fig_dir: Path, results: Sequence[dict[str, Any]]) -> list[Path]:
