@@ -463,23 +463,33 @@ def test_a_pair_neither_measured_nor_carried_says_so(tmp_path):
     assert c.verdict.startswith("pending: needs the finished Fixed models of two seeds")
 
 
-def test_a_fixed_model_at_other_widths_is_drawn_with_approach_1_only(tmp_path, monkeypatch):
-    """The 32/16 from scratch is Approach 1's starting point: Figure 6 draws it beside Fixed,
-    Figure 7 (Approach 2, which never trains at 32/16 from the start) does not."""
+@pytest.fixture
+def saved_figures(monkeypatch):
+    """The figures the plots module would write, by file name, drawn but not saved: (figure,
+    the keyword arguments it was saved with)."""
     pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
     from growdense.experiments import plots
-    from growdense.experiments.config import RunSpec
 
-    drawn = {}
+    saved = {}
 
-    def keep_labels(fig, path):
-        import matplotlib.pyplot as plt
-
-        drawn[path.name] = {t.get_text() for t in fig.axes[0].get_legend().get_texts()}
+    def keep(fig, path, **kwargs):
+        fig.canvas.draw()
+        saved[path.name] = (fig, kwargs)
         plt.close(fig)
         return path
 
-    monkeypatch.setattr(plots, "_save", keep_labels)
+    monkeypatch.setattr(plots, "_save", keep)
+    return saved
+
+
+def test_a_fixed_model_at_other_widths_is_drawn_with_approach_1_only(tmp_path, saved_figures):
+    """The 32/16 from scratch is Approach 1's starting point: Figure 6 draws it beside Fixed,
+    Figure 7 (Approach 2, which never trains at 32/16 from the start) does not."""
+    from growdense.experiments import plots
+    from growdense.experiments.config import RunSpec
+
     results = []
     for name in ["fixed", "fixed-32x16", "approach1-he", "approach2-he-first"]:
         curve = decreasing(150, 100)
@@ -487,37 +497,29 @@ def test_a_fixed_model_at_other_widths_is_drawn_with_approach_1_only(tmp_path, m
                         "history": [{"epoch": e, "train_loss": v + 1, "test_loss": v} for e, v in enumerate(curve)],
                         "events": [], "estimates": []})
     plots.training_figures(tmp_path, results)
-    assert {"fixed (train)", "fixed-32x16 (train)", "approach1-he (train)"} <= drawn["approach1_loss_elbo.png"]
-    assert "fixed (train)" in drawn["approach2_loss_elbo.png"]
-    assert not any(label.startswith("fixed-32x16") for label in drawn["approach2_loss_elbo.png"])
+
+    def labels(name):
+        return {t.get_text() for t in saved_figures[name][0].axes[0].get_legend().get_texts()}
+
+    assert {"fixed (train)", "fixed-32x16 (train)", "approach1-he (train)"} <= labels("approach1_loss_elbo.png")
+    assert "fixed (train)" in labels("approach2_loss_elbo.png")
+    assert not any(label.startswith("fixed-32x16") for label in labels("approach2_loss_elbo.png"))
 
 
-def test_the_gap_figure_has_one_legend_beside_its_panels(tmp_path, monkeypatch):
+def test_the_gap_figure_has_one_legend_beside_its_panels(tmp_path, saved_figures):
     """With twelve models a legend inside a panel hides points: the section 3.4 figure has one
     legend for both panels, naming every model, to the right of them."""
-    pytest.importorskip("matplotlib")
     from growdense.experiments import plots
     from growdense.experiments.config import RunSpec
 
-    drawn = {}
-
-    def keep(fig, path, **kwargs):
-        import matplotlib.pyplot as plt
-
-        fig.canvas.draw()
-        drawn[path.name] = (fig, kwargs)
-        plt.close(fig)
-        return path
-
-    monkeypatch.setattr(plots, "_save", keep)
     names = ["fixed", "fixed-32x16", "approach1-he", "approach2-he-first"]
     results = [{"spec": RunSpec.from_name(name), "steps": [], "events": [],
                 "history": [{"epoch": e, "train_loss": 101.0 - e, "test_loss": 100.0 - e} for e in range(50)],
                 "estimates": [{"epoch": e, "gap": 4.0 + i / 10, "logw_var": 12.0 + i, "samples": 100}
                               for e in (25, 50)]}
-              for i, name in enumerate(names)]
+               for i, name in enumerate(names)]
     plots.training_figures(tmp_path, results)
-    fig, kwargs = drawn["iwae_gap.png"]
+    fig, kwargs = saved_figures["iwae_gap.png"]
     assert all(ax.get_legend() is None for ax in fig.axes)
     (legend,) = fig.legends
     assert [t.get_text() for t in legend.get_texts()] == names
