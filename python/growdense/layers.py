@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import math
-import weakref
 from typing import Any, Mapping, Optional
 
 import torch
 from torch import Tensor, nn
 
-from . import ops
+from . import ops, protocol
 from ._checks import check_int
 
 try:
@@ -53,41 +52,13 @@ def he_std(fan_in: int) -> float:
     return math.sqrt(2.0 / fan_in)
 
 
-# Which GrowLinear holds each Parameter: ``id(param) -> (weakref(param), weakrefs of the
-# layers that registered it)``. Kept here rather than as an attribute of the Parameter, so
-# that a Parameter pickles like any other (``torch.save(list(model.parameters()))`` loads
-# with the default ``torch.load(weights_only=True)``). An entry goes when its Parameter
-# dies; a layer that no longer holds the Parameter (``layer.weight = other``) is ignored.
-_OWNERS: dict[int, tuple[weakref.ref, tuple[weakref.ref, ...]]] = {}
-
-
-def _forget(key: int, ref: weakref.ref) -> None:
-    entry = _OWNERS.get(key)
-    if entry is not None and entry[0] is ref:
-        del _OWNERS[key]
-
-
 def _register(param: Tensor, layer: "GrowLinear") -> None:
-    key = id(param)
-    entry = _OWNERS.get(key)
-    if entry is None or entry[0]() is not param:
-        _OWNERS[key] = (weakref.ref(param, lambda ref, key=key: _forget(key, ref)), (weakref.ref(layer),))
-        return
-    layers = tuple(r for r in entry[1] if r() is not None and r() is not layer)
-    _OWNERS[key] = (entry[0], layers + (weakref.ref(layer),))
+    protocol.register_owner(param, layer)
 
 
 def _holders(param: Tensor) -> list["GrowLinear"]:
-    """The live GrowLinears that hold ``param`` as their ``weight`` or ``bias`` now."""
-    entry = _OWNERS.get(id(param))
-    if entry is None or entry[0]() is not param:
-        return []
-    holders = []
-    for ref in entry[1]:
-        layer = ref()
-        if layer is not None and any(p is param for p in layer._parameters.values()):
-            holders.append(layer)
-    return holders
+    """The live growable modules that hold ``param`` as one of their Parameters now."""
+    return protocol.holders(param)
 
 
 class _Owner:
@@ -103,23 +74,7 @@ class _Owner:
         self.ref = None
 
 
-def active_block(param: Tensor) -> Optional[tuple[slice, ...]]:
-    """The slices of ``param`` that its :class:`GrowLinear` uses now, or ``None``.
-
-    ``(slice(0, out_features), slice(0, in_features))`` for a layer's ``weight``,
-    ``(slice(0, out_features),)`` for its ``bias``; ``None`` for a tensor that is not a
-    GrowLinear's Parameter, or that several GrowLinears share. Everything outside the
-    block is zero (the weights, their gradients and the optimizer state), which is what
-    lets an optimizer step over the block only (:mod:`growdense.optim`).
-    """
-    entry = _OWNERS.get(id(param))
-    if entry is None or entry[0]() is not param:
-        return None
-    if len(entry[1]) == 1:
-        layer = entry[1][0]()
-        return None if layer is None else _block_in(layer, param)
-    holders = _holders(param)
-    return _block_in(holders[0], param) if len(holders) == 1 else None
+active_block = protocol.active_block
 
 
 def _block_in(layer: "GrowLinear", param: Tensor) -> Optional[tuple[slice, ...]]:
@@ -132,6 +87,25 @@ def _block_in(layer: "GrowLinear", param: Tensor) -> Optional[tuple[slice, ...]]
 
 
 _check_count = check_int
+
+
+def _normal_kernel(tensor: Tensor, index: tuple, std: float, generator: Optional[torch.Generator]) -> None:
+    """The in-place normal kernel for a block of a weight (pure-torch twin: protocol.normal_)."""
+    if tensor.dim() == 2:
+        rows, cols = index
+        ops.normal_block_(tensor, (rows.start, rows.stop), (cols.start, cols.stop), std, generator)
+    else:
+        protocol.normal_(tensor, index, std, generator)
+
+
+_WEIGHT_SPEC = protocol.TensorSpec(
+    "weight",
+    (protocol.Axis(0, "out", protocol.PRODUCER), protocol.Axis(1, "in", protocol.CONSUMER)),
+    normal=_normal_kernel,
+)
+_BIAS_SPEC = protocol.TensorSpec("bias", (protocol.Axis(0, "out", protocol.PRODUCER),), fill=0.0)
+_SPEC_BIAS = protocol.GrowthSpec(("in", "out"), (_WEIGHT_SPEC, _BIAS_SPEC))
+_SPEC_NO_BIAS = protocol.GrowthSpec(("in", "out"), (_WEIGHT_SPEC,))
 
 
 class GrowLinear(nn.Module):
@@ -195,6 +169,26 @@ class GrowLinear(nn.Module):
         else:
             self.register_parameter("bias", None)
         self.reset_parameters()
+
+    # ---- the growable-module protocol (see growdense.protocol) ---------------------
+    def growth_spec(self) -> protocol.GrowthSpec:
+        """Rows (and bias) ride width ``"out"`` as producer; columns ride ``"in"`` as consumer."""
+        return _SPEC_BIAS if self._parameters.get("bias") is not None else _SPEC_NO_BIAS
+
+    def active_width(self, width: str) -> int:
+        """The active count of module-local width ``"in"`` or ``"out"``."""
+        return int(self._active_in) if width == "in" else int(self._active_out)
+
+    def set_active_width_(self, width: str, units: int) -> None:
+        if width == "in":
+            self._active_in = units
+        elif width == "out":
+            self._active_out = units
+        else:
+            raise KeyError(f"GrowLinear has widths 'in' and 'out', not {width!r}")
+
+    def _growth_block(self, param: Tensor) -> Optional[tuple[slice, ...]]:
+        return _block_in(self, param)
 
     def register_parameter(self, name: str, param: Optional[nn.Parameter]) -> None:
         super().register_parameter(name, param)

@@ -372,6 +372,18 @@ def permute_state_(
         optimizer.state[param][_BIRTH_KEY] = births  # type: ignore[union-attr]
 
 
+def move_births_(optimizer: Optional[torch.optim.Optimizer], param: Tensor, dim: int, src: Tensor, dst: Tensor) -> None:
+    """Move the birth steps of elements ``src`` to ``dst`` along ``dim`` (with the state tensors they describe)."""
+    births = optimizer.state.get(param, {}).get(_BIRTH_KEY) if optimizer is not None else None
+    if births is None:
+        return
+    births = [list(b) for b in births]
+    old = list(births[dim])
+    for s, d in zip(src.tolist(), dst.tolist()):
+        births[dim][d] = old[s]
+    optimizer.state[param][_BIRTH_KEY] = births  # type: ignore[union-attr]
+
+
 def permute_(tensor: Tensor, dim: int, perm: Tensor) -> None:
     """In place: ``tensor.narrow(dim, 0, len(perm))[i] = old[perm[i]]`` along ``dim``."""
     head = tensor.narrow(dim, 0, perm.numel())

@@ -68,21 +68,14 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
+from . import protocol
 from ._checks import check_int, check_nonnegative_real
-from .layers import GrowLinear
+from .init_strategies import GROW_INITS, check_init, grow_neurons_
 
 __all__ = ["GROW_INITS", "KEEP_CHOICES", "Keep", "check_init", "check_split_noise", "grow_neurons_", "kept_indices", "permutation"]
 
-GROW_INITS = ("he", "zero_out", "split")
 KEEP_CHOICES = ("first", "norm")
 Keep = Union[str, Sequence[int], Tensor]
-
-
-# ---- growth ------------------------------------------------------------------------
-def check_init(init: str) -> None:
-    """Raise ``ValueError`` unless ``init`` is one of :data:`GROW_INITS`."""
-    if not isinstance(init, str) or init not in GROW_INITS:
-        raise ValueError(f"unknown init {init!r} for new neurons; expected one of {GROW_INITS}")
 
 
 def check_split_noise(split_noise: float) -> float:
@@ -95,86 +88,17 @@ def check_generator(generator: Optional[torch.Generator]) -> None:
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
 
 
-@torch.no_grad()
-def grow_neurons_(
-    producer: GrowLinear,
-    consumers: Sequence[GrowLinear],
-    n: int,
-    init: str = "he",
-    *,
-    generator: Optional[torch.Generator] = None,
-    split_noise: float = 1e-2,
-) -> None:
-    """Grow the hidden width between ``producer`` and ``consumers`` by ``n`` in place.
-
-    The caller validates widths and capacities first (see :class:`~growdense.Wiring`);
-    this checks its own arguments, then writes weights. Random draws come from
-    ``generator`` (or the global RNG), producer first, then consumers in order, so the
-    same seed gives the same weights.
-    """
-    check_init(init)
-    split_noise = check_split_noise(split_noise)
-    check_generator(generator)
-    n = check_int("n", n)
-    if init == "split":
-        _grow_split_(producer, consumers, n, generator, split_noise)
-        return
-    producer.grow_out(n, "he", generator=generator)
-    for consumer in consumers:
-        consumer.grow_in(n, "he" if init == "he" else "zero", generator=generator)
-
-
-def _grow_split_(producer, consumers, n, generator, split_noise) -> None:
-    """Net2WiderNet: copy sources' incoming rows, split their outgoing columns."""
-    width = producer.out_features
-    sources = _split_sources(width, n, producer.weight.device, generator)
-    producer.grow_out(n, "zero")  # the rows are the sources' copies, written below
-    for consumer in consumers:
-        consumer.grow_in(n, "zero")
-    active_in = producer.in_features
-    new = torch.arange(width, width + n, device=producer.weight.device)
-    w = producer.weight
-    w[width : width + n, :active_in] = w.index_select(0, sources)[:, :active_in]
-    if producer.bias is not None:
-        producer.bias[width : width + n] = producer.bias.index_select(0, sources)
-    for consumer in consumers:
-        cw = consumer.weight
-        rows = consumer.out_features
-        scale = split_noise * float(cw[:rows, :width].std()) if rows * width > 1 else 0.0
-        # Sources may repeat (n > width): split sequentially, one distinct round at a time.
-        for lo in range(0, n, width):
-            src = sources[lo : lo + width]
-            dst = new[lo : lo + width]
-            half = cw[:rows].index_select(1, src) * 0.5
-            noise = torch.randn(half.shape, generator=generator, device=_gen_device(generator, cw), dtype=cw.dtype)
-            noise = noise.to(cw.device) * scale
-            cw[:rows, src] = half + noise
-            cw[:rows, dst] = half - noise
-
-
-def _gen_device(generator: Optional[torch.Generator], like: torch.Tensor) -> torch.device:
-    """Where random values are drawn: the generator's device, else the tensor's."""
-    return generator.device if generator is not None else like.device
-
-
-def _split_sources(width: int, n: int, device: torch.device, generator: Optional[torch.Generator]) -> torch.Tensor:
-    """``n`` source indices in ``[0, width)``: distinct within each round of ``width``."""
-    draw_on = generator.device if generator is not None else device
-    rounds = [
-        torch.randperm(width, generator=generator, device=draw_on)[: min(width, n - lo)] for lo in range(0, n, width)
-    ]
-    return torch.cat(rounds).to(device) if rounds else torch.empty(0, dtype=torch.long, device=device)
-
-
 # ---- shrinking -----------------------------------------------------------------------
-def kept_indices(name: str, producer: GrowLinear, to: int, keep: Keep) -> Optional[Tensor]:
+def kept_indices(name: str, hidden, to: int, keep: Keep) -> Optional[Tensor]:
     """Validate a shrink of hidden width ``name`` to ``to``; the kept indices in their new order.
 
     ``None`` means the first ``to`` (nothing moves). Raises, changing nothing, on a bad
     ``to`` or ``keep``.
     """
     to = check_int("to", to)
-    width = producer.out_features
+    first = hidden.members[0]
+    width = first.module.active_width(first.width)
+    device = next(t for _, t in protocol.members_of(first.module)).device
     if not 1 <= to <= width:
         raise ValueError(
             f"cannot shrink {name!r} from {width} to {to}: the new width must be between 1 and {width}"
@@ -184,7 +108,7 @@ def kept_indices(name: str, producer: GrowLinear, to: int, keep: Keep) -> Option
         if keep == "first":
             return None
         if keep == "norm":
-            return _largest_norm(producer, to)
+            return _largest_norm(hidden, to)
         raise ValueError(f"unknown keep {keep!r}; expected one of {KEEP_CHOICES} or a sequence of indices")
     if isinstance(keep, Tensor):
         if keep.dim() != 1 or keep.dtype.is_floating_point or keep.dtype.is_complex or keep.dtype == torch.bool:
@@ -203,12 +127,43 @@ def kept_indices(name: str, producer: GrowLinear, to: int, keep: Keep) -> Option
     if len(set(indices)) != len(indices):
         dups = sorted({i for i in indices if indices.count(i) > 1})
         raise ValueError(f"keep indices for {name!r} contain duplicates: {dups}")
-    return torch.tensor(indices, dtype=torch.long, device=producer.weight.device)
+    return torch.tensor(indices, dtype=torch.long, device=device)
 
 
 @torch.no_grad()
-def _largest_norm(producer: GrowLinear, to: int) -> Tensor:
-    norms = producer.active_weight.norm(dim=1)
+def unit_norms(hidden) -> Tensor:
+    """Each unit's Euclidean norm over its producers' incoming weights (their active parts, no bias).
+
+    The producers' tensors without a declared fill (biases have one) count; a unit of
+    several elements counts all of them.
+    """
+    parts = []
+    for m in hidden.members:
+        if m.role != protocol.PRODUCER:
+            continue
+        cap = protocol.capacity(m.module, m.width)
+        width = m.module.active_width(m.width)
+        for spec, t in protocol.members_of(m.module):
+            axis = spec.axis(m.width)
+            if axis is not None and spec.fill is None:
+                parts.append((axis, cap, width, t[tuple(slice(0, e) for e in protocol.active_extent(m.module, spec))]))
+    if not parts:
+        raise ValueError("keep='norm' needs a producer with incoming weights")
+    if len(parts) == 1 and parts[0][0].unit == 1 and parts[0][0].blocks == 1 and parts[0][0].dim == 0:
+        active = parts[0][3]
+        return active.norm(dim=1) if active.dim() == 2 else active.flatten(1).norm(dim=1)  # as nn.Linear rows
+    total = None
+    for axis, cap, width, active in parts:
+        index = protocol.element_index(axis, cap, torch.arange(width, device=active.device))
+        part = active.index_select(axis.dim, index).movedim(axis.dim, 0).reshape(axis.blocks, width, axis.unit, -1)
+        sq = part.pow(2).sum(dim=(0, 2, 3))
+        total = sq if total is None else total + sq.to(total.device)
+    return total.sqrt()
+
+
+@torch.no_grad()
+def _largest_norm(hidden, to: int) -> Tensor:
+    norms = unit_norms(hidden)
     order = torch.sort(norms, descending=True, stable=True).indices[:to]
     return torch.sort(order).values
 

@@ -4,27 +4,44 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from . import optim_state
+from . import init_strategies as _builtin_inits  # noqa: F401  (registers "he", "zero_out", "split")
+from . import optim_state, protocol
 from ._checks import check_int
-from .layers import GrowLinear
-from .policies import KEEP_CHOICES, Keep, check_generator, check_init, check_split_noise, grow_neurons_
+from .policies import KEEP_CHOICES, Keep, check_generator, check_split_noise
 from .policies import kept_indices, permutation
+from .protocol import CONSUMER, PRODUCER, RIDER, Change, Member, Slice
 
 __all__ = ["Wiring", "KEEP_CHOICES"]
 
 
 @dataclass(frozen=True)
 class _Hidden:
-    producer: GrowLinear
-    consumers: tuple[GrowLinear, ...]
+    """A width group: every (module, module-local width) riding it, producers first."""
 
-    def layers(self) -> tuple[GrowLinear, ...]:
-        return (self.producer, *self.consumers)
+    members: tuple[Member, ...]
+
+    @property
+    def producer(self):
+        return self.members[0].module
+
+    @property
+    def consumers(self) -> tuple:
+        return tuple(m.module for m in self.members if m.role == CONSUMER)
+
+    def layers(self) -> tuple:
+        seen: dict[int, object] = {}
+        for m in self.members:
+            seen.setdefault(id(m.module), m.module)
+        return tuple(seen.values())
+
+
+def _role_name(role: str) -> str:
+    return {PRODUCER: "producer", CONSUMER: "consumer", RIDER: "rider"}[role]
 
 
 def _check_optimizer(optimizer: object) -> Optional[torch.optim.Optimizer]:
@@ -107,7 +124,7 @@ class Wiring:
     @classmethod
     def chain(
         cls,
-        layers: Sequence[GrowLinear],
+        layers: Sequence[nn.Module],
         names: Optional[Sequence[str]] = None,
         optimizer: Optional[torch.optim.Optimizer] = None,
         **kwargs,
@@ -146,7 +163,8 @@ class Wiring:
         if policy != "keep":
             return policy
         layers = [layer for name in (self.names() if names is None else names) for layer in self._get(name).layers()]
-        problem = optim_state.keep_problem(self.optimizer, [p for layer in layers for p in (layer.weight, layer.bias)])
+        params = [t for layer in layers for _, t in protocol.members_of(layer) if isinstance(t, nn.Parameter)]
+        problem = optim_state.keep_problem(self.optimizer, params)
         if problem is None:
             return policy
         if chosen is not None:
@@ -160,60 +178,116 @@ class Wiring:
         return "keep_global_step"
 
     # ---- registration ----------------------------------------------------------------
-    def add(self, name: str, producer: GrowLinear, consumers: Sequence[GrowLinear]) -> None:
-        """Register hidden width ``name``: ``producer``'s output feeds each of ``consumers``."""
+    def add(self, name: str, producer, consumers: Sequence) -> None:
+        """Register hidden width ``name``: ``producer``'s output feeds each of ``consumers``.
+
+        Any growable module (:mod:`growdense.protocol`) fits: the producer's width is its
+        only module-local width in the producer role (GrowLinear: ``"out"``), a
+        consumer's its only one in the consumer role (``"in"``). For riders, or modules
+        with several such widths, use :meth:`add_width`.
+        """
+        if isinstance(consumers, nn.Module):
+            raise TypeError(f"{name!r}: consumers must be a sequence of growable modules; wrap a single one in a list")
+        consumers = tuple(consumers)
+        for layer in (producer, *consumers):
+            if not protocol.is_growable(layer):
+                raise TypeError(
+                    f"{name!r}: producer and consumers must be growable modules (GrowLinear, or a module "
+                    f"following growdense.protocol), got {type(layer).__name__}"
+                )
+        if not consumers:
+            raise ValueError(f"{name!r}: a hidden width needs at least one consumer")
+        members = [(producer, self._only_width(name, producer, PRODUCER))]
+        members += [(c, self._only_width(name, c, CONSUMER)) for c in consumers]
+        self.add_width(name, members)
+
+    @staticmethod
+    def _only_width(name: str, module: nn.Module, role: str) -> str:
+        width = module.growth_spec().width_with_role(role)  # type: ignore[attr-defined]
+        if width is None:
+            raise TypeError(
+                f"{name!r}: {type(module).__name__} has no single width in the {role} role; "
+                f"name its width with Wiring.add_width(name, [(module, width), ...])"
+            )
+        return width
+
+    def add_width(self, name: str, members: Sequence[tuple[nn.Module, str]]) -> None:
+        """Register width ``name`` as the group of ``(module, module-local width)`` pairs riding it.
+
+        Each pair's role (producer, consumer or rider) is its module's declaration. The
+        group may hold any number of each, but at least one consumer or rider besides a
+        producer (e.g. a residual stream: the linears writing it, those reading it, the
+        norms' weights and biases). Every member must have the same active width.
+        """
         optim_state.check_attachable(self.optimizer)  # its state may have changed since it was set
         if not isinstance(name, str) or not name:
             raise TypeError(f"a hidden width's name must be a non-empty str, got {name!r}")
         if name in self._hidden:
             raise ValueError(f"hidden width {name!r} is already registered")
-        if isinstance(consumers, GrowLinear):
-            raise TypeError(f"{name!r}: consumers must be a sequence of GrowLinear; wrap a single one in a list")
-        consumers = tuple(consumers)
-        for layer in (producer, *consumers):
-            if not isinstance(layer, GrowLinear):
-                raise TypeError(f"{name!r}: producer and consumers must be GrowLinear, got {type(layer).__name__}")
-        if not consumers:
-            raise ValueError(f"{name!r}: a hidden width needs at least one consumer")
-        if len({id(c) for c in consumers}) != len(consumers):
+        group = []
+        for entry in members:
+            if not (isinstance(entry, tuple) and len(entry) == 2):
+                raise TypeError(f"{name!r}: members are (module, width) pairs, got {entry!r}")
+            module, width = entry
+            if not protocol.is_growable(module):
+                raise TypeError(f"{name!r}: {type(module).__name__} does not follow growdense.protocol")
+            spec = module.growth_spec()
+            if width not in spec.widths:
+                raise ValueError(f"{name!r}: {type(module).__name__} has widths {list(spec.widths)}, not {width!r}")
+            group.append(Member(module, width))
+        if len({(id(m.module), m.width) for m in group}) != len(group):
             raise ValueError(f"{name!r}: the same consumer is listed twice")
-        if any(c is producer for c in consumers):
+        roles = [m.role for m in group]
+        if not any(r == CONSUMER for r in roles) and not (roles.count(PRODUCER) and roles.count(RIDER)):
+            raise ValueError(f"{name!r}: a hidden width needs at least one consumer")
+        modules_by_role = {r: {id(m.module) for m in group if m.role == r} for r in ROLES_}
+        if modules_by_role[PRODUCER] & modules_by_role[CONSUMER]:
             raise ValueError(f"{name!r}: a layer cannot consume its own output")
         for other, hidden in self._hidden.items():
-            if hidden.producer is producer:
-                raise ValueError(f"{name!r}: this producer already produces hidden width {other!r}")
-            if any(c is h for c in consumers for h in hidden.consumers):
-                raise ValueError(f"{name!r}: a consumer already consumes hidden width {other!r}")
-        for consumer in consumers:
-            if consumer.in_features != producer.out_features:
-                raise ValueError(
-                    f"{name!r}: producer has out_features={producer.out_features} but a consumer has "
-                    f"in_features={consumer.in_features}; they must match"
-                )
-        self._hidden[name] = _Hidden(producer, consumers)
+            for m in group:
+                if any(o.module is m.module and o.width == m.width for o in hidden.members):
+                    verb = {PRODUCER: "this producer already produces", CONSUMER: "a consumer already consumes",
+                            RIDER: "a rider already rides"}[m.role]
+                    raise ValueError(f"{name!r}: {verb} hidden width {other!r}")
+        widths = {m.module.active_width(m.width) for m in group}
+        if len(widths) != 1:
+            first = group[0]
+            for m in group[1:]:
+                if m.module.active_width(m.width) != first.module.active_width(first.width):
+                    raise ValueError(
+                        f"{name!r}: producer has out_features={first.module.active_width(first.width)} but a "
+                        f"{_role_name(m.role)} has {_feature_name(m)}={m.module.active_width(m.width)}; they must match"
+                    )
+        # producers first, then consumers, then riders (the order strategies draw in)
+        order = {PRODUCER: 0, CONSUMER: 1, RIDER: 2}
+        self._hidden[name] = _Hidden(tuple(sorted(group, key=lambda m: order[m.role])))
 
     def names(self) -> list[str]:
         """The registered hidden widths, in registration order."""
         return list(self._hidden)
 
-    def producer(self, name: str) -> GrowLinear:
+    def producer(self, name: str):
         return self._get(name).producer
 
-    def consumers(self, name: str) -> list[GrowLinear]:
+    def consumers(self, name: str) -> list:
         return list(self._get(name).consumers)
 
+    def members(self, name: str) -> list[tuple[nn.Module, str, str]]:
+        """``(module, module-local width, role)`` for every member of width ``name``."""
+        return [(m.module, m.width, m.role) for m in self._get(name).members]
+
     def width(self, name: str) -> int:
-        """The active width of hidden width ``name`` (its producer's ``out_features``)."""
-        return self._get(name).producer.out_features
+        """The active width of hidden width ``name`` (its first member's, e.g. the producer's ``out_features``)."""
+        m = self._get(name).members[0]
+        return m.module.active_width(m.width)
 
     def widths(self) -> dict[str, int]:
         """``{name: width}`` for every hidden width."""
-        return {name: hidden.producer.out_features for name, hidden in self._hidden.items()}
+        return {name: self.width(name) for name in self._hidden}
 
     def capacity(self, name: str) -> int:
         """The largest width ``name`` can grow to: the smallest capacity among its coupled layers."""
-        hidden = self._get(name)
-        return min([hidden.producer.capacity_out] + [c.capacity_in for c in hidden.consumers])
+        return min(protocol.capacity(m.module, m.width) for m in self._get(name).members)
 
     def __repr__(self) -> str:
         parts = ", ".join(f"{n}={self.width(n)}/{self.capacity(n)}" for n in self._hidden)
@@ -228,12 +302,13 @@ class Wiring:
 
     def _check_synced(self, name: str) -> _Hidden:
         hidden = self._get(name)
-        width = hidden.producer.out_features
-        for consumer in hidden.consumers:
-            if consumer.in_features != width:
+        first = hidden.members[0]
+        width = first.module.active_width(first.width)
+        for m in hidden.members[1:]:
+            if m.module.active_width(m.width) != width:
                 raise RuntimeError(
-                    f"hidden width {name!r} is out of sync: producer out_features={width}, consumer "
-                    f"in_features={consumer.in_features} (was a layer resized outside the Wiring?)"
+                    f"hidden width {name!r} is out of sync: producer out_features={width}, {_role_name(m.role)} "
+                    f"{_feature_name(m)}={m.module.active_width(m.width)} (was a layer resized outside the Wiring?)"
                 )
         return hidden
 
@@ -241,7 +316,16 @@ class Wiring:
         """The hidden width, if its layers agree and none shares a Parameter with another layer."""
         hidden = self._check_synced(name)
         for layer in hidden.layers():
-            layer._check_not_shared()
+            for pname, param in layer._parameters.items():
+                if param is None:
+                    continue
+                others = [h for h in protocol.holders(param) if h is not layer]
+                if others:
+                    raise RuntimeError(
+                        f"this {type(layer).__name__} shares its {pname} with another {type(others[0]).__name__}; "
+                        f"resizing one would break the other (its active block would no longer match the tensor): "
+                        f"give each layer its own Parameters to grow or shrink them"
+                    )
         return hidden
 
     def check_grow(
@@ -253,49 +337,102 @@ class Wiring:
         generator: Optional[torch.Generator] = None,
         split_noise: float = 1e-2,
         optimizer_state: Optional[str] = None,
+        **init_options: Any,
     ) -> None:
         """Raise (and change nothing) unless ``grow(name, n, ...)`` with these arguments is valid."""
-        self._validate_grow(name, n, init, generator, split_noise, optimizer_state, stacklevel=4)
+        self._plan_grow(name, n, init, generator, dict(init_options, split_noise=split_noise), optimizer_state,
+                        stacklevel=4)
 
-    def _validate_grow(
-        self,
-        name: str,
-        n: int,
-        init: str,
-        generator: Optional[torch.Generator],
-        split_noise: float,
-        optimizer_state: Optional[str],
-        *,
-        stacklevel: int,
-    ) -> tuple[int, str]:
-        """``n`` as a Python int and the optimizer-state policy the growth would apply."""
+    def _plan_grow(self, name, n, init, generator, options, optimizer_state, *, stacklevel: int) -> "_GrowPlan":
+        """Validate a growth once (counts, capacities, the init and its options, the optimizer, writability)."""
         hidden = self._check_resizable(name)
         n = check_int("n", n)
         optim_state.check_policy("keep" if optimizer_state is None else optimizer_state)
         if n < 0:
             raise ValueError(f"cannot grow {name!r} by {n}: n must be >= 0 (use shrink() to narrow)")
-        check_init(init)
-        check_split_noise(split_noise)
+        strategy = protocol.init_strategy(init)
         check_generator(generator)
         width = self.width(name)
-        if width + n > self.capacity(name):
-            limits = [f"producer capacity_out={hidden.producer.capacity_out}"]
-            limits += [f"consumer {i} capacity_in={c.capacity_in}" for i, c in enumerate(hidden.consumers)]
+        cap = self.capacity(name)
+        if width + n > cap:
+            limits = [
+                f"{_role_name(m.role)} {type(m.module).__name__}.{m.width} capacity={protocol.capacity(m.module, m.width)}"
+                for m in hidden.members
+            ]
             raise ValueError(
                 f"cannot grow {name!r} from {width} to {width + n}: it exceeds the capacity "
-                f"{self.capacity(name)} of its coupled layers ({', '.join(limits)})"
+                f"{cap} of its coupled layers ({', '.join(limits)})"
             )
-        return n, self.check_optimizer_state(optimizer_state, [name] if n > 0 else [], stacklevel=stacklevel + 1)
+        change = self._change(name, hidden, width, width + n, generator)
+        strategy.check(change, **options)
+        policy = self.check_optimizer_state(optimizer_state, [name] if n > 0 else [], stacklevel=stacklevel + 1)
+        if n > 0:
+            self._check_writable(name, hidden)
+        return _GrowPlan(hidden, change, strategy, options, policy)
+
+    def _change(self, name: str, hidden: _Hidden, start: int, stop: int, generator) -> Change:
+        slices = []
+        for m in hidden.members:
+            units = {m.width: stop}
+            for spec, tensor in protocol.members_of(m.module):
+                axis = spec.axis(m.width)
+                if axis is None:
+                    continue
+                extent = protocol.active_extent(m.module, spec, units)
+                slices.append(Slice(m, spec, axis, tensor, start, stop, extent, protocol.capacity(m.module, m.width)))
+        return Change(name, start, stop, hidden.members, tuple(slices), generator)
+
+    def _written(self, hidden: _Hidden) -> list[tuple[str, Tensor]]:
+        """Every tensor a change of ``hidden`` writes, with a description: data, gradients, optimizer state."""
+        out = []
+        for m in hidden.members:
+            for spec, tensor in protocol.members_of(m.module):
+                if spec.axis(m.width) is None:
+                    continue
+                what = f"{type(m.module).__name__}.{spec.name}"
+                out.append((what, tensor))
+                grad = getattr(tensor, "grad", None) if isinstance(tensor, nn.Parameter) else None
+                if grad is not None:
+                    out.append((f"{what}.grad", grad))
+                for key, state in optim_state._keyed_state_tensors(self.optimizer, tensor):
+                    out.append((f"the optimizer's {key!r} of {what}", state))
+        return out
+
+    def _check_writable(self, name: str, hidden: _Hidden) -> None:
+        """Raise unless every tensor the change writes can be written in place (nothing changed yet)."""
+        for what, t in self._written(hidden):
+            problem = None
+            if t.is_inference() and not torch.is_inference_mode_enabled():
+                problem = (
+                    "is an inference tensor (made under torch.inference_mode()), which cannot be written in place "
+                    "outside it; build the model outside inference_mode, or clone its tensors into new Parameters"
+                )
+            elif t.layout != torch.strided:
+                problem = f"has layout {t.layout}; growdense writes dense (strided) tensors only"
+            elif not t.dtype.is_floating_point:
+                problem = (
+                    f"has dtype {t.dtype}; growdense grows and shrinks real floating-point tensors only: "
+                    f"convert the layer (e.g. layer.float())"
+                )
+            elif t.numel() > 1 and any(st == 0 and sz > 1 for st, sz in zip(t.stride(), t.shape)):
+                problem = (
+                    "has elements sharing memory (an expanded tensor), which cannot be written in place; "
+                    "give it its own storage (e.g. .clone())"
+                )
+            if problem is not None:
+                raise RuntimeError(f"cannot resize {name!r}: {what} {problem}. Nothing was changed")
 
     def check_shrink(self, name: str, to: int, keep: Keep = "first", optimizer_state: Optional[str] = None) -> None:
         """Raise (and change nothing) unless ``shrink(name, to, keep=keep, optimizer_state=...)`` is valid."""
         self._policy(optimizer_state)
         self._kept(name, to, keep)
+        if check_int("to", to) < self.width(name) or not (isinstance(keep, str) and keep == "first"):
+            self._check_writable(name, self._get(name))
 
     def _kept(self, name: str, to: int, keep: Keep) -> Optional[Tensor]:
         """Validate a shrink; return the kept indices in their new order (``None`` for the first ``to``)."""
         hidden = self._check_resizable(name)
-        return kept_indices(name, hidden.producer, to, keep)
+        return kept_indices(name, hidden, to, keep)
 
     # ---- changes ----------------------------------------------------------------------
     @torch.no_grad()
@@ -308,28 +445,32 @@ class Wiring:
         generator: Optional[torch.Generator] = None,
         split_noise: float = 1e-2,
         optimizer_state: Optional[str] = None,
+        **init_options: Any,
     ) -> None:
         """Add ``n`` neurons to hidden width ``name`` (appended after the active ones).
 
-        ``init`` chooses the new weights (see :mod:`growdense.policies`):
+        ``init`` chooses the new weights: a strategy registered with
+        :func:`growdense.protocol.register_init`; built in (see :mod:`growdense.policies`):
         ``"he"`` (He-normal in and out, the study's), ``"zero_out"`` (He in, zero out:
         the function is unchanged), ``"split"`` (Net2Net: copy neurons, halve their
-        outgoing weights, ``split_noise`` breaks the symmetry). The new slices' gradients
-        are zero. ``optimizer_state`` (default: the wiring's, ``"keep"``) chooses what the
-        optimizer's state becomes: ``"keep"`` (old neurons continue, new ones start from
-        the optimizer's fresh state, Adam's step count included), ``"reset"`` (the whole
-        optimizer restarts as newly built) or ``"keep_global_step"`` (new neurons get
-        fresh element-wise state but their Parameter's step count); see
+        outgoing weights, ``split_noise`` breaks the symmetry). Further keyword arguments
+        (``init_options``, e.g. a ``closure``) go to the strategy, which validates them
+        before anything changes. Riders' new slices get their declared values. The new
+        slices' gradients are zero. ``optimizer_state`` (default: the wiring's, ``"keep"``)
+        chooses what the optimizer's state becomes: ``"keep"`` (old neurons continue, new
+        ones start from the optimizer's fresh state, Adam's step count included),
+        ``"reset"`` (the whole optimizer restarts as newly built) or ``"keep_global_step"``
+        (new neurons get fresh element-wise state but their Parameter's step count); see
         :mod:`growdense.optim_state`.
         """
-        n, policy = self._validate_grow(name, n, init, generator, split_noise, optimizer_state, stacklevel=3)
-        if n == 0:
+        plan = self._plan_grow(
+            name, n, init, generator, dict(init_options, split_noise=split_noise), optimizer_state, stacklevel=3
+        )
+        if plan.change.n == 0:
             return
-        hidden = self._get(name)
-        start, stop = self.width(name), self.width(name) + n
-        grow_neurons_(hidden.producer, hidden.consumers, n, init, generator=generator, split_noise=split_noise)
-        self._zero_slices(hidden, start, stop, policy, born=True)
-        self._broadcast(hidden)
+        plan.apply()
+        self._zero_slices(plan.hidden, plan.change.start, plan.change.stop, plan.policy, born=True)
+        self._broadcast(plan.hidden)
 
     @torch.no_grad()
     def shrink(self, name: str, to: int, *, keep: Keep = "first", optimizer_state: Optional[str] = None) -> None:
@@ -338,16 +479,18 @@ class Wiring:
         ``keep`` chooses which neurons stay:
 
         - ``"first"``: neurons ``0 .. to-1`` (the study's Approach 2);
-        - ``"norm"``: the ``to`` neurons whose *incoming* weight row in the producer (over
-          its active inputs, bias not included) has the largest Euclidean norm; ties go to
-          the lower index. They keep their relative order;
+        - ``"norm"``: the ``to`` neurons whose *incoming* weights in the producers (over
+          their active inputs, bias not included) have the largest Euclidean norm; ties go
+          to the lower index. Only what changes place moves: kept neurons among the first
+          ``to`` stay where they are, the others move, in increasing order, into the places
+          of the dropped ones among the first ``to``;
         - a sequence (or 1-D tensor) of ``to`` distinct indices in ``[0, width)``: those
           neurons, in that order.
 
-        The kept neurons are moved to the front by one permutation applied together to
-        the producer's rows (weight, bias), every consumer's columns, their gradients and
-        optimizer state; then the rest is zeroed (weights, gradients, optimizer state).
-        The network's output over the kept neurons is unchanged by the permutation.
+        The moves apply together to every member's tensors (the producer's rows and
+        bias, every consumer's columns, riders' slices), their gradients and optimizer
+        state; then the rest is zeroed (weights, gradients, optimizer state). The
+        network's output over the kept neurons is unchanged by the moves.
         ``optimizer_state`` (default: the wiring's): under ``"reset"`` the whole optimizer
         restarts as newly built; otherwise the kept neurons' state continues and the
         removed slices' state becomes the optimizer's fresh values.
@@ -357,57 +500,83 @@ class Wiring:
         to = check_int("to", to)
         hidden = self._get(name)
         width = self.width(name)
-        perm = None if kept is None else permutation(kept, width)
-        if perm is not None:
-            self._permute(hidden, perm)
-        hidden.producer.shrink_out(to)
-        for consumer in hidden.consumers:
-            consumer.shrink_in(to)
+        moves = None
+        if kept is not None:
+            if isinstance(keep, str):  # "norm": kept in increasing order; fill the holes only
+                moves = _fill_holes(kept, to)
+            else:
+                perm = permutation(kept, width)
+                if perm is not None:
+                    moves = (perm, torch.arange(width, device=perm.device))
+        if to < width or moves is not None:
+            self._check_writable(name, hidden)
+        if moves is not None:
+            self._move(hidden, *moves)
+        for m in hidden.members:
+            m.module.set_active_width_(m.width, to)
+        self._zero_data(hidden, to, width)
         self._zero_slices(hidden, to, width, policy, born=False)
 
     @torch.no_grad()
     def permute(self, name: str, perm: Union[Sequence[int], Tensor]) -> None:
         """Reorder the neurons of hidden width ``name``: new neuron ``i`` is old neuron ``perm[i]``.
 
-        ``perm`` is a permutation of ``range(width)``. Producer rows, consumer columns,
-        gradients and optimizer state move together; the network's function is unchanged.
+        ``perm`` is a permutation of ``range(width)``. Every member's tensors, gradients
+        and optimizer state move together; the network's function is unchanged.
         """
         if isinstance(perm, str):
             raise TypeError(f"permute() needs a sequence of indices, got the string {perm!r}")
         indices = self._kept(name, self.width(name), perm)
-        self._permute(self._get(name), indices)
+        hidden = self._get(name)
+        self._check_writable(name, hidden)
+        self._move(hidden, indices, torch.arange(indices.numel(), device=indices.device))
 
     # ---- internals -------------------------------------------------------------------
-    def _permute(self, hidden: _Hidden, perm: Tensor) -> None:
-        producer = hidden.producer
-        for param in (producer.weight, producer.bias):
-            if param is None:
-                continue
-            optim_state.permute_(param.data, 0, perm)
-            if param.grad is not None:
-                optim_state.permute_(param.grad, 0, perm)
-            optim_state.permute_state_(self.optimizer, param, 0, perm)
-        for consumer in hidden.consumers:
-            param = consumer.weight
-            optim_state.permute_(param.data, 1, perm)
-            if param.grad is not None:
-                optim_state.permute_(param.grad, 1, perm)
-            optim_state.permute_state_(self.optimizer, param, 1, perm)
+    def _axes(self, hidden: _Hidden):
+        """``(member, spec, axis, tensor, capacity)`` for every tensor riding the width."""
+        for m in hidden.members:
+            cap = protocol.capacity(m.module, m.width)
+            for spec, tensor in protocol.members_of(m.module):
+                axis = spec.axis(m.width)
+                if axis is not None:
+                    yield m, spec, axis, tensor, cap
+
+    def _move(self, hidden: _Hidden, src: Tensor, dst: Tensor) -> None:
+        """Unit ``dst[i]`` of every member tensor (data, gradient, optimizer state) gets old unit ``src[i]``."""
+        if src.numel() == 0:
+            return
+        for _, _, axis, tensor, cap in self._axes(hidden):
+            targets = [tensor.data if isinstance(tensor, nn.Parameter) else tensor]
+            grad = tensor.grad if isinstance(tensor, nn.Parameter) else None
+            if grad is not None:
+                targets.append(grad)
+            targets += list(optim_state.state_tensors(self.optimizer, tensor))
+            for t in targets:
+                protocol.move_units_(t, axis, cap, src, dst)
+            s = protocol.element_index(axis, cap, src.to(tensor.device))
+            d = protocol.element_index(axis, cap, dst.to(tensor.device))
+            optim_state.move_births_(self.optimizer, tensor, axis.dim, s, d)
+
+    def _zero_data(self, hidden: _Hidden, start: int, stop: int) -> None:
+        for _, _, axis, tensor, cap in self._axes(hidden):
+            protocol.zero_units_(tensor.data if isinstance(tensor, nn.Parameter) else tensor, axis, cap, start, stop)
 
     def _zero_slices(self, hidden: _Hidden, start: int, stop: int, policy: str, born: bool) -> None:
         """Zero ``[start, stop)`` of the hidden width in gradients; apply ``policy`` to the optimizer state.
 
         ``born``: the slice was just added (else: just removed).
         """
-        producer = hidden.producer
-        slices = [(p, 0) for p in (producer.weight, producer.bias) if p is not None]
-        slices += [(c.weight, 1) for c in hidden.consumers]
-        for param, dim in slices:
+        for _, _, axis, param, cap in self._axes(hidden):
+            if not isinstance(param, nn.Parameter):
+                continue
             if param.grad is not None:
-                param.grad.narrow(dim, start, stop - start).zero_()
+                protocol.zero_units_(param.grad, axis, cap, start, stop)
             if policy != "reset":
-                optim_state.fresh_state_(self.optimizer, param, dim, start, stop)
-                optim_state.mark_born_(self.optimizer, param, dim, start, stop, policy if born else "keep_global_step")
+                for first, length in protocol.element_ranges(axis, cap, start, stop):
+                    optim_state.fresh_state_(self.optimizer, param, axis.dim, first, first + length)
+                    optim_state.mark_born_(
+                        self.optimizer, param, axis.dim, first, first + length, policy if born else "keep_global_step"
+                    )
         if policy == "reset":
             optim_state.reset_(self.optimizer)
 
@@ -419,6 +588,46 @@ class Wiring:
         if not (dist.is_available() and dist.is_initialized()):
             return
         for layer in hidden.layers():
-            for param in (layer.weight, layer.bias):
-                if param is not None:
-                    dist.broadcast(param.data, src=self.broadcast_from, group=self.process_group)
+            for _, tensor in protocol.members_of(layer):
+                dist.broadcast(tensor.data, src=self.broadcast_from, group=self.process_group)
+
+
+ROLES_ = (PRODUCER, CONSUMER, RIDER)
+
+
+def _feature_name(m: Member) -> str:
+    """How a member's width is called in messages (GrowLinear: in_features / out_features)."""
+    return {"in": "in_features", "out": "out_features"}.get(m.width, m.width)
+
+
+def _fill_holes(kept: Tensor, to: int) -> Optional[tuple[Tensor, Tensor]]:
+    """Moves that bring the sorted ``kept`` into ``[0, to)``: those outside go into the dropped places inside."""
+    inside = torch.zeros(to, dtype=torch.bool, device=kept.device)
+    inner = kept[kept < to]
+    inside[inner] = True
+    src = kept[kept >= to]
+    if src.numel() == 0:
+        return None
+    dst = (~inside).nonzero().flatten()
+    return src, dst
+
+
+@dataclass
+class _GrowPlan:
+    """A validated growth; :meth:`apply` makes it (it cannot fail on valid input)."""
+
+    hidden: _Hidden
+    change: Change
+    strategy: object
+    options: dict
+    policy: str
+
+    def apply(self) -> None:
+        change = self.change
+        for m in change.members:
+            m.module.set_active_width_(m.width, change.stop)
+        for s in change.slices:
+            fill = s.spec.fill
+            if fill is not None and fill != 0:  # outside the active part is zero already
+                s.fill_(fill)
+        self.strategy.apply_(change, **self.options)  # type: ignore[attr-defined]
