@@ -286,6 +286,65 @@ class GrowthMachine(RuleBasedStateMachine):
             to, keep = 1, [width]  # out of range instead
         self.fails_and_changes_nothing(lambda: self.wiring.shrink(name, to, keep=keep))
 
+    @rule(
+        name=NAMES,
+        data=st.data(),
+        what=st.sampled_from(["inference-data", "inference-grad", "inference-state", "expanded-grad", "complex-grad"]),
+        op=st.sampled_from(["grow", "shrink", "permute"]),
+    )
+    def unwritable_member(self, name, data, what, op):
+        """A member's tensor that cannot be written in place: the change raises before anything moves."""
+        members = [self.wiring.producer(name)] + self.wiring.consumers(name)
+        layer = data.draw(st.sampled_from(members), label="layer")
+        param = layer.weight
+        width = self.wiring.width(name)
+        if op == "grow" and self.room(name) == 0 or op != "grow" and width < 2:
+            return
+        state = self.optimizer.state.get(param) or {}
+        key = next((k for k, v in state.items() if isinstance(v, torch.Tensor) and v.shape == param.shape), None)
+        if what in ("inference-grad", "expanded-grad", "complex-grad") and param.grad is None:
+            what = "inference-data"
+        if what == "inference-state" and key is None:
+            what = "inference-data"
+        with torch.inference_mode():
+            frozen = {"data": param.data.clone(), "grad": None if param.grad is None else param.grad.clone()}
+            if key is not None:
+                frozen["state"] = state[key].clone()
+        original = {"data": param.data, "grad": param.grad, "state": state.get(key)}
+        if what == "inference-data":
+            param.data = frozen["data"]
+        elif what == "inference-grad":
+            param.grad = frozen["grad"]
+        elif what == "inference-state":
+            state[key] = frozen["state"]
+        elif what == "expanded-grad":
+            param.grad = param.grad[:1].clone().expand_as(param.grad)
+        else:  # a complex tensor where a real one is expected (a foreign optimizer state)
+            state_key = key or "momentum_buffer"
+            original["state"], original_key = state.get(state_key), state_key
+        try:
+            if what == "complex-grad":
+                if not state:
+                    return
+                state[original_key] = torch.zeros(param.shape, dtype=torch.complex128)
+            if op == "grow":
+                call = lambda: self.wiring.grow(name, 1, generator=self.generator)  # noqa: E731
+            elif op == "shrink":
+                call = lambda: self.wiring.shrink(name, width - 1, keep="norm")  # noqa: E731
+            else:
+                call = lambda: self.wiring.permute(name, list(range(width))[::-1])  # noqa: E731
+            self.fails_and_changes_nothing(call, RuntimeError)
+        finally:
+            param.data = original["data"]
+            param.grad = original["grad"]
+            if what == "inference-state":
+                state[key] = original["state"]
+            elif what == "complex-grad" and state:
+                if original["state"] is None:
+                    state.pop(original_key, None)
+                else:
+                    state[original_key] = original["state"]
+
     @rule(bad=st.sampled_from(["missing", "unexpected", "capacity", "widths"]))
     def bad_layer_load(self, bad):
         layer = self.model.enc2

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from . import optim_state
+from . import protocol
 from .layers import GrowLinear
 from .wiring import Wiring
 
@@ -298,9 +299,10 @@ def _check_model(saved: Mapping[str, Any], model: nn.Module) -> None:
             )
     for name, module in model.named_modules():
         key = (name + "." if name else "") + "_extra_state"
-        if isinstance(module, GrowLinear) and key in saved:
+        check_widths = getattr(module, "_widths_from_extra_state", None)
+        if protocol.is_growable(module) and check_widths is not None and key in saved:
             try:
-                module._widths_from_extra_state(saved[key])
+                check_widths(saved[key])
             except ValueError as error:
                 problems.append(f"{key}: {error}")
     if problems:

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
+from . import protocol
 from .layers import GrowLinear
 from .wiring import Wiring
 
@@ -336,10 +337,10 @@ def growable(model: nn.Module, capacity: Capacity = 2.0, *, exclude: Iterable[st
         exclude = [exclude]
     exclude = list(exclude)
     modules = dict(model.named_modules())
-    existing = [name for name, module in modules.items() if isinstance(module, GrowLinear)]
+    existing = {name: type(module).__name__ for name, module in modules.items() if protocol.is_growable(module)}
     if existing:
         raise NotGrowableError(
-            {name: "it is already a GrowLinear" for name in existing},
+            {name: f"it is already a {kind}" for name, kind in existing.items()},
             "growable() converts a model of nn.Linear layers once; wire GrowLinear layers by hand with Wiring.add().",
         )
     linears = {name: module for name, module in modules.items() if type(module) is nn.Linear}

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
 from ._checks import check_int
-from .policies import KEEP_CHOICES, check_generator, check_init, check_split_noise
+from .policies import KEEP_CHOICES
 from .wiring import Wiring
 
 __all__ = ["GrowthEvent", "GrowthSchedule"]
@@ -230,6 +230,7 @@ class GrowthSchedule:
         generator: Optional[torch.Generator] = None,
         split_noise: float = 1e-2,
         optimizer_state: Optional[str] = None,
+        **init_options: Any,
     ) -> bool:
         """Apply the event at the start of ``epoch`` to ``wiring``; ``True`` if widths changed.
 
@@ -241,16 +242,15 @@ class GrowthSchedule:
         (names it leaves out keep ``"first"``). ``optimizer_state`` is the policy of every
         shrink and growth of the event (default: the wiring's ``optimizer_state``, itself
         ``"keep"`` by default; ``"reset"`` restarts the optimizer as newly built, as the
-        study did; see :mod:`growdense.optim_state`).
+        study did; see :mod:`growdense.optim_state`). Further keyword arguments go to the
+        init strategy (see :meth:`Wiring.grow`).
         """
         # Validate the arguments at every call (not only at event epochs), then the whole
         # event: nothing changes unless every action of the event is valid.
         epoch = check_int("epoch", epoch)
         if not isinstance(wiring, Wiring):
             raise TypeError(f"apply() needs a Wiring, got {type(wiring).__name__}")
-        check_init(init)
-        check_split_noise(split_noise)
-        check_generator(generator)
+        wiring.check_init(init, generator=generator, split_noise=split_noise, **init_options)
         for policy in keep.values() if isinstance(keep, Mapping) else (keep,):
             if isinstance(policy, str) and policy not in KEEP_CHOICES:
                 raise ValueError(f"unknown keep {policy!r}; expected one of {KEEP_CHOICES} or a sequence of indices")
@@ -277,7 +277,7 @@ class GrowthSchedule:
         for name, to in event.shrink_to.items():
             wiring.check_shrink(name, to, keeps[name])
         for name, n in event.grow_by.items():
-            wiring.check_grow(name, 0, init, generator=generator, split_noise=split_noise)  # capacity below
+            wiring.check_grow(name, 0, init, generator=generator, split_noise=split_noise, **init_options)  # capacity below
             after_shrink = event.shrink_to.get(name, before[name])
             if after_shrink + n > wiring.capacity(name):
                 raise ValueError(
@@ -286,5 +286,7 @@ class GrowthSchedule:
         for name, to in event.shrink_to.items():
             wiring.shrink(name, to, keep=keeps[name], optimizer_state=policy)
         for name, n in event.grow_by.items():
-            wiring.grow(name, n, init=init, generator=generator, split_noise=split_noise, optimizer_state=policy)
+            wiring.grow(
+                name, n, init=init, generator=generator, split_noise=split_noise, optimizer_state=policy, **init_options
+            )
         return self.widths_at(epoch) != before

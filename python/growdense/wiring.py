@@ -343,6 +343,20 @@ class Wiring:
         self._plan_grow(name, n, init, generator, dict(init_options, split_noise=split_noise), optimizer_state,
                         stacklevel=4)
 
+    def check_init(
+        self,
+        init: str = "he",
+        *,
+        generator: Optional[torch.Generator] = None,
+        split_noise: float = 1e-2,
+        **init_options: Any,
+    ) -> None:
+        """Raise unless ``init`` names a registered strategy that accepts these options (any width)."""
+        strategy = protocol.init_strategy(init)
+        check_split_noise(split_noise)
+        check_generator(generator)
+        strategy.check(Change("", 0, 0, (), (), generator), split_noise=split_noise, **init_options)
+
     def _plan_grow(self, name, n, init, generator, options, optimizer_state, *, stacklevel: int) -> "_GrowPlan":
         """Validate a growth once (counts, capacities, the init and its options, the optimizer, writability)."""
         hidden = self._check_resizable(name)
@@ -351,6 +365,7 @@ class Wiring:
         if n < 0:
             raise ValueError(f"cannot grow {name!r} by {n}: n must be >= 0 (use shrink() to narrow)")
         strategy = protocol.init_strategy(init)
+        check_split_noise(options.get("split_noise", 1e-2))
         check_generator(generator)
         width = self.width(name)
         cap = self.capacity(name)
