@@ -22,6 +22,16 @@ every new tensor an op returns; on CUDA also the caching allocator's counter).
     python benchmarks/bench_growth.py                 # CPU, n = 1024, 2048, 4096
     python benchmarks/bench_growth.py --device cuda
     python benchmarks/bench_growth.py --quick
+    python benchmarks/bench_growth.py --threads 1 --shrink-only   # the shrink rows alone
+
+A second table times a shrink: the smaller-norm half of a 4096->2048->4096 hidden width
+removed while Adam trains (``--shrink-sizes``). Sides, interleaved, each event on a
+fresh copy made outside the timing: ``growdense`` (``Wiring.shrink(keep="norm")``:
+kept neurons outside the first half move into the dropped places inside it, in the
+weights, bias and Adam's moments, which are kept) and ``torch-pruning`` (Torch-Pruning's
+way: a dependency graph traced on an example input, the L2 norms of the first layer's
+rows, ``prune_linear_out_channels`` through the pruning group, then a new Adam: its
+state is lost). Torch-Pruning is not a dependency: without it the row is skipped.
 """
 
 from __future__ import annotations
@@ -29,6 +39,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from typing import Optional
 from pathlib import Path
 
 import torch
@@ -170,14 +181,87 @@ def time_events(sides: dict, device: str, warmup: int, reps: int, max_seconds: f
     return samples
 
 
+def shrink_samples(hidden: int, outer: int, reps: int, warmup: int) -> Optional[dict]:
+    """Interleaved timings of one keep="norm" shrink of ``hidden`` to ``hidden // 2`` (see the docstring)."""
+    import time
+
+    try:
+        import torch_pruning as tp
+    except ImportError:
+        print("torch_pruning is not installed: the Torch-Pruning shrink row is skipped "
+              "(pip install torch-pruning==1.6.1 to run it)", flush=True)
+        return None
+    from growdense import Wiring
+
+    to = hidden // 2
+    torch.manual_seed(0)
+    fc1 = GrowLinear(outer, hidden)
+    fc2 = GrowLinear(hidden, outer)
+    opt = GrowAdam(list(fc1.parameters()) + list(fc2.parameters()), lr=1e-3)
+    one_adam_step(list(fc1.parameters()) + list(fc2.parameters()), opt)
+    params = [fc1.weight, fc1.bias, fc2.weight, fc2.bias]
+    saved = [p.detach().clone() for p in params]
+    saved_state = [{k: v.clone() for k, v in opt.state[p].items()} for p in params]
+    wiring = Wiring(opt)
+    wiring.add("h", fc1, [fc2])
+
+    def restore_growdense():
+        with torch.no_grad():
+            for p, value, state in zip(params, saved, saved_state):
+                p.copy_(value)
+                for k, v in state.items():
+                    opt.state[p][k].copy_(v)
+        fc1.set_active_width_("out", hidden)
+        fc2.set_active_width_("in", hidden)
+
+    def growdense_event():
+        wiring.shrink("h", to, keep="norm")
+
+    plain = {}
+
+    def restore_tp():
+        model = nn.Sequential(nn.Linear(outer, hidden), nn.ReLU(), nn.Linear(hidden, outer))
+        with torch.no_grad():
+            model[0].weight.copy_(saved[0]); model[0].bias.copy_(saved[1])
+            model[2].weight.copy_(saved[2]); model[2].bias.copy_(saved[3])
+        popt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        one_adam_step(list(model.parameters()), popt)
+        plain["model"], plain["opt"] = model, popt
+
+    def tp_event():
+        model = plain["model"]
+        graph = tp.DependencyGraph().build_dependency(model, example_inputs=torch.randn(1, outer))
+        norms = model[0].weight.detach().norm(dim=1)
+        drop = torch.sort(norms, stable=True).indices[: hidden - to].tolist()
+        group = graph.get_pruning_group(model[0], tp.prune_linear_out_channels, idxs=drop)
+        group.prune()
+        plain["opt"] = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    sides = {"growdense": (restore_growdense, growdense_event), "torch-pruning": (restore_tp, tp_event)}
+    samples = {name: [] for name in sides}
+    for r in range(warmup + reps):
+        order = list(sides) if r % 2 == 0 else list(sides)[::-1]
+        for name in order:
+            setup, event = sides[name]
+            setup()
+            begin = time.perf_counter()
+            event()
+            elapsed = time.perf_counter() - begin
+            if r >= warmup:
+                samples[name].append(elapsed)
+    return samples
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     common.add_common_args(parser)
     parser.add_argument("--sizes", default="1024,2048,4096", help="layer sizes n (default: %(default)s)")
     parser.add_argument("--reps", type=int, default=None, help="events per side (default 15)")
     parser.add_argument("--max-seconds", type=float, default=None, help="time budget per size (default 40 s)")
+    parser.add_argument("--shrink-sizes", default="4096,2048", help="outer,hidden widths of the shrink rows")
+    parser.add_argument("--shrink-only", action="store_true", help="only the shrink table")
     args = parser.parse_args(argv)
-    sizes = [64, 128] if args.quick else [int(s) for s in args.sizes.split(",")]
+    sizes = [] if args.shrink_only else [64, 128] if args.quick else [int(s) for s in args.sizes.split(",")]
     reps = args.reps or (3 if args.quick else 15)
     warmup = 1 if args.quick else 2
     max_seconds = args.max_seconds or (2.0 if args.quick else 40.0)
@@ -218,11 +302,27 @@ def main(argv=None) -> int:
                 + (f"  [{'met' if row['goal_met'] else 'MISSED'}]" if "goal" in row else ""),
                 flush=True,
             )
+    outer, hidden = (256, 128) if args.quick else (int(v) for v in args.shrink_sizes.split(","))
+    shrink = shrink_samples(hidden, outer, reps, warmup)
     common.finish(info)
+    shrink_table = []
+    if shrink is not None:
+        ratio = common.paired_ratio(shrink["torch-pruning"], shrink["growdense"])
+        for name, xs in shrink.items():
+            speed = ratio if name == "growdense" else 1.0
+            rows.append({"n": hidden, "event": f"{outer}->{hidden}->{outer}: keep the larger-norm {hidden // 2}",
+                         "side": name, "median_s": common.median(xs), "iqr_rel": common.spread(xs),
+                         "samples": len(xs), "speed_vs_torch_pruning": speed})
+            shrink_table.append([f"{outer}->{hidden}->{outer}", name, common.fmt_time(common.median(xs)),
+                                 f"{speed:.2f}x", "kept" if name == "growdense" else "lost (new Adam)"])
+            print(f"shrink {outer}->{hidden}->{outer} {name}: {common.fmt_time(common.median(xs))}, "
+                  f"{speed:.2f}x Torch-Pruning's speed", flush=True)
 
     header = ["layer", "event", "side", "median", "× floor", "× reallocate", "new memory", "goal"]
     table = []
     for r in rows:
+        if "speed_vs_torch_pruning" in r:
+            continue
         mem = common.fmt_bytes(r["new_bytes"])
         if r["cuda_allocated_bytes"] is not None:
             mem += f" (CUDA allocator: {common.fmt_bytes(r['cuda_allocated_bytes'])})"
@@ -236,7 +336,11 @@ def main(argv=None) -> int:
     common.report(
         "bench_growth", args, info, header, table,
         [f"Medians of up to {reps} interleaved events per side after {warmup} warm-up rounds; ratios are medians "
-         "over rounds of the per-round ratio. float32."],
+         "over rounds of the per-round ratio. float32."]
+        + ([f"Shrink (keep the larger-norm half; growdense keeps Adam's state, Torch-Pruning builds a new Adam), "
+            f"speed relative to Torch-Pruning (median of per-round ratios, higher is faster; goal >= 1x):\n\n"
+            + common.markdown_table(["widths", "side", "median", "speed vs Torch-Pruning", "Adam state"], shrink_table)]
+           if shrink_table else []),
         {"reps": reps, "warmup": warmup, "dtype": str(dtype), "rows": rows},
     )
     return 0
