@@ -305,12 +305,12 @@ def main(argv=None) -> int:
     outer, hidden = (256, 128) if args.quick else (int(v) for v in args.shrink_sizes.split(","))
     shrink = shrink_samples(hidden, outer, reps, warmup)
     common.finish(info)
-    shrink_table = []
+    shrink_table, shrink_rows = [], []
     if shrink is not None:
         ratio = common.paired_ratio(shrink["torch-pruning"], shrink["growdense"])
         for name, xs in shrink.items():
             speed = ratio if name == "growdense" else 1.0
-            rows.append({"n": hidden, "event": f"{outer}->{hidden}->{outer}: keep the larger-norm {hidden // 2}",
+            shrink_rows.append({"n": hidden, "event": f"{outer}->{hidden}->{outer}: keep the larger-norm {hidden // 2}",
                          "side": name, "median_s": common.median(xs), "iqr_rel": common.spread(xs),
                          "samples": len(xs), "speed_vs_torch_pruning": speed})
             shrink_table.append([f"{outer}->{hidden}->{outer}", name, common.fmt_time(common.median(xs)),
@@ -321,8 +321,6 @@ def main(argv=None) -> int:
     header = ["layer", "event", "side", "median", "× floor", "× reallocate", "new memory", "goal"]
     table = []
     for r in rows:
-        if "speed_vs_torch_pruning" in r:
-            continue
         mem = common.fmt_bytes(r["new_bytes"])
         if r["cuda_allocated_bytes"] is not None:
             mem += f" (CUDA allocator: {common.fmt_bytes(r['cuda_allocated_bytes'])})"
@@ -341,7 +339,7 @@ def main(argv=None) -> int:
             f"speed relative to Torch-Pruning (median of per-round ratios, higher is faster; goal >= 1x):\n\n"
             + common.markdown_table(["widths", "side", "median", "speed vs Torch-Pruning", "Adam state"], shrink_table)]
            if shrink_table else []),
-        {"reps": reps, "warmup": warmup, "dtype": str(dtype), "rows": rows},
+        {"reps": reps, "warmup": warmup, "dtype": str(dtype), "rows": rows, "shrink_rows": shrink_rows},
     )
     return 0
 
