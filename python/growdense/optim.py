@@ -370,3 +370,41 @@ class Adagrad(_ActiveBlockSteps, torch.optim.Adagrad):
     """
 
     _hooked = _steps_by_age = _torch_internals.INIT_GROUP["Adagrad"]
+
+
+# ---- growth rules (growdense.optim_state) -----------------------------------------------------
+def _steps_by_age(optimizer: torch.optim.Optimizer) -> str:
+    return "element" if type(optimizer)._steps_by_age else "parameter"  # type: ignore[attr-defined]
+
+
+def _keep_check(optimizer: torch.optim.Optimizer, groups: list) -> Optional[str]:
+    """Whether new neurons get their own step count: not without the private hook, not with ``fused=True``."""
+    name = type(optimizer).__name__
+    alternatives = "or grow with optimizer_state='reset' (a fresh optimizer) or 'keep_global_step'"
+    if not type(optimizer)._steps_by_age:  # type: ignore[attr-defined]
+        return (
+            f"growdense.optim.{name} cannot count each neuron's steps with this torch version "
+            f"({torch.__version__}; see growdense._torch_internals), {alternatives}"
+        )
+    if any(g.get("fused") for g in groups):
+        return (
+            f"growdense.optim.{name}(fused=True) cannot give new neurons their own step count under "
+            f"optimizer_state='keep': build it with fused=False (the default or foreach=True), {alternatives}"
+        )
+    return None
+
+
+def _register_rules() -> None:
+    """Torch's rules for each base (fresh values, checkpoint keys), with each element's age counted."""
+    import dataclasses
+
+    from . import optim_state
+
+    for cls in (Adam, AdamW, RAdam, Adamax, Adagrad):
+        base = optim_state.optimizer_rules(cls)  # its torch base class's until registered here
+        optim_state.register_optimizer_rules(
+            cls, dataclasses.replace(base, step=_steps_by_age, keep_check=_keep_check), replace=True
+        )
+
+
+_register_rules()

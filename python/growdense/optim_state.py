@@ -36,17 +36,33 @@ is its *optimizer-state policy* (:data:`POLICIES`):
 
 Shrinking under ``"keep"`` or ``"keep_global_step"`` sets the state of the removed slices
 to the fresh value (zero, Adagrad's initial accumulator, Rprop's initial step size).
+
+What each optimizer needs is one record per optimizer class, :class:`OptimizerRules`
+(its element-wise state and fresh values, state left alone, how it counts steps, when
+``"keep"`` cannot be exact, a refusal), registered with :func:`register_optimizer_rules`
+and looked up through the class's MRO by :func:`optimizer_rules`: a subclass of
+``torch.optim.Adam`` gets Adam's rules. torch's optimizers are registered here,
+:mod:`growdense.optim`'s in that module. An optimizer class with no rules gets
+:data:`DEFAULT_RULES`: every state tensor shaped like its parameter is element-wise with
+fresh value 0, and any other state tensor is refused. See
+docs/adding-a-growable-module.md, "Adding an optimizer".
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Iterator, Mapping, Optional
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Union
 
 import torch
 from torch import Tensor
 
 __all__ = [
     "POLICIES",
+    "STEP_COUNTS",
+    "OptimizerRules",
+    "register_optimizer_rules",
+    "optimizer_rules",
+    "DEFAULT_RULES",
     "check_policy",
     "check_attachable",
     "check_keep",
@@ -62,7 +78,14 @@ __all__ = [
 
 POLICIES = ("keep", "reset", "keep_global_step")
 
+#: How an optimizer keeps the step count its update depends on (:attr:`OptimizerRules.step`).
+STEP_COUNTS = ("none", "parameter", "global", "element")
+
 _BIRTH_KEY = "birth_steps"  # = growdense.optim.BIRTH_KEY (not imported: optim imports layers)
+
+#: A fresh value: a number, or ``fn(optimizer, group) -> number`` for one read from the
+#: optimizer's hyperparameters (Rprop's initial step size is its group's ``lr``).
+FreshValue = Union[float, Callable[[torch.optim.Optimizer, Mapping[str, Any]], float]]
 
 
 def check_policy(policy: object) -> str:
@@ -72,18 +95,126 @@ def check_policy(policy: object) -> str:
     return policy
 
 
-def _adafactor() -> Optional[type]:
-    return getattr(torch.optim, "Adafactor", None)
+# ---- the rules of each optimizer class ------------------------------------------------------
+@dataclass(frozen=True)
+class OptimizerRules:
+    """How growth and shrinking edit one optimizer class's state (registered per class).
+
+    Args:
+        state: the state entries indexed like their parameter (element-wise, same
+            shape) and the value each takes for an element a newly built optimizer has
+            not seen yet: a number, or ``fn(optimizer, group)`` reading it from the
+            hyperparameters. Any other state tensor shaped like its parameter is taken as
+            element-wise with fresh value 0 (what ``torch.zeros_like`` state gives).
+        fixed: state entries that are not indexed by the parameter's elements, whatever
+            their shape (a per-parameter scalar in a 1-element tensor, a small history):
+            left alone by every change. A state tensor neither shaped like its parameter
+            nor listed here is refused when the optimizer is attached.
+        step: how the optimizer keeps the step count its update depends on (one of
+            :data:`STEP_COUNTS`): ``"none"`` (no count, or one the update ignores except
+            under hyperparameters that :attr:`keep_check` refuses), ``"parameter"`` (one
+            per Parameter: new neurons would get their Parameter's count, so
+            ``optimizer_state="keep"`` cannot be exact), ``"global"`` (one for the whole
+            optimizer: likewise), ``"element"`` (each element's age is counted from its
+            birth, recorded under ``"birth_steps"``: growdense's own optimizers). A
+            function of the optimizer may choose one per instance.
+        keep_check: ``fn(optimizer, groups) -> problem or None``: why new neurons of
+            Parameters in ``groups`` (their parameter groups) cannot start from exactly
+            the fresh state (a hyperparameter such as SGD's ``dampening``); runs before
+            the check by :attr:`step`.
+        refuse: a message when growdense cannot keep this optimizer's state at all
+            (``{name}`` is replaced by the class name); attaching it raises ``ValueError``.
+        required_state: ``fn(saved_group) -> keys`` every parameter's saved state must
+            hold, to refuse loading another kind of optimizer's ``state_dict``.
+        on_reset: ``fn(optimizer)`` creating the state a newly built optimizer has
+            before its first step (Adagrad's ``sum``); ``optimizer_state="reset"`` calls
+            it after clearing the state.
+    """
+
+    state: Mapping[str, FreshValue] = field(default_factory=dict)
+    fixed: frozenset = frozenset()
+    step: Union[str, Callable[[torch.optim.Optimizer], str]] = "none"
+    keep_check: Optional[Callable[[torch.optim.Optimizer, list], Optional[str]]] = None
+    refuse: Optional[str] = None
+    required_state: Optional[Callable[[Mapping[str, Any]], set]] = None
+    on_reset: Optional[Callable[[torch.optim.Optimizer], None]] = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.step, str) and not callable(self.step):
+            raise TypeError(f"step must be one of {STEP_COUNTS} or a function of the optimizer, got {self.step!r}")
+        if isinstance(self.step, str) and self.step not in STEP_COUNTS:
+            raise ValueError(f"unknown step count {self.step!r}; expected one of {STEP_COUNTS}")
+        object.__setattr__(self, "fixed", frozenset(self.fixed))
+        object.__setattr__(self, "state", dict(self.state))
+
+    def step_of(self, optimizer: torch.optim.Optimizer) -> str:
+        """The step count of ``optimizer`` (:attr:`step`, resolved for this instance)."""
+        step = self.step(optimizer) if callable(self.step) else self.step
+        if step not in STEP_COUNTS:
+            raise ValueError(f"the rules of {type(optimizer).__name__} gave step count {step!r}; expected one of {STEP_COUNTS}")
+        return step
+
+    def fresh_value(self, optimizer: torch.optim.Optimizer, param: Tensor, key: str) -> float:
+        """The fresh value of ``param``'s element-wise state ``key`` (0 when not declared)."""
+        value = self.state.get(key, 0.0)
+        if callable(value):
+            value = value(optimizer, _group_of(optimizer, param))
+        return value.item() if isinstance(value, Tensor) else value
+
+
+#: The rules of an optimizer class no rules are registered for: every state tensor shaped
+#: like its parameter is element-wise with fresh value 0, no step count, nothing refused
+#: (other state tensors are refused when attached).
+DEFAULT_RULES = OptimizerRules()
+
+_RULES: dict[type, OptimizerRules] = {}
+_LOOKUP: dict[type, OptimizerRules] = {}  # by exact class, filled from _RULES through the MRO
+
+
+def register_optimizer_rules(cls: type, rules: OptimizerRules, *, replace: bool = False) -> OptimizerRules:
+    """Register ``rules`` for optimizer class ``cls`` and its subclasses (unless they have their own).
+
+    Returns ``rules``. ``replace=True`` replaces rules registered for ``cls`` itself.
+    """
+    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
+        raise TypeError(f"optimizer rules are registered for a torch.optim.Optimizer subclass, got {cls!r}")
+    if not isinstance(rules, OptimizerRules):
+        raise TypeError(f"rules must be an OptimizerRules, got {type(rules).__name__}")
+    if cls in _RULES and not replace:
+        raise ValueError(f"rules for {cls.__qualname__} are already registered (pass replace=True to replace them)")
+    _RULES[cls] = rules
+    _LOOKUP.clear()
+    return rules
+
+
+def optimizer_rules(optimizer: Union[torch.optim.Optimizer, type]) -> OptimizerRules:
+    """The rules of ``optimizer`` (an instance or a class): its class's, else the nearest base class's."""
+    cls = optimizer if isinstance(optimizer, type) else type(optimizer)
+    rules = _LOOKUP.get(cls)
+    if rules is None:
+        rules = next((_RULES[c] for c in cls.__mro__ if c in _RULES), DEFAULT_RULES)
+        _LOOKUP[cls] = rules
+    return rules
+
+
+def _display_name(cls: type) -> str:
+    module = cls.__module__
+    if module.startswith("torch.optim"):
+        return f"torch.optim.{cls.__name__}"
+    if module.startswith("growdense.optim"):
+        return f"growdense.optim.{cls.__name__}"
+    return cls.__name__
 
 
 def check_attachable(optimizer: object) -> None:
     """Raise unless growdense can keep ``optimizer``'s state right across grow and shrink.
 
-    Refused: anything that is not a ``torch.optim.Optimizer`` (``TypeError``); LBFGS (one
-    flat history over all parameters); Adafactor (row and column statistics averaged
-    over the whole capacity); SparseAdam (needs sparse gradients); any optimizer holding
-    a state tensor that is not shaped like its parameter (``ValueError``). ``None`` is
-    accepted (no optimizer).
+    Refused: anything that is not a ``torch.optim.Optimizer`` (``TypeError``); an
+    optimizer whose rules (:func:`optimizer_rules`) refuse it (LBFGS: one flat history
+    over all parameters; Adafactor: row and column statistics averaged over the whole
+    capacity; SparseAdam: sparse gradients); any optimizer holding a state tensor that is
+    neither shaped like its parameter nor declared :attr:`OptimizerRules.fixed`
+    (``ValueError``). ``None`` is accepted (no optimizer).
     """
     if optimizer is None:
         return
@@ -93,26 +224,23 @@ def check_attachable(optimizer: object) -> None:
             f"pass the optimizer itself, not a learning-rate scheduler or a list"
         )
     name = type(optimizer).__name__
-    if isinstance(optimizer, torch.optim.LBFGS):
-        raise ValueError(
-            f"{name} keeps one flat history over all its parameters, which growing or shrinking a layer "
-            f"cannot edit slice by slice; use another optimizer with a Wiring, or rebuild the {name} after each change"
-        )
-    adafactor = _adafactor()
-    if adafactor is not None and isinstance(optimizer, adafactor):
-        raise ValueError(
-            f"{name} factors its second moment into row and column averages over the whole capacity, which "
-            f"differ from the active block's; use growdense.optim.Adam or another element-wise optimizer"
-        )
-    if isinstance(optimizer, torch.optim.SparseAdam):
-        raise ValueError(f"{name} needs sparse gradients; GrowLinear's gradients are dense: use growdense.optim.Adam")
+    rules = optimizer_rules(optimizer)
+    if rules.refuse is not None:
+        raise ValueError(rules.refuse.format(name=name))
     for group in optimizer.param_groups:
         for param in group["params"]:
             for key, value in optimizer.state.get(param, {}).items():
-                if isinstance(value, Tensor) and value.dim() > 0 and value.shape != param.shape:
+                if (
+                    isinstance(value, Tensor)
+                    and value.dim() > 0
+                    and value.shape != param.shape
+                    and key not in rules.fixed
+                ):
                     raise ValueError(
                         f"{name} holds state {key!r} of shape {tuple(value.shape)} for a parameter of shape "
-                        f"{tuple(param.shape)}: growdense can only keep state shaped like its parameter"
+                        f"{tuple(param.shape)}: growdense can only keep state shaped like its parameter. If "
+                        f"{key!r} is not indexed by the parameter's elements, register rules declaring it fixed: "
+                        f"growdense.optim_state.register_optimizer_rules({name}, OptimizerRules(fixed={{{key!r}}}, ...))"
                     )
 
 
@@ -127,6 +255,9 @@ def _group_of(optimizer: torch.optim.Optimizer, param: Tensor) -> Mapping[str, A
     raise KeyError("the parameter is in no parameter group of the optimizer")
 
 
+_ALTERNATIVES = "or grow with optimizer_state='reset' (a fresh optimizer) or 'keep_global_step'"
+
+
 def check_keep(optimizer: Optional[torch.optim.Optimizer], params: Iterable[Optional[Tensor]]) -> None:
     """Raise a ``ValueError`` unless ``optimizer`` can give neurons added to ``params`` exactly its fresh state.
 
@@ -138,54 +269,38 @@ def check_keep(optimizer: Optional[torch.optim.Optimizer], params: Iterable[Opti
 
 
 def keep_problem(optimizer: Optional[torch.optim.Optimizer], params: Iterable[Optional[Tensor]]) -> Optional[str]:
-    """Why ``optimizer`` cannot give neurons added to ``params`` exactly its fresh state (``None``: it can)."""
+    """Why ``optimizer`` cannot give neurons added to ``params`` exactly its fresh state (``None``: it can).
+
+    Asks the optimizer's rules: their :attr:`~OptimizerRules.keep_check`, then their
+    :attr:`~OptimizerRules.step` count (one per Parameter or per optimizer cannot be exact).
+    """
     if optimizer is None:
         return None
     held = _holds_state(optimizer, params)
     if not held:
         return None
-    from .optim import _ActiveBlockSteps
-
-    name = type(optimizer).__name__
-    alternatives = "or grow with optimizer_state='reset' (a fresh optimizer) or 'keep_global_step'"
+    rules = optimizer_rules(optimizer)
     groups = [_group_of(optimizer, p) for p in held]
-    if isinstance(optimizer, _ActiveBlockSteps):
-        if not optimizer._steps_by_age:
-            return (
-                f"growdense.optim.{name} cannot count each neuron's steps with this torch version "
-                f"({torch.__version__}; see growdense._torch_internals), {alternatives}"
-            )
-        if any(g.get("fused") for g in groups):
-            return (
-                f"growdense.optim.{name}(fused=True) cannot give new neurons their own step count under "
-                f"optimizer_state='keep': build it with fused=False (the default or foreach=True), {alternatives}"
-            )
-        return None
-    adam_family = tuple(
-        getattr(torch.optim, n) for n in ("Adam", "AdamW", "NAdam", "RAdam", "Adamax") if hasattr(torch.optim, n)
-    )
-    if isinstance(optimizer, adam_family):
-        from . import optim
+    if rules.keep_check is not None:
+        problem = rules.keep_check(optimizer, groups)
+        if problem is not None:
+            return problem
+    step = rules.step_of(optimizer)
+    if step in ("parameter", "global"):
+        cls = type(optimizer)
+        hint = ""
+        base = next((c for c in cls.__mro__ if c.__module__.startswith("torch.optim")), None)
+        if base is not None and base is not torch.optim.Optimizer:
+            from . import optim
 
-        hint = f" use growdense.optim.{name} (same arguments and state_dict)," if hasattr(optim, name) else ""
+            ours = getattr(optim, base.__name__, None)
+            if isinstance(ours, type) and issubclass(ours, base) and not issubclass(cls, ours):
+                also = "" if base is cls else f" (or derive {cls.__name__} from it)"
+                hint = f" use growdense.optim.{base.__name__}{also} (same arguments and state_dict),"
+        per = "per parameter" if step == "parameter" else "for all its parameters"
         return (
-            f"torch.optim.{name} keeps one step count per parameter, so new neurons would get the old step's bias "
-            f"correction instead of their own under optimizer_state='keep':{hint} {alternatives}"
-        )
-    if isinstance(optimizer, torch.optim.SGD) and any(g["momentum"] != 0 and g["dampening"] != 0 for g in groups):
-        return (
-            f"SGD with momentum and dampening starts a fresh momentum buffer at the gradient itself, which a zeroed "
-            f"slice cannot reproduce under optimizer_state='keep': use dampening=0, {alternatives}"
-        )
-    if isinstance(optimizer, torch.optim.Adagrad) and any(g["lr_decay"] != 0 for g in groups):
-        return (
-            f"Adagrad with lr_decay decays by a step count kept per parameter, so new neurons would not start from "
-            f"their own under optimizer_state='keep': use lr_decay=0, {alternatives}"
-        )
-    if isinstance(optimizer, torch.optim.ASGD):
-        return (
-            f"ASGD keeps eta and mu per parameter, derived from its step count, so new neurons would not start from "
-            f"their own under optimizer_state='keep': {alternatives}"
+            f"{_display_name(cls)} keeps one step count {per}, so new neurons would get the old step's bias "
+            f"correction instead of their own under optimizer_state='keep':{hint} {_ALTERNATIVES}"
         )
     return None
 
@@ -209,7 +324,7 @@ def check_optimizer_state_compatible(optimizer: torch.optim.Optimizer, state_dic
                 f"the saved optimizer state was written by another kind of optimizer than this {name}: its parameter "
                 f"group {i} has {extra}, which {name} does not, and lacks {missing}, which {name} needs"
             )
-    needed = _needed_state_keys(optimizer, saved_groups)
+    needed = optimizer_rules(optimizer).required_state
     if needed is None:
         return
     ids_to_group = {pid: g for g in saved_groups for pid in g.get("params", [])}
@@ -221,35 +336,6 @@ def check_optimizer_state_compatible(optimizer: torch.optim.Optimizer, state_dic
                 f"the saved optimizer state of parameter {pid} has {sorted(state)} but this {name} needs {lacking}: "
                 f"it was written by another kind of optimizer"
             )
-
-
-def _needed_state_keys(optimizer: torch.optim.Optimizer, saved_groups) -> Optional[Any]:
-    """For torch's element-wise optimizers: a function from a saved group to the state keys it needs."""
-    o = torch.optim
-    table = [
-        (getattr(o, "NAdam", None), lambda g: {"step", "mu_product", "exp_avg", "exp_avg_sq"}),
-        (getattr(o, "RAdam", None), lambda g: {"step", "exp_avg", "exp_avg_sq"}),
-        (getattr(o, "Adamax", None), lambda g: {"step", "exp_avg", "exp_inf"}),
-        (
-            o.Adam,
-            lambda g: {"step", "exp_avg", "exp_avg_sq"} | ({"max_exp_avg_sq"} if g.get("amsgrad") else set()),
-        ),
-        (o.SGD, lambda g: {"momentum_buffer"} if g.get("momentum", 0) != 0 else set()),
-        (
-            o.RMSprop,
-            lambda g: {"step", "square_avg"}
-            | ({"momentum_buffer"} if g.get("momentum", 0) > 0 else set())
-            | ({"grad_avg"} if g.get("centered") else set()),
-        ),
-        (o.Adagrad, lambda g: {"step", "sum"}),
-        (o.Rprop, lambda g: {"step", "prev", "step_size"}),
-        (o.ASGD, lambda g: {"step", "eta", "mu", "ax"}),
-        (o.Adadelta, lambda g: {"step", "square_avg", "acc_delta"}),
-    ]
-    for cls, needed in table:
-        if cls is not None and isinstance(optimizer, cls):
-            return needed
-    return None
 
 
 def state_tensors(optimizer: Optional[torch.optim.Optimizer], param: Tensor) -> Iterator[Tensor]:
@@ -267,8 +353,9 @@ def _keyed_state_tensors(optimizer: Optional[torch.optim.Optimizer], param: Tens
     state = optimizer.state.get(param)
     if not state:
         return
+    fixed = optimizer_rules(optimizer).fixed
     for key, value in state.items():
-        if isinstance(value, Tensor) and value.shape == param.shape and value.dim() > 0:
+        if isinstance(value, Tensor) and value.shape == param.shape and value.dim() > 0 and key not in fixed:
             yield key, value
 
 
@@ -284,13 +371,8 @@ def zero_state_(
 
 
 def _fresh_value(optimizer: torch.optim.Optimizer, param: Tensor, key: str) -> Optional[complex]:
-    """The value ``optimizer`` gives state ``key`` of a new parameter, if not zero."""
-    value: Any = None
-    if isinstance(optimizer, torch.optim.Adagrad) and key == "sum":
-        value = optimizer.defaults["initial_accumulator_value"]  # what torch's own lazy init uses
-    elif isinstance(optimizer, torch.optim.Rprop) and key == "step_size":
-        lr = _group_of(optimizer, param)["lr"]
-        value = lr.item() if isinstance(lr, Tensor) else lr
+    """The value ``optimizer`` gives state ``key`` of a new parameter, if not zero (its rules')."""
+    value = optimizer_rules(optimizer).fresh_value(optimizer, param, key)
     if value is None or value == 0:
         return None
     return complex(value, value) if param.is_complex() else value
@@ -302,8 +384,9 @@ def fresh_state_(
 ) -> None:
     """Set ``[start, stop)`` along ``dim`` of ``param``'s element-wise state to the optimizer's fresh values.
 
-    Zero, except Adagrad's ``sum`` (its ``initial_accumulator_value``) and Rprop's
-    ``step_size`` (the group's ``lr``), as each creates them for a new parameter.
+    The values are the optimizer's rules' (:attr:`OptimizerRules.state`): zero, except
+    Adagrad's ``sum`` (its ``initial_accumulator_value``) and Rprop's ``step_size`` (the
+    group's ``lr``), as each creates them for a new parameter.
     """
     if param is None or stop <= start:
         return
@@ -326,14 +409,13 @@ def mark_born_(
 ) -> None:
     """Record that indices ``[start, stop)`` along ``dim`` of ``param`` became active now.
 
-    For optimizers that count each element's age (:mod:`growdense.optim`) under
-    ``"keep"``: their age starts at the Parameter's current step count. Under
-    ``"keep_global_step"`` (and for removed indices, which pass ``policy="keep_global_step"``)
-    they count as old as the Parameter. Other optimizers are left alone.
+    For optimizers that count each element's age (rules with ``step="element"``:
+    :mod:`growdense.optim`) under ``"keep"``: their age starts at the Parameter's current
+    step count. Under ``"keep_global_step"`` (and for removed indices, which pass
+    ``policy="keep_global_step"``) they count as old as the Parameter. Other optimizers
+    are left alone.
     """
-    from .optim import _ActiveBlockSteps
-
-    if param is None or stop <= start or not isinstance(optimizer, _ActiveBlockSteps) or not optimizer._steps_by_age:
+    if param is None or stop <= start or optimizer is None or optimizer_rules(optimizer).step_of(optimizer) != "element":
         return
     state = optimizer.state.get(param)
     if not state or "step" not in state:
@@ -396,19 +478,132 @@ def reset_(optimizer: Optional[torch.optim.Optimizer]) -> None:
         return
     optimizer.state.clear()
     optimizer.__dict__.pop("_growdense_views", None)
-    if isinstance(optimizer, torch.optim.Adagrad):  # Adagrad creates its state when built, not at the first step
-        init = optimizer.defaults["initial_accumulator_value"]
-        for group in optimizer.param_groups:
-            fused = bool(group.get("fused"))
-            for p in group["params"]:
-                state = optimizer.state[p]
-                if fused:
-                    state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-                else:
-                    state["step"] = torch.tensor(0.0, dtype=_default_scalar_dtype())
-                value = complex(init, init) if p.is_complex() else init
-                state["sum"] = torch.full_like(p, value, memory_format=torch.preserve_format)
+    on_reset = optimizer_rules(optimizer).on_reset
+    if on_reset is not None:
+        on_reset(optimizer)
 
 
 def _default_scalar_dtype() -> torch.dtype:
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+# ---- torch's optimizers --------------------------------------------------------------------
+def _adagrad_initial_state(optimizer: torch.optim.Optimizer) -> None:
+    """Adagrad creates its state when built, not at the first step: ``step`` 0 and ``sum`` filled."""
+    init = optimizer.defaults["initial_accumulator_value"]
+    for group in optimizer.param_groups:
+        fused = bool(group.get("fused"))
+        for p in group["params"]:
+            state = optimizer.state[p]
+            if fused:
+                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+            else:
+                state["step"] = torch.tensor(0.0, dtype=_default_scalar_dtype())
+            value = complex(init, init) if p.is_complex() else init
+            state["sum"] = torch.full_like(p, value, memory_format=torch.preserve_format)
+
+
+def _sgd_keep_check(optimizer: torch.optim.Optimizer, groups: list) -> Optional[str]:
+    if any(g["momentum"] != 0 and g["dampening"] != 0 for g in groups):
+        return (
+            f"SGD with momentum and dampening starts a fresh momentum buffer at the gradient itself, which a zeroed "
+            f"slice cannot reproduce under optimizer_state='keep': use dampening=0, {_ALTERNATIVES}"
+        )
+    return None
+
+
+def _adagrad_keep_check(optimizer: torch.optim.Optimizer, groups: list) -> Optional[str]:
+    if any(g["lr_decay"] != 0 for g in groups):
+        return (
+            f"Adagrad with lr_decay decays by a step count kept per parameter, so new neurons would not start from "
+            f"their own under optimizer_state='keep': use lr_decay=0, {_ALTERNATIVES}"
+        )
+    return None
+
+
+def _asgd_keep_check(optimizer: torch.optim.Optimizer, groups: list) -> Optional[str]:
+    return (
+        f"ASGD keeps eta and mu per parameter, derived from its step count, so new neurons would not start from "
+        f"their own under optimizer_state='keep': {_ALTERNATIVES}"
+    )
+
+
+def _group_lr(optimizer: torch.optim.Optimizer, group: Mapping[str, Any]) -> float:
+    lr = group["lr"]
+    return lr.item() if isinstance(lr, Tensor) else lr
+
+
+def _register_torch_rules() -> None:
+    o = torch.optim
+    adam = OptimizerRules(
+        state={"exp_avg": 0.0, "exp_avg_sq": 0.0, "max_exp_avg_sq": 0.0},
+        step="parameter",
+        required_state=lambda g: {"step", "exp_avg", "exp_avg_sq"} | ({"max_exp_avg_sq"} if g.get("amsgrad") else set()),
+    )
+    table: dict[str, OptimizerRules] = {
+        "Adam": adam,
+        "AdamW": adam,
+        "NAdam": OptimizerRules(
+            state={"exp_avg": 0.0, "exp_avg_sq": 0.0},
+            step="parameter",
+            required_state=lambda g: {"step", "mu_product", "exp_avg", "exp_avg_sq"},
+        ),
+        "RAdam": OptimizerRules(
+            state={"exp_avg": 0.0, "exp_avg_sq": 0.0},
+            step="parameter",
+            required_state=lambda g: {"step", "exp_avg", "exp_avg_sq"},
+        ),
+        "Adamax": OptimizerRules(
+            state={"exp_avg": 0.0, "exp_inf": 0.0},
+            step="parameter",
+            required_state=lambda g: {"step", "exp_avg", "exp_inf"},
+        ),
+        "SGD": OptimizerRules(
+            state={"momentum_buffer": 0.0},
+            keep_check=_sgd_keep_check,
+            required_state=lambda g: {"momentum_buffer"} if g.get("momentum", 0) != 0 else set(),
+        ),
+        "RMSprop": OptimizerRules(
+            state={"square_avg": 0.0, "momentum_buffer": 0.0, "grad_avg": 0.0},
+            required_state=lambda g: {"step", "square_avg"}
+            | ({"momentum_buffer"} if g.get("momentum", 0) > 0 else set())
+            | ({"grad_avg"} if g.get("centered") else set()),
+        ),
+        "Adagrad": OptimizerRules(
+            state={"sum": lambda opt, group: opt.defaults["initial_accumulator_value"]},  # what torch's lazy init uses
+            keep_check=_adagrad_keep_check,
+            required_state=lambda g: {"step", "sum"},
+            on_reset=_adagrad_initial_state,
+        ),
+        "Rprop": OptimizerRules(
+            state={"prev": 0.0, "step_size": _group_lr},
+            required_state=lambda g: {"step", "prev", "step_size"},
+        ),
+        "ASGD": OptimizerRules(
+            state={"ax": 0.0},
+            keep_check=_asgd_keep_check,
+            required_state=lambda g: {"step", "eta", "mu", "ax"},
+        ),
+        "Adadelta": OptimizerRules(
+            state={"square_avg": 0.0, "acc_delta": 0.0},
+            required_state=lambda g: {"step", "square_avg", "acc_delta"},
+        ),
+        "LBFGS": OptimizerRules(
+            refuse="{name} keeps one flat history over all its parameters, which growing or shrinking a layer "
+            "cannot edit slice by slice; use another optimizer with a Wiring, or rebuild the {name} after each change"
+        ),
+        "Adafactor": OptimizerRules(
+            refuse="{name} factors its second moment into row and column averages over the whole capacity, which "
+            "differ from the active block's; use growdense.optim.Adam or another element-wise optimizer"
+        ),
+        "SparseAdam": OptimizerRules(
+            refuse="{name} needs sparse gradients; GrowLinear's gradients are dense: use growdense.optim.Adam"
+        ),
+    }
+    for name, rules in table.items():
+        cls = getattr(o, name, None)
+        if isinstance(cls, type):
+            register_optimizer_rules(cls, rules)
+
+
+_register_torch_rules()
