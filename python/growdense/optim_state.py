@@ -71,6 +71,7 @@ __all__ = [
     "state_tensors",
     "zero_state_",
     "fresh_state_",
+    "fresh_state_tensors",
     "mark_born_",
     "permute_state_",
     "reset_",
@@ -357,6 +358,15 @@ def _keyed_state_tensors(optimizer: Optional[torch.optim.Optimizer], param: Tens
     for key, value in state.items():
         if isinstance(value, Tensor) and value.shape == param.shape and value.dim() > 0 and key not in fixed:
             yield key, value
+
+
+def fresh_state_tensors(optimizer: Optional[torch.optim.Optimizer], param: Tensor) -> list[tuple[Tensor, Any]]:
+    """``(state tensor, its fresh value)`` for every element-wise state tensor of ``param`` (see :func:`fresh_state_`)."""
+    out = []
+    for key, tensor in _keyed_state_tensors(optimizer, param):
+        value = _fresh_value(optimizer, param, key)  # type: ignore[arg-type]
+        out.append((tensor, 0 if value is None else value))
+    return out
 
 
 @torch.no_grad()

@@ -73,6 +73,8 @@ __all__ = [
     "element_index",
     "zero_units_",
     "permute_units_",
+    "move_units_",
+    "move_and_fill_units_",
     "normal_",
     "register_owner",
     "holders",
@@ -281,6 +283,65 @@ def move_units_(tensor: Tensor, axis: Axis, cap: int, src: Tensor, dst: Tensor) 
         return
     src, dst = src.to(tensor.device), dst.to(tensor.device)
     tensor.index_copy_(axis.dim, element_index(axis, cap, dst), tensor.index_select(axis.dim, element_index(axis, cap, src)))
+
+
+#: Rows of a tensor handled at once by :func:`move_and_fill_units_` along its last
+#: dimension: about this many bytes, so a block stays in the CPU's L2 cache between its
+#: gather, its scatter and its fill.
+_BLOCK_BYTES = 1 << 21
+
+
+@torch.no_grad()
+def move_and_fill_units_(
+    tensor: Tensor,
+    axis: Axis,
+    cap: int,
+    src: Optional[Tensor],
+    dst: Optional[Tensor],
+    start: int,
+    stop: int,
+    value: Any = 0,
+) -> None:
+    """In place along ``axis``: unit ``dst[i]`` gets old unit ``src[i]``, then units ``[start, stop)`` become ``value``.
+
+    The same result as :func:`move_units_` then :func:`zero_units_` (their reference),
+    with the least memory traffic the layout allows: along dimension 0 the moved rows are
+    copied and the filled ones written once; along the last dimension of a contiguous
+    tensor (a consumer's columns) one block of rows at a time is gathered, scattered
+    and filled while it is in cache, instead of three passes over the whole tensor and a
+    strided ``index_copy_``. ``src`` and ``dst`` (1-D long, on any device) may be
+    ``None`` or empty: no move. All values are read before any is written (a
+    permutation works too).
+    """
+    moving = src is not None and dst is not None and src.numel() > 0
+    if not moving:
+        zero_units_(tensor, axis, cap, start, stop, value)
+        return
+    simple = axis.unit == 1 and axis.blocks == 1
+    if moving:
+        src, dst = src.to(tensor.device), dst.to(tensor.device)  # type: ignore[union-attr]
+    if simple and tensor.dim() >= 2 and axis.dim == tensor.dim() - 1 and tensor.is_contiguous():
+        width = tensor.shape[-1]
+        rows = tensor.view(-1, width)
+        block = max(1, _BLOCK_BYTES // max(1, width * tensor.element_size()))
+        if moving:
+            s_all = src.expand(min(block, rows.shape[0]), -1)  # type: ignore[union-attr]
+            d_all = dst.expand(min(block, rows.shape[0]), -1)  # type: ignore[union-attr]
+        for first in range(0, rows.shape[0], block):
+            part = rows[first : first + block]
+            if moving:
+                n = part.shape[0]
+                part.scatter_(1, d_all[:n], part.gather(1, s_all[:n]))
+            if stop > start:
+                tail = part[:, start:stop]
+                tail.zero_() if value == 0 else tail.fill_(value)
+        return
+    if moving:
+        if simple and axis.dim == 0:
+            tensor.index_copy_(0, dst, tensor.index_select(0, src))  # type: ignore[arg-type]
+        else:
+            move_units_(tensor, axis, cap, src, dst)  # type: ignore[arg-type]
+    zero_units_(tensor, axis, cap, start, stop, value)
 
 
 @torch.no_grad()

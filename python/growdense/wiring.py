@@ -525,12 +525,11 @@ class Wiring:
                     moves = (perm, torch.arange(width, device=perm.device))
         if to < width or moves is not None:
             self._check_writable(name, hidden)
-        if moves is not None:
-            self._move(hidden, *moves)
         for m in hidden.members:
             m.module.set_active_width_(m.width, to)
-        self._zero_data(hidden, to, width)
-        self._zero_slices(hidden, to, width, policy, born=False)
+        self._move_and_fill(hidden, moves, to, width, keep_state=policy != "reset")
+        if policy == "reset":
+            optim_state.reset_(self.optimizer)
 
     @torch.no_grad()
     def permute(self, name: str, perm: Union[Sequence[int], Tensor]) -> None:
@@ -544,7 +543,7 @@ class Wiring:
         indices = self._kept(name, self.width(name), perm)
         hidden = self._get(name)
         self._check_writable(name, hidden)
-        self._move(hidden, indices, torch.arange(indices.numel(), device=indices.device))
+        self._move_and_fill(hidden, (indices, torch.arange(indices.numel(), device=indices.device)), 0, 0)
 
     # ---- internals -------------------------------------------------------------------
     def _axes(self, hidden: _Hidden):
@@ -556,25 +555,35 @@ class Wiring:
                 if axis is not None:
                     yield m, spec, axis, tensor, cap
 
-    def _move(self, hidden: _Hidden, src: Tensor, dst: Tensor) -> None:
-        """Unit ``dst[i]`` of every member tensor (data, gradient, optimizer state) gets old unit ``src[i]``."""
-        if src.numel() == 0:
-            return
-        for _, _, axis, tensor, cap in self._axes(hidden):
-            targets = [tensor.data if isinstance(tensor, nn.Parameter) else tensor]
-            grad = tensor.grad if isinstance(tensor, nn.Parameter) else None
-            if grad is not None:
-                targets.append(grad)
-            targets += list(optim_state.state_tensors(self.optimizer, tensor))
-            for t in targets:
-                protocol.move_units_(t, axis, cap, src, dst)
-            s = protocol.element_index(axis, cap, src.to(tensor.device))
-            d = protocol.element_index(axis, cap, dst.to(tensor.device))
-            optim_state.move_births_(self.optimizer, tensor, axis.dim, s, d)
+    def _move_and_fill(
+        self, hidden: _Hidden, moves: Optional[tuple[Tensor, Tensor]], start: int, stop: int, keep_state: bool = True
+    ) -> None:
+        """Move units, then clear ``[start, stop)``, in every member tensor: one pass over each.
 
-    def _zero_data(self, hidden: _Hidden, start: int, stop: int) -> None:
+        ``moves`` (``(src, dst)`` or ``None``): unit ``dst[i]`` gets old unit ``src[i]`` in
+        the data, the gradient and (with ``keep_state``) the optimizer state, whose birth
+        steps follow. Then units ``[start, stop)`` become 0 in the data and gradients and
+        the optimizer's fresh values in its state (their births: the Parameter's). Without
+        ``keep_state`` the state is left alone (the caller resets it).
+        """
+        src, dst = moves if moves is not None else (None, None)
         for _, _, axis, tensor, cap in self._axes(hidden):
-            protocol.zero_units_(tensor.data if isinstance(tensor, nn.Parameter) else tensor, axis, cap, start, stop)
+            is_param = isinstance(tensor, nn.Parameter)
+            targets: list[tuple[Tensor, Any]] = [(tensor.data if is_param else tensor, 0)]
+            if is_param and tensor.grad is not None:
+                targets.append((tensor.grad, 0))
+            if is_param and keep_state:
+                targets += optim_state.fresh_state_tensors(self.optimizer, tensor)
+            for t, value in targets:
+                protocol.move_and_fill_units_(t, axis, cap, src, dst, start, stop, value)
+            if not (is_param and keep_state and self.optimizer is not None and self.optimizer.state.get(tensor)):
+                continue
+            if src is not None and dst is not None and src.numel() > 0:
+                s = protocol.element_index(axis, cap, src.to(tensor.device))
+                d = protocol.element_index(axis, cap, dst.to(tensor.device))
+                optim_state.move_births_(self.optimizer, tensor, axis.dim, s, d)
+            for first, length in protocol.element_ranges(axis, cap, start, stop):
+                optim_state.mark_born_(self.optimizer, tensor, axis.dim, first, first + length, "keep_global_step")
 
     def _zero_slices(self, hidden: _Hidden, start: int, stop: int, policy: str, born: bool) -> None:
         """Zero ``[start, stop)`` of the hidden width in gradients; apply ``policy`` to the optimizer state.
