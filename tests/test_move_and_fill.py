@@ -82,3 +82,26 @@ def test_no_moves_only_fills_and_a_non_contiguous_tensor_takes_the_generic_path(
     want = reference(t, axis, 12, torch.tensor([], dtype=torch.long), torch.tensor([], dtype=torch.long), 3, 6, 2.0)
     protocol.move_and_fill_units_(t, axis, 12, None, None, 3, 6, 2.0)
     assert torch.equal(t, want)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("scratch_elements", [1, 7, 30, 10_000])
+def test_disjoint_moves_in_pieces_through_a_small_scratch(name, scratch_elements):
+    """Moves that fill holes (sources all >= to > destinations) may go through a buffer smaller than them."""
+    shape, axis, cap = CASES[name]
+    g = torch.Generator().manual_seed(2)
+    t = torch.randn(shape, dtype=torch.float64, generator=g)
+    kept = torch.randperm(cap, generator=g)[: cap // 2].sort().values
+    to = kept.numel()
+    inside = torch.zeros(to, dtype=torch.bool)
+    inside[kept[kept < to]] = True
+    src, dst = kept[kept >= to], (~inside).nonzero().flatten()
+    want = reference(t, axis, cap, src, dst, to, cap, 0.0)
+    scratch = torch.full((scratch_elements,), float("nan"), dtype=torch.float64)
+    protocol.move_and_fill_units_(t, axis, cap, src, dst, to, cap, disjoint=True, scratch=scratch)
+    assert torch.equal(t, want)
+    # A scratch of another dtype is not used (a buffer of the right one is made).
+    t2 = torch.randn(shape, dtype=torch.float64, generator=g)
+    want2 = reference(t2, axis, cap, src, dst, to, cap, 0.0)
+    protocol.move_and_fill_units_(t2, axis, cap, src, dst, to, cap, scratch=torch.zeros(3, dtype=torch.float32))
+    assert torch.equal(t2, want2)

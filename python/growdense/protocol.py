@@ -301,46 +301,64 @@ def move_and_fill_units_(
     start: int,
     stop: int,
     value: Any = 0,
+    *,
+    disjoint: bool = False,
+    scratch: Optional[Tensor] = None,
 ) -> None:
     """In place along ``axis``: unit ``dst[i]`` gets old unit ``src[i]``, then units ``[start, stop)`` become ``value``.
 
     The same result as :func:`move_units_` then :func:`zero_units_` (their reference),
-    with the least memory traffic the layout allows: along dimension 0 the moved rows are
-    copied and the filled ones written once; along the last dimension of a contiguous
-    tensor (a consumer's columns) one block of rows at a time is gathered, scattered
-    and filled while it is in cache, instead of three passes over the whole tensor and a
-    strided ``index_copy_``. ``src`` and ``dst`` (1-D long, on any device) may be
-    ``None`` or empty: no move. All values are read before any is written (a
-    permutation works too).
+    with the least memory traffic the layout allows and no buffer of the tensor's size:
+    along dimension 0 the moved rows go through a cache-sized buffer (all at once unless
+    ``disjoint``: no unit is both a source and a destination) and the filled ones are
+    written once; along the last dimension of a contiguous tensor (a consumer's columns)
+    one block of rows at a time is gathered, scattered and filled while it is in cache,
+    instead of three passes over the whole tensor and a strided ``index_copy_``.
+    ``src`` and ``dst`` (1-D long) may be ``None`` or empty: no move. ``scratch``: a 1-D
+    tensor of ``tensor``'s dtype and device to use as the buffer (its size bounds the
+    blocks; reused across calls it spares new memory); default: one of about
+    ``_BLOCK_BYTES``.
     """
     moving = src is not None and dst is not None and src.numel() > 0
     if not moving:
         zero_units_(tensor, axis, cap, start, stop, value)
         return
+    assert src is not None and dst is not None
+    src, dst = src.to(tensor.device), dst.to(tensor.device)
     simple = axis.unit == 1 and axis.blocks == 1
-    if moving:
-        src, dst = src.to(tensor.device), dst.to(tensor.device)  # type: ignore[union-attr]
+    moves = src.numel()
+    if scratch is None or scratch.dtype != tensor.dtype or scratch.device != tensor.device:
+        scratch = torch.empty(max(1, _BLOCK_BYTES // tensor.element_size()), dtype=tensor.dtype, device=tensor.device)
     if simple and tensor.dim() >= 2 and axis.dim == tensor.dim() - 1 and tensor.is_contiguous():
         width = tensor.shape[-1]
         rows = tensor.view(-1, width)
-        block = max(1, _BLOCK_BYTES // max(1, width * tensor.element_size()))
-        if moving:
-            s_all = src.expand(min(block, rows.shape[0]), -1)  # type: ignore[union-attr]
-            d_all = dst.expand(min(block, rows.shape[0]), -1)  # type: ignore[union-attr]
+        block = max(1, min(_BLOCK_BYTES // max(1, width * tensor.element_size()), scratch.numel() // moves))
+        block = min(block, rows.shape[0])
+        s_all, d_all = src.expand(block, -1), dst.expand(block, -1)
         for first in range(0, rows.shape[0], block):
             part = rows[first : first + block]
-            if moving:
-                n = part.shape[0]
-                part.scatter_(1, d_all[:n], part.gather(1, s_all[:n]))
+            n = part.shape[0]
+            buf = scratch[: n * moves].view(n, moves) if n * moves <= scratch.numel() else None
+            gathered = torch.gather(part, 1, s_all[:n], out=buf) if buf is not None else part.gather(1, s_all[:n])
+            part.scatter_(1, d_all[:n], gathered)
             if stop > start:
                 tail = part[:, start:stop]
                 tail.zero_() if value == 0 else tail.fill_(value)
         return
-    if moving:
-        if simple and axis.dim == 0:
-            tensor.index_copy_(0, dst, tensor.index_select(0, src))  # type: ignore[arg-type]
-        else:
-            move_units_(tensor, axis, cap, src, dst)  # type: ignore[arg-type]
+    if simple and axis.dim == 0:
+        row = tensor[0].numel() if tensor.dim() > 0 else 1
+        chunk = moves if not disjoint else max(1, scratch.numel() // max(1, row))
+        for first in range(0, moves, chunk):
+            s, d = src[first : first + chunk], dst[first : first + chunk]
+            need = s.numel() * row
+            if need <= scratch.numel():
+                buf = scratch[:need].view(s.numel(), *tensor.shape[1:])
+                torch.index_select(tensor, 0, s, out=buf)
+            else:
+                buf = tensor.index_select(0, s)
+            tensor.index_copy_(0, d, buf)
+    else:
+        move_units_(tensor, axis, cap, src, dst)
     zero_units_(tensor, axis, cap, start, stop, value)
 
 

@@ -527,7 +527,9 @@ class Wiring:
             self._check_writable(name, hidden)
         for m in hidden.members:
             m.module.set_active_width_(m.width, to)
-        self._move_and_fill(hidden, moves, to, width, keep_state=policy != "reset")
+        # keep="norm" fills holes: sources >= to > destinations
+        disjoint = isinstance(keep, str) and moves is not None
+        self._move_and_fill(hidden, moves, to, width, keep_state=policy != "reset", disjoint=disjoint)
         if policy == "reset":
             optim_state.reset_(self.optimizer)
 
@@ -556,7 +558,13 @@ class Wiring:
                     yield m, spec, axis, tensor, cap
 
     def _move_and_fill(
-        self, hidden: _Hidden, moves: Optional[tuple[Tensor, Tensor]], start: int, stop: int, keep_state: bool = True
+        self,
+        hidden: _Hidden,
+        moves: Optional[tuple[Tensor, Tensor]],
+        start: int,
+        stop: int,
+        keep_state: bool = True,
+        disjoint: bool = False,
     ) -> None:
         """Move units, then clear ``[start, stop)``, in every member tensor: one pass over each.
 
@@ -564,9 +572,11 @@ class Wiring:
         the data, the gradient and (with ``keep_state``) the optimizer state, whose birth
         steps follow. Then units ``[start, stop)`` become 0 in the data and gradients and
         the optimizer's fresh values in its state (their births: the Parameter's). Without
-        ``keep_state`` the state is left alone (the caller resets it).
+        ``keep_state`` the state is left alone (the caller resets it). ``disjoint``: no
+        unit is both a source and a destination (the moves may go in pieces).
         """
         src, dst = moves if moves is not None else (None, None)
+        scratch: dict[tuple, Tensor] = {}  # one cache-sized buffer per dtype and device, for every tensor
         for _, _, axis, tensor, cap in self._axes(hidden):
             is_param = isinstance(tensor, nn.Parameter)
             targets: list[tuple[Tensor, Any]] = [(tensor.data if is_param else tensor, 0)]
@@ -575,7 +585,17 @@ class Wiring:
             if is_param and keep_state:
                 targets += optim_state.fresh_state_tensors(self.optimizer, tensor)
             for t, value in targets:
-                protocol.move_and_fill_units_(t, axis, cap, src, dst, start, stop, value)
+                buf = None
+                if src is not None and src.numel() > 0:
+                    key = (t.dtype, t.device)
+                    buf = scratch.get(key)
+                    if buf is None:
+                        buf = scratch[key] = torch.empty(
+                            protocol._BLOCK_BYTES // t.element_size(), dtype=t.dtype, device=t.device
+                        )
+                protocol.move_and_fill_units_(
+                    t, axis, cap, src, dst, start, stop, value, disjoint=disjoint, scratch=buf
+                )
             if not (is_param and keep_state and self.optimizer is not None and self.optimizer.state.get(tensor)):
                 continue
             if src is not None and dst is not None and src.numel() > 0:
