@@ -181,6 +181,16 @@ def time_events(sides: dict, device: str, warmup: int, reps: int, max_seconds: f
     return samples
 
 
+def torch_pruning_version() -> Optional[str]:
+    """The installed Torch-Pruning distribution's version (its module's ``__version__`` can lag behind it)."""
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+
+        return version("torch-pruning")
+    except (ImportError, PackageNotFoundError):
+        return None
+
+
 def shrink_samples(hidden: int, outer: int, reps: int, warmup: int) -> Optional[dict]:
     """Interleaved timings of one keep="norm" shrink of ``hidden`` to ``hidden // 2`` (see the docstring)."""
     import time
@@ -335,11 +345,13 @@ def main(argv=None) -> int:
         "bench_growth", args, info, header, table,
         [f"Medians of up to {reps} interleaved events per side after {warmup} warm-up rounds; ratios are medians "
          "over rounds of the per-round ratio. float32."]
-        + ([f"Shrink (keep the larger-norm half; growdense keeps Adam's state, Torch-Pruning builds a new Adam), "
+        + ([f"Shrink (keep the larger-norm half; growdense keeps Adam's state, Torch-Pruning "
+            f"{torch_pruning_version()} builds a new Adam), "
             f"speed relative to Torch-Pruning (median of per-round ratios, higher is faster; goal >= 1x):\n\n"
             + common.markdown_table(["widths", "side", "median", "speed vs Torch-Pruning", "Adam state"], shrink_table)]
            if shrink_table else []),
-        {"reps": reps, "warmup": warmup, "dtype": str(dtype), "rows": rows, "shrink_rows": shrink_rows},
+        {"reps": reps, "warmup": warmup, "dtype": str(dtype), "rows": rows, "shrink_rows": shrink_rows,
+         "torch_pruning_version": torch_pruning_version()},
     )
     return 0
 

@@ -464,6 +464,11 @@ def permute_state_(
         optimizer.state[param][_BIRTH_KEY] = births  # type: ignore[union-attr]
 
 
+def has_births(optimizer: Optional[torch.optim.Optimizer], param: Tensor) -> bool:
+    """Whether ``optimizer`` records birth steps for ``param`` (see :func:`mark_born_`)."""
+    return optimizer is not None and _BIRTH_KEY in optimizer.state.get(param, {})
+
+
 def move_births_(optimizer: Optional[torch.optim.Optimizer], param: Tensor, dim: int, src: Tensor, dst: Tensor) -> None:
     """Move the birth steps of elements ``src`` to ``dst`` along ``dim`` (with the state tensors they describe)."""
     births = optimizer.state.get(param, {}).get(_BIRTH_KEY) if optimizer is not None else None

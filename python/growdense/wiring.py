@@ -598,7 +598,7 @@ class Wiring:
                 )
             if not (is_param and keep_state and self.optimizer is not None and self.optimizer.state.get(tensor)):
                 continue
-            if src is not None and dst is not None and src.numel() > 0:
+            if src is not None and dst is not None and src.numel() > 0 and optim_state.has_births(self.optimizer, tensor):
                 s = protocol.element_index(axis, cap, src.to(tensor.device))
                 d = protocol.element_index(axis, cap, dst.to(tensor.device))
                 optim_state.move_births_(self.optimizer, tensor, axis.dim, s, d)
