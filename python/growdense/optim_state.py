@@ -73,6 +73,8 @@ __all__ = [
     "fresh_state_",
     "fresh_state_tensors",
     "mark_born_",
+    "has_births",
+    "move_births_",
     "permute_state_",
     "reset_",
 ]

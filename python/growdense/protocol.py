@@ -30,7 +30,7 @@ One *unit* of a width may span several elements (:attr:`Axis.unit`: a head is
 ``b`` is the elements ``[(b * capacity + u) * unit, (b * capacity + u + 1) * unit)``.
 
 The pure-torch helpers below (:func:`element_ranges`, :func:`element_index`,
-:func:`zero_units_`, :func:`permute_units_`, :func:`normal_`) are the reference for
+:func:`zero_units_`, :func:`permute_units_`, :func:`move_units_`, :func:`normal_`) are the reference for
 whatever kernel a module names in its declaration (:attr:`TensorSpec.normal`).
 
 New init strategies register with :func:`register_init` (``Wiring.grow(name, n,
