@@ -111,6 +111,33 @@ class _GrowModule(nn.Module):
         if name not in self._width_names:
             raise ValueError(f"{type(self).__name__} has no width {name!r}; its widths are {list(self._width_names)}")
 
+    # ---- the growable-module protocol (growdense.protocol) ---------------------------
+    # Module-local widths of the declaration that are another name of one of this
+    # module's widths: the protocol gives each module-local width one role, so a width
+    # that this module both computes and reads (an attention's heads: q/k/v rows and
+    # out_proj columns) is declared twice, e.g. "heads" (producer) and "heads_out" (consumer).
+    _aliases: dict[str, str] = {}
+
+    def _own_width(self, width: str) -> str:
+        own = self._aliases.get(width, width)
+        self._check_width_name(own)
+        return own
+
+    def active_width(self, width: str) -> int:
+        """The active count, in units, of module-local ``width`` (the protocol's name)."""
+        return int(getattr(self, _PREFIX + self._own_width(width)))
+
+    def set_active_width_(self, width: str, units: int) -> None:
+        """Set the active count of module-local ``width`` (bookkeeping only: no tensor writes)."""
+        own = self._own_width(width)
+        units = check_int("units", units)
+        if not 0 <= units <= self._capacities[own]:
+            raise ValueError(f"{width}={units} is outside 0..{self._capacities[own]}")
+        old = int(getattr(self, _PREFIX + own))
+        setattr(self, _PREFIX + own, units)
+        if units < old:
+            self._after_shrink(own, units, old)
+
     # ---- the layout ------------------------------------------------------------
     def _layout(self) -> Layout:  # pragma: no cover - every subclass implements it
         raise NotImplementedError
@@ -166,7 +193,7 @@ class _GrowModule(nn.Module):
         return self.active_view(path).reshape(self._twin_shape(dims))
 
     @torch.no_grad()
-    def _zero_outside(self, tensors_of: str = "both") -> None:
+    def _zero_outside(self) -> None:
         """Zero everything outside the active part: tensors, and their gradients."""
         for path, dims in self.tensor_layout().items():
             tensor = self._tensor(path)

@@ -169,6 +169,38 @@ class GrowMultiheadAttention(_GrowModule):
             layout["v_proj_weight"] = (heads, ((c["vdim"], "vdim"),))
         return layout
 
+    _aliases = {"heads_out": "heads", "embed_dim_in": "embed_dim"}
+
+    def growth_spec(self):
+        """The declaration for :mod:`growdense.protocol`.
+
+        Module-local widths: ``"heads"`` (q/k/v rows, their biases, bias_k/bias_v:
+        producer, a unit is ``head_dim`` elements, q/k/v stacked as 3 blocks) and its
+        alias ``"heads_out"`` (out_proj's columns: consumer); ``"embed_dim"`` (out_proj's
+        rows and bias: producer) and its alias ``"embed_dim_in"`` (the columns of the
+        projections that read the model width: consumer); ``"kdim"`` and ``"vdim"``
+        (consumers) when key and value have their own widths.
+        """
+        from . import protocol as p
+
+        d = self.head_dim
+        heads = p.Axis(0, "heads", p.PRODUCER, unit=d)
+        e_in = p.Axis(1, "embed_dim_in", p.CONSUMER)
+        e_out = p.Axis(0, "embed_dim", p.PRODUCER)
+        tensors = [
+            p.TensorSpec("in_proj_weight", (p.Axis(0, "heads", p.PRODUCER, unit=d, blocks=3), e_in)),
+            p.TensorSpec("q_proj_weight", (heads, e_in)),
+            p.TensorSpec("k_proj_weight", (heads, p.Axis(1, "kdim", p.CONSUMER))),
+            p.TensorSpec("v_proj_weight", (heads, p.Axis(1, "vdim", p.CONSUMER))),
+            p.TensorSpec("in_proj_bias", (p.Axis(0, "heads", p.PRODUCER, unit=d, blocks=3),), fill=0.0),
+            p.TensorSpec("bias_k", (p.Axis(2, "heads", p.PRODUCER, unit=d),), fill=0.0),
+            p.TensorSpec("bias_v", (p.Axis(2, "heads", p.PRODUCER, unit=d),), fill=0.0),
+            p.TensorSpec("out_proj.weight", (e_out, p.Axis(1, "heads_out", p.CONSUMER, unit=d))),
+            p.TensorSpec("out_proj.bias", (e_out,), fill=0.0),
+        ]
+        widths = ("heads", "heads_out", "embed_dim", "embed_dim_in") + (() if self._packed else ("kdim", "vdim"))
+        return p.GrowthSpec(widths, tuple(t for t in tensors if self._tensor(t.name) is not None))
+
     @property
     def num_heads(self) -> int:
         """The active number of heads."""
@@ -232,9 +264,6 @@ class GrowMultiheadAttention(_GrowModule):
             ):
                 if self._tensor(path) is not None:
                     self._new_slice(path, width, start, stop).normal_(0.0, _he_std(fan_in), generator=generator)
-            for path in ("bias_k", "bias_v"):  # as the twin's xavier_normal_ at the new width
-                if self._tensor(path) is not None:
-                    self._new_slice(path, width, start, stop).normal_(0.0, math.sqrt(1.0 / (stop * d)), generator=generator)
             if init == "he":
                 self._new_slice("out_proj.weight", width, start, stop).normal_(
                     0.0, _he_std(stop * d), generator=generator
@@ -257,7 +286,7 @@ class GrowMultiheadAttention(_GrowModule):
         """Add ``n`` heads of ``head_dim`` each.
 
         Their query, key and value rows are drawn He-normal (fan_in: the input width), their
-        biases zero. ``init`` sets their columns of ``out_proj``: ``"he"`` draws them
+        biases (and bias_k/bias_v slices) zero. ``init`` sets their columns of ``out_proj``: ``"he"`` draws them
         He-normal (fan_in: the new inner width); ``"zero_out"`` (or ``"zero"``) leaves them
         zero, so the output is exactly unchanged.
         """

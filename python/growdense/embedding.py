@@ -13,7 +13,7 @@ from ._grow_module import Layout, _GrowModule, check_growth
 
 __all__ = ["GrowEmbedding"]
 
-_EMBEDDING_INITS = ("he", "default", "zero")
+_EMBEDDING_INITS = ("he", "default", "zero_out", "zero")
 
 
 class GrowEmbedding(_GrowModule):
@@ -89,6 +89,12 @@ class GrowEmbedding(_GrowModule):
     def _layout(self) -> Layout:
         return {"weight": (((self.num_embeddings, None),), ((self._capacities["embedding_dim"], "embedding_dim"),))}
 
+    def growth_spec(self):
+        """The declaration for :mod:`growdense.protocol`: the weight's columns ride ``embedding_dim``."""
+        from . import protocol as p
+
+        return p.GrowthSpec(("embedding_dim",), (p.TensorSpec("weight", (p.Axis(1, "embedding_dim", p.RIDER),)),))
+
     @property
     def embedding_dim(self) -> int:
         """The active embedding dimension."""
@@ -111,7 +117,7 @@ class GrowEmbedding(_GrowModule):
                 self.weight[self.padding_idx].fill_(0)
 
     def _init_slice(self, width: str, start: int, stop: int, init: str, generator) -> None:
-        if init != "zero":
+        if init in ("he", "default"):
             self._new_slice("weight", width, start, stop).normal_(generator=generator)
             self._fill_padding_idx_with_zero()
 
@@ -119,8 +125,8 @@ class GrowEmbedding(_GrowModule):
         """Add ``n`` embedding dimensions.
 
         ``init``: ``"he"`` (or ``"default"``) draws the new columns from N(0, 1) as
-        ``nn.Embedding`` initialises (an embedding has no fan-in to scale by); ``"zero"``
-        leaves them zero (every token's embedding is unchanged, zero in the new dimensions).
+        ``nn.Embedding`` initialises (an embedding has no fan-in to scale by); ``"zero_out"``
+        (or ``"zero"``) leaves them zero (every token's embedding is unchanged, zero in the new dimensions).
         The padding row stays zero.
         """
         n = check_growth(n)

@@ -88,6 +88,13 @@ class _GrowNorm(_GrowModule):
         cap = self._capacities["features"]
         return {"weight": (((cap, "features"),),), "bias": (((cap, "features"),),)}
 
+    def growth_spec(self):
+        """The declaration for :mod:`growdense.protocol`: weight (new: 1) and bias (new: 0) ride ``features``."""
+        from . import protocol as p
+
+        axes = (p.Axis(0, "features", p.RIDER),)
+        return p.GrowthSpec(("features",), (p.TensorSpec("weight", axes, fill=1.0), p.TensorSpec("bias", axes, fill=0.0)))
+
     @property
     def normalized_shape(self) -> tuple[int]:
         """``(features,)``: the active width, as the torch twin's attribute."""
