@@ -230,6 +230,16 @@ class _GrowModule(nn.Module):
         dims = self._layout()[path]
         return self._tensor(path).view(self._factored_shape(dims))[self._region(dims, (width, start, stop))]
 
+    def _init_like_twin(self, path: str, init) -> None:
+        """Draw the active part of ``path`` as the twin would draw its tensor (same shape, same RNG use)."""
+        tensor = self._tensor(path)
+        if tensor is None:
+            return
+        value = torch.empty(self._twin_shape(self._layout()[path]), device=tensor.device, dtype=tensor.dtype)
+        init(value)
+        view = self.active_view(path)
+        view.copy_(value.view(view.shape))
+
     # ---- resizing ----------------------------------------------------------------
     def _init_slice(self, width: str, start: int, stop: int, init: str, generator: Optional[torch.Generator]) -> None:
         """Write the new slice [start, stop) of ``width`` (already zero) in every tensor riding it."""

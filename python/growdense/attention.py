@@ -228,16 +228,6 @@ class GrowMultiheadAttention(_GrowModule):
         return self._capacities["embed_dim"]
 
     # ---- initialisation ----------------------------------------------------------------
-    def _init_like_twin(self, path: str, init) -> None:
-        """Draw the active part of ``path`` as the twin would draw its tensor (same shape, same RNG use)."""
-        tensor = self._tensor(path)
-        if tensor is None:
-            return
-        value = torch.empty(self._twin_shape(self._layout()[path]), device=tensor.device, dtype=tensor.dtype)
-        init(value)
-        view = self.active_view(path)
-        view.copy_(value.view(view.shape))
-
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """Initialise the active part as :class:`torch.nn.MultiheadAttention` does (same draws, same order); zero the rest."""

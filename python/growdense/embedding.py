@@ -108,7 +108,7 @@ class GrowEmbedding(_GrowModule):
     def reset_parameters(self) -> None:
         """N(0, 1) on the active columns as :class:`torch.nn.Embedding`, the padding row zero; zero outside."""
         self.weight.zero_()
-        nn.init.normal_(self.weight[:, : self.embedding_dim])
+        self._init_like_twin("weight", nn.init.normal_)
         self._fill_padding_idx_with_zero()
 
     def _fill_padding_idx_with_zero(self) -> None:
