@@ -169,6 +169,7 @@ class GrowMultiheadAttention(_GrowModule):
             layout["v_proj_weight"] = (heads, ((c["vdim"], "vdim"),))
         return layout
 
+    _inits = _ATTENTION_INITS
     _aliases = {"heads_out": "heads", "embed_dim_in": "embed_dim"}
 
     def growth_spec(self):
