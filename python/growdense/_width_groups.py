@@ -138,6 +138,7 @@ class _Analysis:
         self.reasons: dict[int, list[tuple[str, str]]] = {}
         self.writers: dict[int, list[tuple[int, str]]] = {}
         self.local: dict[tuple[str, str], int] = {}
+        self.derived: list[tuple[int, int]] = []  # (source, result) through an operation that fixes both
         self.order = 0
 
     # union-find
@@ -325,9 +326,11 @@ def _run(analysis: _Analysis, graph: torch.fx.Graph) -> None:
         return val.get(arg) if isinstance(arg, torch.fx.Node) else None
 
     def unknown(node: torch.fx.Node, what: str) -> int:
+        result = analysis.new((OPERATION, f"it is the output of {what}"))
         for v in tensor_vars(node):
             analysis.fix(v, OPERATION, f"it flows into {what}")
-        return analysis.new((OPERATION, f"it is the output of {what}"))
+            analysis.derived.append((v, result))
+        return result
 
     for analysis.order, node in enumerate(graph.nodes):
         op, target = node.op, node.target
@@ -447,8 +450,33 @@ def _name(group: _Group, modules: Mapping[str, nn.Module]) -> str:
     return f"width@{group.members[0][0]}"
 
 
-def _is_width(group: _Group, modules: Mapping[str, nn.Module]) -> bool:
-    return len(group.members) >= 2 and any(_writes(modules[m], local) for m, local in group.members)
+def _reaches_a_reader(analysis: _Analysis, groups: Mapping[int, _Group]) -> set[int]:
+    """The roots whose features reach (through operations that fix them) a group a module reads or rides."""
+    edges: dict[int, set[int]] = {}
+    for src, dst in analysis.derived:
+        edges.setdefault(analysis.find(src), set()).add(analysis.find(dst))
+    modules = analysis.modules
+    readers = {root for root, g in groups.items()
+               if any(_locals(modules[m]).get(local) != protocol.PRODUCER for m, local in g.members)}
+    reaching: set[int] = set()
+    for start in edges:
+        seen, todo = {start}, [start]
+        while todo:
+            for nxt in edges.get(todo.pop(), ()):
+                if nxt not in seen:
+                    seen.add(nxt)
+                    todo.append(nxt)
+        if (seen - {start}) & readers:
+            reaching.add(start)
+    return reaching
+
+
+def _is_width(group: _Group, modules: Mapping[str, nn.Module], reaches: bool) -> bool:
+    """A group is a width when a module writes it and another member reads or rides it, or its
+    features reach one through operations the analysis cannot follow (they fix it)."""
+    if not any(_writes(modules[m], local) for m, local in group.members):
+        return False
+    return len(group.members) >= 2 or reaches
 
 
 # ---- conversion ------------------------------------------------------------------------
@@ -556,7 +584,9 @@ def growable_streams(
             analysis.fix(var, EXCLUDED, reason)
 
     # 1. Widths, their names, and which stay fixed.
-    groups = [g for g in analysis.groups().values() if _is_width(g, modules)]
+    by_root = analysis.groups()
+    reaching = _reaches_a_reader(analysis, by_root)
+    groups = [g for root, g in by_root.items() if _is_width(g, modules, root in reaching)]
     for g in groups:
         g.members.sort(key=lambda m: (list(modules).index(m[0]), m[1]))
     taken: dict[str, int] = {}
