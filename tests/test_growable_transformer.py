@@ -11,9 +11,9 @@ exact zero terms.
 
 Tests marked ``needs_attention_wiring`` grow the residual stream or the heads: they need
 the Wiring to register an attention's widths (a module that both reads and writes the
-stream, dotted tensor names such as ``out_proj.weight``) and the norms' zero_out ramp;
-until the protocol has those, growable() reports these widths in ``wiring.fixed`` and the
-tests are skipped.
+stream, dotted tensor names such as ``out_proj.weight``) and the norms' zero_out ramp.
+A protocol without those makes growable() report these widths in ``wiring.fixed``, and
+the tests skip, saying so.
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ TOL = {"atol": 1e-12, "rtol": 1e-12}
 def _attention_registers() -> bool:
     attn = GrowMultiheadAttention(4, 2, capacity_heads=3, capacity_embed_dim=6)
     try:
-        Wiring().add_width("h", [(attn, "heads"), (attn, "heads_out")])
-        Wiring().add_width("e", [(attn, "embed_dim"), (attn, "embed_dim_in")])
+        Wiring().add_width("h", [(attn, "heads")])
+        Wiring().add_width("e", [(attn, "embed_dim"), GrowLayerNorm(4, capacity=6)])
     except (TypeError, ValueError):
         return False
     return True
@@ -220,11 +220,9 @@ def test_tiny_gpt_stream_members_and_every_width_grows_function_preserving():
     expected = {("tok", "embedding_dim"), ("pos", "embedding_dim"), ("norm", "features"), ("head", "in")}
     for i in range(2):
         b = f"blocks.{i}"
-        expected |= {(f"{b}.ln1", "features"), (f"{b}.ln2", "features"), (f"{b}.attn", "embed_dim"),
-                     (f"{b}.attn", "embed_dim_in"), (f"{b}.fc1", "in"), (f"{b}.fc2", "out")}
+        expected |= {(f"{b}.ln1", "features"), (f"{b}.ln2", "features"), (f"{b}.attn", "embed_dim"), (f"{b}.fc1", "in"), (f"{b}.fc2", "out")}
     assert stream == expected
-    assert member_names(wiring, model, "blocks.0.attn.heads") == {("blocks.0.attn", "heads"),
-                                                                  ("blocks.0.attn", "heads_out")}
+    assert member_names(wiring, model, "blocks.0.attn.heads") == {("blocks.0.attn", "heads")}
     for name in wiring.names():
         wiring.grow(name, wiring.capacity(name) - wiring.width(name), init="zero_out")
         torch.testing.assert_close(out(model, idx), before, **TOL)

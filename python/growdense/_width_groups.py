@@ -20,8 +20,10 @@ the same size:
   ``self_attn``, ``linear1``'s input, ``linear2``'s output and both norms; ``linear1``'s
   output and ``linear2``'s input are the feed-forward width; the heads are their own.
 
-Each resulting group is a *width* when it has a member that computes it (a linear's
-output, an embedding, an attention) and at least one other member. It grows when
+Each resulting group is a *width* when a member computes it (a linear's output, an
+embedding, an attention) and a member reads or rides it (an attention's heads and
+embed_dim do both), or the computed features reach a reader through an operation the
+analysis cannot follow (then it is fixed). It grows when
 nothing outside these rules touches it; otherwise it stays fixed and the reason is
 recorded (the model's inputs and outputs, a reshape, a concatenation along the
 features, reading the width from a shape, a parameter read directly, a module growdense
@@ -91,26 +93,28 @@ def has_stream_modules(model: nn.Module) -> bool:
 
 
 # ---- module-local widths and their roles --------------------------------------------------
-def _locals(module: nn.Module) -> dict[str, str]:
-    """``{module-local width: role}`` of a convertible module (the Grow twin's protocol names)."""
+def _locals(module: nn.Module) -> dict[str, frozenset]:
+    """``{module-local width: roles}`` of a convertible module (its Grow twin's protocol names)."""
+    P, C, R = protocol.PRODUCER, protocol.CONSUMER, protocol.RIDER
     if isinstance(module, nn.Linear):
-        return {"in": protocol.CONSUMER, "out": protocol.PRODUCER}
+        return {"in": frozenset({C}), "out": frozenset({P})}
     if isinstance(module, nn.Embedding):
-        return {"embedding_dim": protocol.RIDER}
+        return {"embedding_dim": frozenset({R})}
     if isinstance(module, _NORMS):
-        return {"features": protocol.RIDER}
+        return {"features": frozenset({R})}
     if isinstance(module, nn.MultiheadAttention):
-        out = {"heads": protocol.PRODUCER, "heads_out": protocol.CONSUMER, "embed_dim": protocol.PRODUCER,
-               "embed_dim_in": protocol.CONSUMER}
+        # heads: q/k/v rows compute them, out_proj's columns read them; embed_dim: the
+        # projections read the stream, out_proj's rows write it
+        out = {"heads": frozenset({P, C}), "embed_dim": frozenset({P, C})}
         if not module._qkv_same_embed_dim:
-            out.update(kdim=protocol.CONSUMER, vdim=protocol.CONSUMER)
+            out.update(kdim=frozenset({C}), vdim=frozenset({C}))
         return out
     return {}
 
 
 def _writes(module: nn.Module, local: str) -> bool:
     """Whether ``local`` is a width this module computes (a writer, for naming)."""
-    return _locals(module).get(local) == protocol.PRODUCER or isinstance(module, nn.Embedding)
+    return protocol.PRODUCER in _locals(module).get(local, ()) or isinstance(module, nn.Embedding)
 
 
 # ---- the analysis ----------------------------------------------------------------------
@@ -174,21 +178,12 @@ class _Analysis:
         self.writers.setdefault(var, []).append((self.order, label))
 
     def of(self, module_name: str, local: str) -> int:
-        """The variable of a module-local width (an attention's aliases joined on creation)."""
+        """The variable of a module-local width."""
         key = (module_name, local)
         if key not in self.local:
-            module = self.modules[module_name]
-            pairs = [local]
-            if isinstance(module, nn.MultiheadAttention) and local in ("heads", "heads_out"):
-                pairs = ["heads", "heads_out"]
-            elif isinstance(module, nn.MultiheadAttention) and local in ("embed_dim", "embed_dim_in"):
-                pairs = ["embed_dim", "embed_dim_in"]
-            created = [self.new() for _ in pairs]
-            self.union(*created)
-            for name, var in zip(pairs, created):
-                self.local[(module_name, name)] = var
-                if _writes(module, name):
-                    self.write(var, module_name)
+            self.local[key] = var = self.new()
+            if _writes(self.modules[module_name], local):
+                self.write(var, module_name)
         return self.local[key]
 
     # known modules and patterns
@@ -211,9 +206,9 @@ class _Analysis:
         module = self.modules[name]
         self.of(name, "heads")
         if module._qkv_same_embed_dim:
-            self.union(q, k, v, self.of(name, "embed_dim_in"))
+            self.union(q, k, v, self.of(name, "embed_dim"))
         else:
-            self.union(q, self.of(name, "embed_dim_in"))
+            self.union(q, self.of(name, "embed_dim"))
             self.union(k, self.of(name, "kdim"))
             self.union(v, self.of(name, "vdim"))
         weights = self.new((OPERATION, f"the attention weights of {name!r} are used (their last dimension is a "
@@ -457,7 +452,7 @@ def _reaches_a_reader(analysis: _Analysis, groups: Mapping[int, _Group]) -> set[
         edges.setdefault(analysis.find(src), set()).add(analysis.find(dst))
     modules = analysis.modules
     readers = {root for root, g in groups.items()
-               if any(_locals(modules[m]).get(local) != protocol.PRODUCER for m, local in g.members)}
+               if any(_locals(modules[m])[local] - {protocol.PRODUCER} for m, local in g.members)}
     reaching: set[int] = set()
     for start in edges:
         seen, todo = {start}, [start]
@@ -476,7 +471,10 @@ def _is_width(group: _Group, modules: Mapping[str, nn.Module], reaches: bool) ->
     features reach one through operations the analysis cannot follow (they fix it)."""
     if not any(_writes(modules[m], local) for m, local in group.members):
         return False
-    return len(group.members) >= 2 or reaches
+    if len(group.members) >= 2 or reaches:
+        return True
+    module, local = group.members[0]
+    return {protocol.PRODUCER, protocol.CONSUMER} <= _locals(modules[module])[local]  # an attention's heads
 
 
 # ---- conversion ------------------------------------------------------------------------
@@ -648,8 +646,7 @@ def growable_streams(
     local_caps: dict[str, dict[str, Optional[int]]] = {}
     for g in growing:
         for module, local in g.members:
-            own = {"heads_out": "heads", "embed_dim_in": "embed_dim"}.get(local, local)
-            local_caps.setdefault(module, {})[own] = caps_by_name[g.name]
+            local_caps.setdefault(module, {})[local] = caps_by_name[g.name]
     linears = {n: m for n, m in modules.items() if type(m) is nn.Linear}
     fused = _fusions(graph, [n for n in convert if n in linears], linears, modules) if graph is not None else {}
     cuda = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
@@ -701,5 +698,4 @@ def _width_of(module: nn.Module, local: str) -> int:
     if isinstance(module, _NORMS):
         return int(tuple(module.normalized_shape)[0])
     assert isinstance(module, nn.MultiheadAttention)
-    return {"heads": module.num_heads, "heads_out": module.num_heads, "kdim": module.kdim,
-            "vdim": module.vdim}.get(local, module.embed_dim)
+    return {"heads": module.num_heads, "kdim": module.kdim, "vdim": module.vdim}.get(local, module.embed_dim)
