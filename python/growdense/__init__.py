@@ -7,11 +7,18 @@ from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .schedule import GrowthEvent, GrowthSchedule
 from .wiring import Wiring
 from .growable import NotGrowableError, growable
+from .norms import GrowLayerNorm, GrowRMSNorm
+from .embedding import GrowEmbedding
+from .attention import GrowMultiheadAttention
 
 __version__ = build_info()["version"]
 
 __all__ = [
     "GrowLinear",
+    "GrowLayerNorm",
+    "GrowRMSNorm",
+    "GrowEmbedding",
+    "GrowMultiheadAttention",
     "Wiring",
     "growable",
     "NotGrowableError",

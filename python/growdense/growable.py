@@ -302,8 +302,23 @@ def _capacities(capacity: Capacity, widths: Mapping[str, int], excluded: Iterabl
 
 # ---- the public entry point ----------------------------------------------------------
 
-def growable(model: nn.Module, capacity: Capacity = 2.0, *, exclude: Iterable[str] = ()) -> Wiring:
+def growable(
+    model: nn.Module,
+    capacity: Capacity = 2.0,
+    *,
+    exclude: Iterable[str] = (),
+    streams: Optional[bool] = None,
+    strict: Optional[bool] = None,
+) -> Wiring:
     """Make ``model``'s hidden widths growable, in place; return their :class:`~growdense.Wiring`.
+
+    Two analyses (``streams``): a transformer's widths are found as width groups across
+    residual additions, norms, embeddings and attention, and converted to
+    :class:`~growdense.GrowLinear`, :class:`~growdense.GrowLayerNorm`,
+    :class:`~growdense.GrowRMSNorm`, :class:`~growdense.GrowEmbedding` and
+    :class:`~growdense.GrowMultiheadAttention` (see docs/growing-transformers.md and
+    :mod:`growdense._width_groups` for the rules and the names of the widths); an MLP's
+    hidden widths are found as described below.
 
     Each hidden width (see the module docstring) gets its producer and consumers replaced
     by :class:`~growdense.GrowLinear` s with the same weights and capacity for more
@@ -321,11 +336,24 @@ def growable(model: nn.Module, capacity: Capacity = 2.0, *, exclude: Iterable[st
             leave all widths inside it fixed). A width whose output also flows somewhere
             it cannot grow (a reshape, a normalisation, a residual addition, a
             concatenation, the model's output) must be excluded, or the call fails.
+            With ``streams``: a width's name, or a module whose widths (every width one
+            of its members lies in) stay fixed.
+        streams: follow widths across residual additions, norms (which ride a width),
+            embeddings and attention (width groups). ``None`` (default): when the model
+            holds an ``nn.Embedding``, ``nn.MultiheadAttention``,
+            ``nn.TransformerEncoderLayer`` or ``nn.TransformerEncoder``; ``False``: the
+            MLP analysis, where norms and additions of other tensors fix a width.
+        strict: with ``streams``, whether a width that cannot grow (an operation the
+            analysis does not understand, the model's inputs and outputs) raises
+            :class:`NotGrowableError` naming it and why (``True``) or stays fixed,
+            listed in the returned wiring's ``fixed`` (``False``, the default; a width
+            fixed by an operation also warns). The MLP analysis is always strict.
 
     Returns:
         A :class:`~growdense.Wiring` with no optimizer: set ``wiring.optimizer = opt`` (or
         let :class:`growdense.lightning.GrowthCallback` do it) so growth keeps the
-        optimizer's state consistent.
+        optimizer's state consistent. Its ``fixed`` attribute maps each width found but
+        left fixed to the reason (``{}`` for the MLP analysis).
 
     Raises:
         NotGrowableError: a layer that cannot be made growable, naming it and why. The
@@ -333,6 +361,14 @@ def growable(model: nn.Module, capacity: Capacity = 2.0, *, exclude: Iterable[st
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"growable() needs an nn.Module, got {type(model).__name__}")
+    from . import _width_groups
+
+    if streams is None:
+        streams = _width_groups.has_stream_modules(model)
+    if streams:
+        return _width_groups.growable_streams(model, capacity, exclude=exclude, strict=bool(strict))
+    if strict is not None and not strict:
+        raise ValueError("strict=False needs streams=True: the MLP analysis refuses a width it cannot grow")
     if isinstance(exclude, str):
         exclude = [exclude]
     exclude = list(exclude)
@@ -410,7 +446,7 @@ def growable(model: nn.Module, capacity: Capacity = 2.0, *, exclude: Iterable[st
         if linear.bias is not None:
             layer.bias.requires_grad_(linear.bias.requires_grad)
         new[name] = layer
-    wiring = Wiring()
+    wiring = _width_groups.GrowableWiring()
     for name, consumers in hidden.items():
         wiring.add(name, new[name], [new[c] for c in consumers])
     replacements = {id(linears[name]): new[name] for name in converted}
