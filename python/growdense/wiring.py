@@ -261,7 +261,7 @@ class Wiring:
         for m in group:
             first = seen.setdefault(id(m.module), m)
             if first is not m:  # one module on the width twice, through two of its widths
-                if {PRODUCER, CONSUMER} <= set(first.roles) | set(m.roles):
+                if {first.roles, m.roles} == {(PRODUCER,), (CONSUMER,)}:
                     raise ValueError(f"{name!r}: a layer cannot consume its own output")
                 raise ValueError(
                     f"{name!r}: {type(m.module).__name__} is listed with two of its widths "
