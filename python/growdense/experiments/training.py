@@ -26,7 +26,7 @@ from ..wiring import Wiring
 from .config import ReproduceConfig, RunSpec, gap_epochs, make_schedule
 
 __all__ = ["autocast", "apply_growth", "train_epoch", "evaluate_loss", "build_run", "train_run", "add_spikes",
-           "ResumeError", "checkpoint_path", "check_resumable"]
+           "ResumeError", "checkpoint_path", "check_resumable", "check_checkpoints"]
 
 # Configuration fields that decide a run's trajectory: a checkpoint only resumes a run whose
 # fields all match (the output folder, progress bar, device and final-evaluation sizes may change).
@@ -175,6 +175,27 @@ def check_resumable(spec: RunSpec, cfg: ReproduceConfig, checkpoint_dir: Path) -
         raise ResumeError(f"{ckpt} was written by another configuration (differs in {diff}); "
                           f"resume with the original options or use another --out")
     return True
+
+
+def check_checkpoints(specs: Sequence[RunSpec], cfg: ReproduceConfig, checkpoint_dir: Path, *, resume: bool) -> None:
+    """Raise :class:`ResumeError` unless the checkpoints in ``checkpoint_dir`` fit the request.
+
+    With ``resume``: at least one of ``specs`` must have a checkpoint there (else there is
+    nothing to resume), and every checkpoint there must come from this configuration.
+    Without: none of ``specs`` may have one (a new run would overwrite it).
+    """
+    checkpoint_dir = Path(checkpoint_dir)
+    if resume:
+        found = [spec.name for spec in specs if check_resumable(spec, cfg, checkpoint_dir)]
+        if not found:
+            raise ResumeError(f"--resume: {checkpoint_dir} holds no checkpoint of the runs asked for "
+                              f"({', '.join(s.name for s in specs)}), so there is nothing to resume; check --out, "
+                              f"or drop --resume to start these runs")
+        return
+    existing = [spec.name for spec in specs if checkpoint_path(checkpoint_dir, spec).is_file()]
+    if existing:
+        raise ResumeError(f"{checkpoint_dir} already holds checkpoints of {', '.join(existing)}, which a new run "
+                          f"would overwrite: pass --resume to continue (or reload) them, or choose another --out")
 
 
 def add_spikes(events: list[dict[str, Any]], steps: Sequence[float], window: int) -> None:
