@@ -81,3 +81,79 @@ def test_capacity_errors_speak_in_plain_integers():
     for message in messages:
         assert "DynamicInt" not in message and "_Width" not in message, message
         assert not re.search(r"[A-Za-z_]+\(\d+\)", message), message
+
+
+# ---- defect 7: growable() and lazy layers, nn.Linear subclasses, models with nothing to grow ---
+class _Scaled(nn.Linear):  # its own forward: not what a GrowLinear computes
+    def forward(self, x):
+        return 3 * super().forward(x)
+
+
+class _Tagged(nn.Linear):  # nn.Linear's forward: converted
+    pass
+
+
+def _mlp(first: nn.Module, second: nn.Module) -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(first, nn.ReLU(), second)
+
+
+def test_uninitialised_lazy_producer_gets_the_lazy_message():
+    model = _mlp(nn.LazyLinear(8), nn.Linear(8, 3))
+    with pytest.raises(NotGrowableError, match="lazy layer that has not been initialised") as info:
+        growable(model)
+    assert list(info.value.problems) == ["0"]
+    assert isinstance(model[0], nn.LazyLinear) and isinstance(model[1], nn.ReLU)  # unchanged
+    model(torch.randn(2, 5))  # once initialised it converts
+    wiring = growable(model)
+    assert wiring.widths() == {"0": 8} and isinstance(model[0], GrowLinear)
+
+
+def test_linear_subclass_with_linears_forward_is_converted():
+    model = _mlp(_Tagged(5, 8), _Tagged(8, 3))
+    x = torch.randn(4, 5)
+    with torch.no_grad():
+        expected = model(x).double()
+        ref = torch.relu(x.double() @ model[0].weight.double().T + model[0].bias.double())
+        ref = ref @ model[2].weight.double().T + model[2].bias.double()  # float64 reference
+    wiring = growable(model)
+    assert wiring.widths() == {"0": 8} and isinstance(model[0], GrowLinear) and isinstance(model[2], GrowLinear)
+    with torch.no_grad():
+        got = model(x).double()
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)  # the same function, bit for bit
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)  # float32 rounding only
+
+
+@pytest.mark.parametrize("first, second, culprit", [
+    (lambda: _Scaled(5, 8), lambda: nn.Linear(8, 3), "0"),
+    (lambda: nn.Linear(5, 8), lambda: _Scaled(8, 3), "2"),
+])
+def test_linear_subclass_with_its_own_forward_is_refused_by_name(first, second, culprit):
+    model = _mlp(first(), second())
+    before = _state(model)
+    with pytest.raises(NotGrowableError, match="_Scaled, an nn.Linear subclass with its own forward") as info:
+        growable(model)
+    assert list(info.value.problems) == [culprit]
+    assert _same(before, _state(model)) and not any(isinstance(m, GrowLinear) for m in model.modules())
+
+
+def test_linear_subclass_holding_more_is_refused():
+    class WithScale(nn.Linear):
+        def __init__(self, *args):
+            super().__init__(*args)
+            self.scale = nn.Parameter(torch.ones(()))
+
+    with pytest.raises(NotGrowableError, match=r"holding more than weight and bias \(scale\)"):
+        growable(_mlp(WithScale(5, 8), nn.Linear(8, 3)))
+
+
+@pytest.mark.parametrize("model, why", [
+    (lambda: nn.Sequential(nn.Linear(5, 3)), "output layer"),
+    (lambda: nn.Sequential(nn.ReLU()), "no nn.Linear"),
+])
+def test_nothing_growable_is_an_error_unless_allowed(model, why):
+    with pytest.raises(NotGrowableError, match="no hidden width") as info:
+        growable(model())
+    assert why in str(info.value) and "allow_empty=True" in str(info.value)
+    wiring = growable(model(), allow_empty=True)
+    assert wiring.names() == []
