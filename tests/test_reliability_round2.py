@@ -157,3 +157,46 @@ def test_nothing_growable_is_an_error_unless_allowed(model, why):
     assert why in str(info.value) and "allow_empty=True" in str(info.value)
     wiring = growable(model(), allow_empty=True)
     assert wiring.names() == []
+
+
+# ---- a kill during save_checkpoint: the next save removes the stray temporary -----------------
+_KILLED_SAVE = """
+import os, sys, torch
+from torch import nn
+from growdense.checkpoint import save_checkpoint
+os.replace = lambda *a: os._exit(9)  # dies between writing the temporary and renaming it
+save_checkpoint(sys.argv[1], nn.Linear(3, 2))
+"""
+
+
+def test_next_save_removes_the_temporary_of_a_killed_save(tmp_path):
+    import subprocess
+    import sys
+
+    from growdense.checkpoint import load_checkpoint, save_checkpoint
+
+    fcntl = pytest.importorskip("fcntl")
+    path = tmp_path / "run.pt"
+    proc = subprocess.run([sys.executable, "-c", _KILLED_SAVE, str(path)], env=os.environ.copy(), timeout=120)
+    assert proc.returncode == 9
+    (stray,) = list(tmp_path.glob(".run.pt.*.tmp"))
+    old = stray.stat().st_mtime - 3600
+    os.utime(stray, (old, old))  # the next save comes later
+    busy = tmp_path / ".run.pt.busy.tmp"  # a save in progress elsewhere: locked, kept
+    busy.write_bytes(b"writing")
+    os.utime(busy, (old, old))
+    fresh = tmp_path / ".run.pt.fresh.tmp"  # just created, not locked yet: kept
+    fresh.write_bytes(b"")
+    other = tmp_path / ".other.pt.x.tmp"  # another checkpoint's: not ours to judge
+    other.write_bytes(b"")
+    os.utime(other, (old, old))
+    with open(busy, "rb") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        torch.manual_seed(0)
+        model = nn.Linear(3, 2)
+        save_checkpoint(path, model)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["run.pt", ".run.pt.busy.tmp", ".run.pt.fresh.tmp", ".other.pt.x.tmp"])
+    loaded = nn.Linear(3, 2)
+    load_checkpoint(path, loaded)
+    assert torch.equal(loaded.weight, model.weight)
