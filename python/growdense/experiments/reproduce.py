@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import platform
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -36,8 +37,9 @@ def reproduce(cfg: ReproduceConfig, argv: Optional[Sequence[str]] = None, *, res
     runs continue from those (finished runs are not retrained), ending exactly as an
     uninterrupted reproduction. Raises (before anything is written): :class:`~.config.ConfigError`
     for a configuration that cannot run; :class:`~.training.ResumeError` when ``out`` already
-    holds checkpoints of these runs and ``resume`` is off (they would be overwritten), when
-    ``resume`` finds none of them, or when they were written by another configuration;
+    holds checkpoints of these runs and ``resume`` is off (they would be overwritten), or when
+    they were written by another configuration (with ``resume``, runs without a checkpoint
+    start from scratch, and stderr says which);
     :class:`~.data.MnistNotFoundError` when MNIST is neither there nor downloadable (a failed
     download leaves no folder behind).
     """
@@ -49,7 +51,10 @@ def reproduce(cfg: ReproduceConfig, argv: Optional[Sequence[str]] = None, *, res
     out = Path(cfg.out)
     check_writable(out)
     specs = run_specs(cfg)
-    check_checkpoints(specs, cfg, out / "checkpoints", resume=resume)  # refuse before anything is written
+    fresh = check_checkpoints(specs, cfg, out / "checkpoints", resume=resume)  # refuses before anything is written
+    if resume and fresh:
+        print(f"growdense reproduce: --resume found no checkpoint of {', '.join(fresh)} in {out / 'checkpoints'}: "
+              f"{'they start' if len(fresh) > 1 else 'it starts'} from scratch", file=sys.stderr, flush=True)
     train, test = load_mnist(cfg.data_dir, train_subset=cfg.train_subset, test_subset=cfg.test_subset,
                              seed=cfg.seed, download=cfg.download)
     (out / "figures").mkdir(parents=True, exist_ok=True)

@@ -177,25 +177,23 @@ def check_resumable(spec: RunSpec, cfg: ReproduceConfig, checkpoint_dir: Path) -
     return True
 
 
-def check_checkpoints(specs: Sequence[RunSpec], cfg: ReproduceConfig, checkpoint_dir: Path, *, resume: bool) -> None:
-    """Raise :class:`ResumeError` unless the checkpoints in ``checkpoint_dir`` fit the request.
+def check_checkpoints(specs: Sequence[RunSpec], cfg: ReproduceConfig, checkpoint_dir: Path, *,
+                      resume: bool) -> list[str]:
+    """Check the checkpoints in ``checkpoint_dir`` against the request; return the names of the
+    runs of ``specs`` that will start from scratch.
 
-    With ``resume``: at least one of ``specs`` must have a checkpoint there (else there is
-    nothing to resume), and every checkpoint there must come from this configuration.
-    Without: none of ``specs`` may have one (a new run would overwrite it).
+    Without ``resume``, none of ``specs`` may have a checkpoint there (a new run would overwrite
+    it): :class:`ResumeError`. With ``resume``, every checkpoint there must come from this
+    configuration (:class:`ResumeError` otherwise); runs without one start from scratch.
     """
     checkpoint_dir = Path(checkpoint_dir)
     if resume:
-        found = [spec.name for spec in specs if check_resumable(spec, cfg, checkpoint_dir)]
-        if not found:
-            raise ResumeError(f"--resume: {checkpoint_dir} holds no checkpoint of the runs asked for "
-                              f"({', '.join(s.name for s in specs)}), so there is nothing to resume; check --out, "
-                              f"or drop --resume to start these runs")
-        return
+        return [spec.name for spec in specs if not check_resumable(spec, cfg, checkpoint_dir)]
     existing = [spec.name for spec in specs if checkpoint_path(checkpoint_dir, spec).is_file()]
     if existing:
         raise ResumeError(f"{checkpoint_dir} already holds checkpoints of {', '.join(existing)}, which a new run "
                           f"would overwrite: pass --resume to continue (or reload) them, or choose another --out")
+    return [spec.name for spec in specs]
 
 
 def add_spikes(events: list[dict[str, Any]], steps: Sequence[float], window: int) -> None:
