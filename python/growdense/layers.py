@@ -50,7 +50,7 @@ _EXTRA_STATE_VERSION = 1
 # reparametrized weight is recomputed from another tensor, so neither would hold. Refused.
 _PARAMETRIZED = (
     "GrowLinear does not support parametrizations of its {name} (torch.nn.utils.parametrize, weight_norm, "
-    "spectral_norm): growth writes new neurons into the weight itself and keeps everything outside the active "
+    "spectral_norm, torch.nn.utils.prune): growth writes new neurons into the weight itself and keeps everything outside the active "
     "block zero, which a recomputed weight would not keep (new neurons would output 0, or NaN under weight_norm). "
     "Reparametrize inside your own module instead, e.g. normalise layer.active_weight in its forward"
 )
