@@ -526,3 +526,51 @@ def test_the_gap_figure_has_one_legend_beside_its_panels(tmp_path, saved_figures
     right_of_panels = max(ax.get_window_extent().x1 for ax in fig.axes)
     assert legend.get_window_extent().x0 >= right_of_panels
     assert kwargs == {"crop": True}  # the saved image keeps the legend outside the axes
+
+
+def test_every_chart_has_a_title(tmp_path, saved_figures):
+    """batch_losses, iwae_gap and elbo_variance_iwae say what they show, as the others do."""
+    from growdense.experiments import plots
+    from growdense.experiments.config import RunSpec
+
+    results = [{"spec": RunSpec.from_name(name), "steps": [100.0 - i / 10 for i in range(30)],
+                "events": [] if name == "fixed" else [{"run": name, "index": 1, "step": 10, "epoch": 2, "spike": 1.0,
+                                                       "jump": 1.0, "h1": 64, "h2": 32, "h1_before": 32,
+                                                       "h2_before": 16, "probe_before": 100.0,
+                                                       "probe_after": 101.0, "pre_mean": 99.0, "post_max": 100.0}],
+                "history": [{"epoch": e, "train_loss": 101.0 - e, "test_loss": 100.0 - e} for e in range(6)],
+                "estimates": [{"epoch": e, "gap": 4.0, "logw_var": 12.0, "samples": 100} for e in (1, 5)]}
+               for name in ["fixed", "approach1-he"]]
+    plots.training_figures(tmp_path, results)
+    evaluation = {"iwae": {"1": -100.0, "10": -98.0}, "variance": [{"L": 1, "std": 2.0}, {"L": 2, "std": 1.5}],
+                  "logw_variance": [{"L": 1, "std": 3.0}], "iwae_variance": [{"K": 1, "std": 3.0}]}
+    plots._variance(tmp_path / "elbo_variance_iwae.png", {"fixed": evaluation})
+    for name in ("batch_losses.png", "iwae_gap.png", "elbo_variance_iwae.png"):
+        fig = saved_figures[name][0]
+        titles = [ax.get_title() for ax in fig.axes] + [fig._suptitle.get_text() if fig._suptitle else ""]
+        assert any(len(t) > 10 for t in titles), (name, titles)
+    assert "mini-batch" in saved_figures["batch_losses.png"][0].axes[0].get_title()
+    assert "IWAE gap" in saved_figures["iwae_gap.png"][0]._suptitle.get_text()
+
+
+def test_reconstruction_rows_are_labelled_beside_an_unchanged_grid(tmp_path):
+    pytest.importorskip("torchvision")
+    from PIL import Image
+
+    from growdense.experiments.plots import reconstructions_figure, to_pixels
+
+    torch.manual_seed(0)
+    test, a, b = torch.rand(16, 784), torch.rand(16, 784), torch.rand(16, 784)
+    plain = reconstructions_figure(tmp_path / "plain.png", test, [a, b])
+    labelled = reconstructions_figure(tmp_path / "labelled.png", test, [a, b], ["fixed", "approach1-he"])
+    rows = _grid_rows(labelled, 3)  # the tiles sit where they always did
+    assert torch.equal(rows[0], to_pixels(test)) and torch.equal(rows[2], to_pixels(b))
+    plain_img = np.array(Image.open(plain).convert("L"))
+    labelled_img = np.array(Image.open(labelled).convert("L"))
+    assert labelled_img.shape[0] == plain_img.shape[0] and labelled_img.shape[1] > plain_img.shape[1] + 40
+    assert (labelled_img[:, : plain_img.shape[1]] == plain_img).all()
+    strip = labelled_img[:, plain_img.shape[1]:]
+    for i in range(3):  # dark text in each row's band of the strip
+        assert (strip[30 * i + 2: 30 * i + 30] < 128).any(), i
+    with pytest.raises(ValueError, match="2 model rows but 1 labels"):
+        reconstructions_figure(tmp_path / "bad.png", test, [a, b], ["fixed"])

@@ -186,3 +186,37 @@ def test_bad_arguments():
         GrowthCallback(3)
     with pytest.raises(TypeError, match="growdense.Wiring"):
         GrowthCallback(schedule(), wiring="h1")
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"init": "bogus"}, "unknown init"),
+    ({"keep": "bogus"}, "unknown keep"),
+    ({"keep": {"0": "bogus"}}, "unknown keep"),
+    ({"keep": {"h9": "first"}}, "not in the schedule"),
+    ({"optimizer_state": "bogus"}, "unknown optimizer_state"),
+    ({"split_noise": -1.0}, "split_noise"),
+])
+def test_bad_policies_fail_at_construction(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        GrowthCallback(schedule(), **kwargs)
+
+
+def test_the_fallback_warning_names_what_the_callback_can_change(tmp_path):
+    """torch.optim.Adam cannot give new neurons their own step count: the one warning says so in
+    the callback's terms (its optimizer_state argument, configure_optimizers), briefly."""
+    module = Regressor()
+    with pytest.warns(UserWarning) as caught:
+        trainer(tmp_path, 2, callbacks=[GrowthCallback(schedule(), init="zero_out")]).fit(module, data())
+    ours = [str(w.message) for w in caught if "step count" in str(w.message)]
+    assert len(ours) == 1, [str(w.message) for w in caught]
+    (message,) = ours
+    assert "GrowthCallback(..., optimizer_state='keep_global_step' or 'reset')" in message
+    assert "growdense.optim.Adam from configure_optimizers" in message
+    assert "grow(), GrowthSchedule.apply() or Wiring()" not in message and len(message) < 300
+    assert module.wiring.widths() == {"0": 16, "2": 8}
+    # choosing a policy silences it
+    module = Regressor()
+    with __import__("warnings").catch_warnings():
+        __import__("warnings").simplefilter("error", UserWarning)
+        callback = GrowthCallback(schedule(), init="zero_out", optimizer_state="reset")
+        trainer(tmp_path / "b", 2, callbacks=[callback]).fit(module, data())

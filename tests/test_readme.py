@@ -32,13 +32,13 @@ def lightning_example() -> str:
 
 
 def test_readme_lightning_example_runs(tmp_path, monkeypatch, capsys):
-    import os
-
     import pytest
 
     pytest.importorskip("lightning")
     pytest.importorskip("torchvision")
-    data = Path(os.environ.get("GROWDENSE_MNIST_DIR", README.parents[1] / "shared" / "data")) / "MNIST"
+    from mnist_data import DATA
+
+    data = DATA / "MNIST"
     if not (data / "raw").is_dir():
         pytest.skip(f"MNIST not found at {data}")
     (tmp_path / "data").mkdir()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -12,8 +11,8 @@ import torch
 
 from growdense.__main__ import main
 
-DATA = Path(os.environ.get("GROWDENSE_MNIST_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
-needs_mnist = pytest.mark.skipif(not (DATA / "MNIST" / "raw").is_dir(), reason=f"MNIST not found at {DATA}")
+from mnist_data import DATA, candidates
+needs_mnist = pytest.mark.skipif(not (DATA / "MNIST" / "raw").is_dir(), reason=f"MNIST not found in {[str(c) for c in candidates()]}")
 
 
 def _table(approach: str, epoch: int) -> tuple[int, int]:
@@ -29,7 +28,7 @@ def ci_run(tmp_path_factory) -> Path:
     pytest.importorskip("matplotlib")
     pytest.importorskip("tqdm")
     if not (DATA / "MNIST" / "raw").is_dir():
-        pytest.skip(f"MNIST not found at {DATA}")
+        pytest.skip(f"MNIST not found in {[str(c) for c in candidates()]}")
     out = tmp_path_factory.mktemp("reproduce") / "ci"
     assert main(["reproduce", "--preset", "ci", "--data-dir", str(DATA), "--out", str(out), "--train-subset",
                  "256", "--no-progress"]) == 0
@@ -340,3 +339,70 @@ def test_bf16_trains_under_autocast():
     # the first step sees the same weights and data: bfloat16 has 8 bits of mantissa (relative
     # rounding 2^-8 ~ 0.4% per product, partly averaging out over sums of 784 pixels): 2%
     torch.testing.assert_close(losses["bf16"][0], losses["fp32"][0], rtol=2e-2, atol=0)
+
+
+# ---- a newcomer's trial: what a failed or repeated command leaves behind -------------------------
+def _snapshot(folder: Path) -> dict:
+    return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_failed_download_leaves_nothing_behind(tmp_path, capsys, monkeypatch):
+    tv = pytest.importorskip("torchvision.datasets")
+
+    def offline(self):  # torchvision makes the folders, writes part of a file, then fails
+        Path(self.raw_folder).mkdir(parents=True, exist_ok=True)
+        (Path(self.raw_folder) / "train-images-idx3-ubyte.gz").write_bytes(b"partial")
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz")
+
+    monkeypatch.setattr(tv.MNIST, "download", offline)
+    monkeypatch.chdir(tmp_path)
+    assert main(["reproduce", "--preset", "ci", "--data-dir", "deep/data", "--out", "runs/ci", "--no-progress"]) == 2
+    assert "downloading it failed" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # neither deep/data/MNIST/raw nor runs/ci
+    # a data folder that existed keeps what it had, and only that
+    (tmp_path / "mine" / "MNIST" / "raw").mkdir(parents=True)
+    (tmp_path / "mine" / "MNIST" / "raw" / "notes.txt").write_text("mine")
+    assert main(["reproduce", "--preset", "ci", "--data-dir", "mine", "--out", "o", "--no-progress"]) == 2
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == [
+        "mine", "mine/MNIST", "mine/MNIST/raw", "mine/MNIST/raw/notes.txt"]
+
+
+def test_rerun_and_resume_are_checked_and_the_final_evaluation_has_a_bar(tmp_path, capsys):
+    pytest.importorskip("torchvision")
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("tqdm")
+    _write_idx(tmp_path / "data" / "MNIST" / "raw", 24)
+    out = tmp_path / "out"
+    args = ["reproduce", "--approach", "fixed", "--epochs", "1", "--every", "1", "--batch-size", "8", "--samples", "2",
+            "--iwae-ks", "1,2", "--iwae-images", "4", "--variance-ls", "1,2", "--variance-ks", "1,2",
+            "--variance-repeats", "2", "--variance-images", "4", "--gap-k", "2", "--gap-images", "4",
+            "--probe-images", "4", "--data-dir", str(tmp_path / "data"), "--out", str(out)]
+    # --resume with nothing to resume says so (tools/run_study.sh starts and continues with --resume)
+    assert main([*args, "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert "--resume found no checkpoint of fixed" in err and "from scratch" in err
+    import shutil
+
+    shutil.rmtree(out)
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "final evaluation" in err or "evaluating fixed" in err  # the bar of the last minute
+    before = _snapshot(out)
+    # rerunning over finished checkpoints without --resume: refused, nothing changed
+    assert main([*args, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "growdense reproduce: error:" in err and "--resume" in err and "fixed" in err
+    assert _snapshot(out) == before
+    assert main([*args, "--resume", "--no-progress"]) == 0  # a finished run reloads
+
+
+def test_mnist_tests_look_where_reproduce_does(tmp_path, monkeypatch):
+    import mnist_data
+
+    (tmp_path / "data" / "MNIST" / "raw").mkdir(parents=True)
+    monkeypatch.delenv("GROWDENSE_MNIST_DIR", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert mnist_data.mnist_root() == tmp_path / "data"  # ./data, reproduce's default --data-dir
+    (tmp_path / "elsewhere" / "MNIST" / "raw").mkdir(parents=True)
+    monkeypatch.setenv("GROWDENSE_MNIST_DIR", str(tmp_path / "elsewhere"))
+    assert mnist_data.mnist_root() == tmp_path / "elsewhere"

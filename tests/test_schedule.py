@@ -161,3 +161,27 @@ def test_apply_unknown_name():
 def test_bad_schedules(make, match):
     with pytest.raises((ValueError, TypeError), match=match):
         make()
+
+
+def test_negative_epoch_is_refused():
+    s = approach_1()
+    model, opt, wiring = study_wiring()
+    before = snapshot(model, opt)
+    with pytest.raises(ValueError, match="epoch must be >= 0"):
+        s.apply(-1, wiring)
+    assert_same(before, snapshot(model, opt))
+
+
+def test_cut_and_regrow_to_the_same_width_reports_the_change():
+    """An event that cuts 32 -> 8 and regrows by 24 ends at 32 neurons, 24 of them new: apply()
+    says the wiring changed (the growth-event log records it), as for any other cut or growth."""
+    s = GrowthSchedule({"h1": 32, "h2": 16}, [GrowthEvent(1, shrink_to={"h1": 8}, grow_by={"h1": 24})])
+    _, _, wiring = study_wiring()
+    w = wiring.producer("h1").weight
+    old = w[:32].detach().clone()
+    assert s.apply(1, wiring, generator=torch.Generator().manual_seed(0)) is True
+    assert wiring.width("h1") == 32 and s.widths_at(1) == s.initial_widths()
+    assert torch.equal(w[:8], old[:8]) and not torch.equal(w[8:32], old[8:32])  # rows 8..31 were replaced
+    assert s.apply(0, wiring) is False  # no event
+    noop = GrowthSchedule({"h1": 32}, [GrowthEvent(0, shrink_to={"h1": 32}, grow_by={"h1": 0})])
+    assert noop.apply(0, wiring) is False  # shrinking to the width it has, growing by 0: nothing changes

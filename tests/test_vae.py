@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,7 @@ import torch
 from growdense.models import VAE, elbo_estimates, elbo_variance, iwae_bound, negative_elbo
 from growdense.schedule import GrowthSchedule
 
-DATA = Path(os.environ.get("GROWDENSE_MNIST_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
+from mnist_data import DATA, candidates
 
 # The study's Tables 1 and 2: widths (h1, h2) after each growth event.
 TABLE1 = [(32, 16), (64, 32), (96, 48), (128, 64), (160, 80), (192, 96), (224, 112), (256, 128)]
@@ -142,7 +141,7 @@ def test_missing_mnist_says_where_it_looked(tmp_path):
     assert str((tmp_path / "MNIST" / "raw").resolve()) in msg and "--data-dir" in msg and "download=True" in msg
 
 
-@pytest.mark.skipif(not (DATA / "MNIST" / "raw").is_dir(), reason=f"MNIST not found at {DATA}")
+@pytest.mark.skipif(not (DATA / "MNIST" / "raw").is_dir(), reason=f"MNIST not found in {[str(c) for c in candidates()]}")
 def test_mnist_loads_as_flat_floats():
     pytest.importorskip("torchvision")
     from growdense.experiments.data import load_mnist

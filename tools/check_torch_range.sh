@@ -12,10 +12,12 @@
 #   PYTHON               the interpreter the environments are made from (default: python3).
 #   TORCHVISION          the torchvision to install (default: the release paired with that
 #                        torch, see torchvision_for; "none" installs none).
-#   GROWDENSE_CUDA       ON/OFF forces the CUDA kernels' build; by default they are built
-#                        when $CUDA_HOME/bin/nvcc (or /usr/local/cuda/bin/nvcc) exists and
-#                        that torch is a CUDA build of the same CUDA release (major.minor:
-#                        the CUDA headers that come with torch's wheels must match nvcc).
+#   GROWDENSE_CUDA       AUTO (default), ON or OFF, passed to the build: AUTO builds the CUDA
+#                        kernels when $CUDA_HOME/bin/nvcc (or /usr/local/cuda/bin/nvcc) exists
+#                        and that torch is a CUDA build of the same CUDA release (major.minor:
+#                        the CUDA headers that come with torch's wheels must match nvcc), else
+#                        the CPU-only extension; the rule is the build's own
+#                        (cmake/GrowdenseCuda.cmake).
 #
 # Exit status: 0 when every release built and passed its tests, 1 otherwise.
 set -euo pipefail
@@ -101,20 +103,12 @@ EOF
 )
 
   # ---- the build ----------------------------------------------------------------
-  cuda=${GROWDENSE_CUDA:-}
-  why=""
-  if [ -z "$cuda" ]; then
-    if [ -z "$nvcc" ]; then cuda=OFF; why="no nvcc"
-    elif [ "$torch_cuda" = none ]; then cuda=OFF; why="torch is a CPU-only build"
-    elif [ "$torch_cuda" != "$nvcc_cuda" ]; then
-      # cccl refuses CUDA headers (torch's wheels bring them) of another release than nvcc.
-      cuda=OFF; why="torch's CUDA $torch_cuda is not nvcc's CUDA $nvcc_cuda"
-    else cuda=ON; why="nvcc's CUDA $nvcc_cuda is torch's"
-    fi
-  else
-    why="set by GROWDENSE_CUDA"
-  fi
-  echo "building growdense against torch $torch_full (CUDA kernels $cuda: $why)"
+  # The build decides whether the CUDA kernels are built (cmake/GrowdenseCuda.cmake: nvcc's
+  # CUDA release must be torch's, else the CPU-only extension with a warning); this script
+  # only passes GROWDENSE_CUDA through and reports what the build chose.
+  cuda=${GROWDENSE_CUDA:-AUTO}
+  why="torch's CUDA $torch_cuda, nvcc's ${nvcc_cuda:-none}"
+  echo "building growdense against torch $torch_full (GROWDENSE_CUDA=$cuda; $why)"
   build_env=(GROWDENSE_CUDA="$cuda" PATH="$venv/bin:$PATH" VIRTUAL_ENV="$venv")
   if [ -n "$nvcc" ]; then build_env+=(CUDA_HOME="$(dirname "$(dirname "$nvcc")")"); fi
   # One build folder per torch release: the default one is shared by every environment,
@@ -125,6 +119,10 @@ EOF
       --config-settings=build.tool-args=-k0 "$repo" \
       >"$log_build" 2>&1; then
     build=ok
+    # what the build chose, and why when it left the CUDA kernels out
+    cuda=$(cd / && "$py" -c 'import growdense; print("ON" if growdense.build_info()["with_cuda"] else "OFF")' \
+      2>/dev/null || echo "?")
+    grep -A4 "growdense: building" "$log_build" | sed 's/^/  /' || true
   else
     build=failed
     echo "torch $version: the build failed, see $log_build; its errors:"

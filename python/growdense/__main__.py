@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
         from .experiments.cli import run_from_args
 
         raw = list(sys.argv[1:] if argv is None else argv)
-        return run_from_args(args, raw[raw.index("reproduce") + 1 :] if "reproduce" in raw else raw)
+        return run_from_args(args, raw[raw.index("reproduce") + 1 :] if "reproduce" in raw else raw, parser=rep)
     return 0
 
 

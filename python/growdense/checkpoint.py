@@ -19,7 +19,13 @@ import io
 import os
 import pickle
 import tempfile
+import time
 from typing import Any, Mapping, Optional, Union
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: stale temporaries are recognised by age alone
+    fcntl = None
 
 import torch
 from torch import Tensor, nn
@@ -31,6 +37,10 @@ from .wiring import Wiring
 
 __all__ = ["save_checkpoint", "load_checkpoint", "CheckpointError"]
 
+# A save killed mid-write leaves its temporary file; the next save of the same path removes it
+# when no writer holds it (each writer locks its own) and it was last written this long ago.
+_STALE_AFTER_S = 30.0
+_STALE_AFTER_S_UNLOCKED = 24 * 3600.0  # where files cannot be locked
 _FORMAT = "growdense-checkpoint"
 _VERSION = 1
 PathLike = Union[str, os.PathLike]
@@ -78,8 +88,12 @@ def save_checkpoint(
     }
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    prefix = "." + os.path.basename(path) + "."
+    _remove_stale_temporaries(folder, prefix)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=prefix, suffix=".tmp")
     try:
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # this writer is alive: another save leaves the file alone
         with os.fdopen(fd, "wb") as file:
             torch.save(payload, file)
             file.flush()
@@ -92,6 +106,37 @@ def save_checkpoint(
             pass
         raise
     _fsync_dir(folder)
+
+
+def _remove_stale_temporaries(folder: str, prefix: str) -> None:
+    """Remove the temporary files that killed saves of this checkpoint left in ``folder``: those
+    no live writer holds (the lock died with its process) and not written to for a while."""
+    try:
+        names = [n for n in os.listdir(folder) if n.startswith(prefix) and n.endswith(".tmp")]
+    except OSError:
+        return
+    for name in names:
+        tmp = os.path.join(folder, name)
+        try:
+            fd = os.open(tmp, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            age = time.time() - os.fstat(fd).st_mtime
+            if fcntl is None:
+                stale = age > _STALE_AFTER_S_UNLOCKED
+            else:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    stale = age > _STALE_AFTER_S
+                except OSError:  # a save in progress holds it
+                    stale = False
+            if stale:
+                os.unlink(tmp)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
 
 
 def _fsync_dir(folder: str) -> None:

@@ -160,9 +160,35 @@ class _Flow:
         return f"its output reaches {self.indirect} only through operations that fix its width: {through}"
 
 
+class _Tracer(torch.fx.Tracer):
+    """torch.fx's tracer, with every ``nn.Linear`` (subclasses and lazy ones included) a leaf:
+    a call of one is a node growable() can convert or refuse by name."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, nn.Linear) or super().is_leaf_module(m, module_qualified_name)
+
+
+def _linear_problem(module: nn.Linear) -> Optional[str]:
+    """Why ``module`` (an ``nn.Linear``, maybe a subclass) cannot become a GrowLinear, or ``None``."""
+    if isinstance(module.weight, nn.parameter.UninitializedParameter):
+        return "it is a lazy layer that has not been initialised yet; run one forward pass first"
+    cls = type(module)
+    if cls is nn.Linear:
+        return None
+    if cls.forward is not nn.Linear.forward:
+        return (f"it is a {cls.__name__}, an nn.Linear subclass with its own forward, which a GrowLinear "
+                f"would not compute; exclude it or make it a plain nn.Linear")
+    extra = [n for n, _ in module.named_parameters() if n not in ("weight", "bias")]
+    extra += [n for n, _ in module.named_buffers()] + [n for n, _ in module.named_children()]
+    if extra:
+        return (f"it is a {cls.__name__}, an nn.Linear subclass holding more than weight and bias "
+                f"({', '.join(extra)}), which a GrowLinear would drop")
+    return None
+
+
 def _trace(model: nn.Module) -> torch.fx.Graph:
     try:
-        return torch.fx.Tracer().trace(model)
+        return _Tracer().trace(model)
     except Exception as error:  # any failure of a user's forward under tracing
         raise NotGrowableError(
             {type(model).__name__: f"its forward cannot be traced by torch.fx ({type(error).__name__}: {error})"},
@@ -309,6 +335,7 @@ def growable(
     exclude: Iterable[str] = (),
     streams: Optional[bool] = None,
     strict: Optional[bool] = None,
+    allow_empty: bool = False,
 ) -> Wiring:
     """Make ``model``'s hidden widths growable, in place; return their :class:`~growdense.Wiring`.
 
@@ -348,6 +375,9 @@ def growable(
             :class:`NotGrowableError` naming it and why (``True``) or stays fixed,
             listed in the returned wiring's ``fixed`` (``False``, the default; a width
             fixed by an operation also warns). The MLP analysis is always strict.
+        allow_empty: return an empty :class:`~growdense.Wiring` for a model that has no
+            hidden width at all (by default that raises, naming why each linear layer is not
+            one). A model whose hidden widths are all in ``exclude`` gives an empty Wiring.
 
     Returns:
         A :class:`~growdense.Wiring` with no optimizer: set ``wiring.optimizer = opt`` (or
@@ -379,7 +409,9 @@ def growable(
             {name: f"it is already a {kind}" for name, kind in existing.items()},
             "growable() converts a model of nn.Linear layers once; wire GrowLinear layers by hand with Wiring.add().",
         )
-    linears = {name: module for name, module in modules.items() if type(module) is nn.Linear}
+    # nn.Linear and its subclasses: those whose forward is nn.Linear's are converted; the others,
+    # and lazy layers not yet initialised, are refused by name if they would have to be.
+    linears = {name: module for name, module in modules.items() if isinstance(module, nn.Linear)}
     for name in exclude:
         if not isinstance(name, str) or not any(n == name or n.startswith(name + ".") for n in linears):
             raise ValueError(
@@ -401,10 +433,14 @@ def growable(
     problems: dict[str, str] = {}
     hidden: dict[str, list[str]] = {}
     carriers: dict[str, set] = {}
+    kept_fixed: list[str] = []
     for name, producer_calls in calls.items():
         flow, width = _flow(nodes, producer_calls, linears, modules)
-        if not (flow.consumers or flow.indirect) or excluded(name):
-            continue  # an output-side layer (or one the user keeps fixed)
+        if not (flow.consumers or flow.indirect):
+            continue  # an output-side layer
+        if excluded(name):
+            kept_fixed.append(name)
+            continue  # one the user keeps fixed
         if flow.barriers:
             problems[name] = flow.reason()
             continue
@@ -419,6 +455,13 @@ def growable(
                 )
     if problems:
         raise NotGrowableError(problems, f"pass exclude={sorted(problems)} to keep these widths fixed.")
+    if not hidden and not kept_fixed and not allow_empty:
+        raise NotGrowableError(
+            _why_nothing(linears, calls),
+            f"{type(model).__name__} has no hidden width growable() can grow: a hidden width is an nn.Linear "
+            f"whose output reaches another nn.Linear through elementwise operations. Pass allow_empty=True to "
+            f"accept an empty Wiring.",
+        )
 
     # 2. The layers to convert must be plain: nothing else may hold or read their Parameters.
     consumer_of = {c: name for name, consumers in hidden.items() for c in consumers}
@@ -473,8 +516,9 @@ def _check_convertible(model: nn.Module, graph: torch.fx.Graph, converted: list[
     read = {node.target for node in graph.nodes if node.op == "get_attr"}
     for name in converted:
         linear = linears[name]
-        if isinstance(linear.weight, nn.parameter.UninitializedParameter):
-            problems[name] = "it is a lazy layer that has not been initialised yet; run one forward pass first"
+        problem = _linear_problem(linear)
+        if problem is not None:
+            problems[name] = problem
             continue
         if linear._forward_hooks or linear._forward_pre_hooks or linear._backward_hooks or linear._backward_pre_hooks:
             problems[name] = "it has hooks registered, which would not carry over to the new layer"
@@ -491,6 +535,19 @@ def _check_convertible(model: nn.Module, graph: torch.fx.Graph, converted: list[
                 problems[name] = f"its {pname} is shared with {others} (tied weights)"
             elif f"{name}.{pname}" in read:
                 problems[name] = f"the model's forward reads its {pname} directly (e.g. tied weights)"
+
+
+def _why_nothing(linears, calls) -> dict[str, str]:
+    """Why each linear layer of a model with no hidden width is not one (for the error)."""
+    if not linears:
+        return {"(model)": "it has no nn.Linear layer"}
+    why = {}
+    for name in linears:
+        if name not in calls:
+            why[name] = "its forward never calls it"
+        else:
+            why[name] = "its output reaches no other nn.Linear (an output layer)"
+    return why
 
 
 def _fusions(graph: torch.fx.Graph, converted: list[str], linears, modules) -> dict[str, tuple[str, list[str]]]:

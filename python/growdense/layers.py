@@ -45,6 +45,14 @@ _functorch_active = ops._functorch_active
 # symbolic sizes: one graph serves every width (see GrowLinear.forward).
 _WIDTH_ATTRS = frozenset(("_active_in", "_active_out"))
 _EXTRA_STATE_VERSION = 1
+# Growth writes new neurons into `weight` and keeps what lies outside the active block zero; a
+# reparametrized weight is recomputed from another tensor, so neither would hold. Refused.
+_PARAMETRIZED = (
+    "GrowLinear does not support parametrizations of its {name} (torch.nn.utils.parametrize, weight_norm, "
+    "spectral_norm, torch.nn.utils.prune): growth writes new neurons into the weight itself and keeps everything outside the active "
+    "block zero, which a recomputed weight would not keep (new neurons would output 0, or NaN under weight_norm). "
+    "Reparametrize inside your own module instead, e.g. normalise layer.active_weight in its forward"
+)
 
 
 def he_std(fan_in: int) -> float:
@@ -202,8 +210,19 @@ class GrowLinear(nn.Module):
                 param.__dict__.pop("_growdense_owner", None)  # left by growdense 0.1 pickles
                 _register(param, self)
 
+    def __delattr__(self, name: str) -> None:
+        # torch.nn.utils.parametrize (weight_norm, spectral_norm, orthogonal, your own) starts by
+        # deleting the tensor it wraps: refused here, before the module changes.
+        if name in ("weight", "bias") and name in self._parameters:
+            raise RuntimeError(_PARAMETRIZED.format(name=name))
+        super().__delattr__(name)
+
     def _check_not_shared(self) -> None:
-        """Refuse to resize a layer whose weight or bias another GrowLinear holds too."""
+        """Refuse to resize a layer whose weight or bias another GrowLinear holds too, or that is
+        not its own plain Parameters any more (a parametrization or the old hook-based
+        ``torch.nn.utils.weight_norm`` / ``spectral_norm`` removed them)."""
+        if "weight" not in self._parameters or torch.nn.utils.parametrize.is_parametrized(self):
+            raise RuntimeError(_PARAMETRIZED.format(name="weight"))
         for name, param in self._parameters.items():
             if param is not None and len(_holders(param)) > 1:
                 raise RuntimeError(
@@ -311,7 +330,7 @@ class GrowLinear(nn.Module):
 
     # ---- growth and shrinking ------------------------------------------------
     def _check_grow(self, side: str, n: int, active: int, capacity: int) -> int:
-        n = _check_count("n", n)
+        n, active, capacity = _check_count("n", n), int(active), int(capacity)  # messages in plain ints
         if n < 0:
             raise ValueError(f"cannot grow {side} by {n}: n must be >= 0 (use shrink_{side[:-9]}() to shrink)")
         if active + n > capacity:
@@ -323,7 +342,7 @@ class GrowLinear(nn.Module):
         return n
 
     def _check_shrink(self, side: str, to: int, active: int) -> int:
-        to = _check_count("to", to)
+        to, active = _check_count("to", to), int(active)  # messages in plain ints
         if not 1 <= to <= active:
             raise ValueError(
                 f"cannot shrink {side} from {active} to {to}: the new width must be between 1 and {active}"

@@ -13,11 +13,14 @@ This module imports Lightning (``lightning.pytorch``, else ``pytorch_lightning``
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
+from . import optim_state
+from .policies import KEEP_CHOICES, check_generator, check_init, check_split_noise
 from .schedule import GrowthSchedule
 from .wiring import Wiring
 
@@ -48,7 +51,10 @@ class GrowthCallback(pl.Callback):
             ``wiring.grow``).
         wiring: the model's :class:`~growdense.Wiring` (what :func:`growdense.growable`
             returns); default: the LightningModule's ``wiring`` attribute.
-        init, keep, generator, split_noise: passed to :meth:`GrowthSchedule.apply`.
+        init, keep, generator, split_noise, optimizer_state: passed to
+            :meth:`GrowthSchedule.apply`, and checked here. ``optimizer_state`` (default: the
+            wiring's) is what growth does to the optimizer's state (see
+            :mod:`growdense.optim_state`).
 
     At the start of training the callback sets ``wiring.optimizer`` to the trainer's
     optimizer that holds the wiring's layers, so growth keeps that optimizer's state
@@ -71,6 +77,7 @@ class GrowthCallback(pl.Callback):
         keep: Keep = "first",
         generator: Optional[torch.Generator] = None,
         split_noise: float = 1e-2,
+        optimizer_state: Optional[str] = None,
     ) -> None:
         super().__init__()
         if not isinstance(schedule, GrowthSchedule) and not callable(schedule):
@@ -80,12 +87,26 @@ class GrowthCallback(pl.Callback):
             )
         if wiring is not None and not isinstance(wiring, Wiring):
             raise TypeError(f"wiring must be a growdense.Wiring, got {type(wiring).__name__}")
+        # Checked now, not at the first growth epoch, hours into training.
+        check_init(init)
+        for policy in keep.values() if isinstance(keep, Mapping) else (keep,):
+            if isinstance(policy, str) and policy not in KEEP_CHOICES:
+                raise ValueError(f"unknown keep {policy!r}; expected one of {KEEP_CHOICES} or a sequence of indices")
+        if isinstance(schedule, GrowthSchedule) and isinstance(keep, Mapping) and not set(keep) <= set(schedule.names()):
+            raise ValueError(
+                f"keep names {sorted(set(keep) - set(schedule.names()))} are not in the schedule {schedule.names()}"
+            )
+        check_split_noise(split_noise)
+        check_generator(generator)
+        if optimizer_state is not None:
+            optim_state.check_policy(optimizer_state)
         self.schedule = schedule
         self.wiring = wiring
         self.init = init
         self.keep = keep
         self.generator = generator
         self.split_noise = split_noise
+        self.optimizer_state = optimizer_state
 
     # ---- finding the wiring and the optimizer ---------------------------------------------
     def _wiring(self, pl_module: "pl.LightningModule") -> Optional[Wiring]:
@@ -179,4 +200,27 @@ class GrowthCallback(pl.Callback):
             keep=self.keep,
             generator=self.generator,
             split_noise=self.split_noise,
+            optimizer_state=self._policy(wiring, [name for name, n in schedule.event_at(epoch).grow_by.items() if n]),
         )
+
+    def _policy(self, wiring: Wiring, growing: Sequence[str]) -> Optional[str]:
+        """The optimizer-state policy of a growth; when none was chosen and the wiring falls back
+        from ``"keep"``, a short warning naming what to change here (the callback's arguments)."""
+        if self.optimizer_state is not None or wiring.optimizer_state is not None:
+            return self.optimizer_state
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            policy = wiring.check_optimizer_state(None, growing)
+        if any(issubclass(w.category, UserWarning) for w in caught):
+            name = type(wiring.optimizer).__name__
+            from . import optim
+
+            hint = (f", or return growdense.optim.{name} from configure_optimizers (same arguments) to give "
+                    f"each new neuron its own step count" if hasattr(optim, name) else "")
+            warnings.warn(
+                f"GrowthCallback: the new neurons share {name}'s step count ({policy!r}); choose with "
+                f"GrowthCallback(..., optimizer_state={policy!r} or 'reset'){hint}",
+                UserWarning,
+                stacklevel=2,
+            )
+        return policy

@@ -232,9 +232,13 @@ class GrowthSchedule:
         optimizer_state: Optional[str] = None,
         **init_options: Any,
     ) -> bool:
-        """Apply the event at the start of ``epoch`` to ``wiring``; ``True`` if widths changed.
+        """Apply the event at the start of ``epoch`` to ``wiring``; ``True`` if it changed the wiring.
 
-        Call it at the start of every epoch. At an event epoch the wiring must hold the
+        ``True`` whenever the event shrinks a width or adds neurons, also when a cut and
+        the regrowth in the same event end at the width of the epoch before (the cut
+        neurons were replaced by new ones); ``False`` at an epoch without an event (and
+        for an event whose every action is a no-op: shrinking to the current width, growing
+        by 0). Call it at the start of every epoch (``epoch >= 0``). At an event epoch the wiring must hold the
         widths of the epoch before (``widths_at(epoch - 1)``, or the initial widths); it
         then holds ``widths_at(epoch)``. Shrinks use ``keep``, then growths use ``init`` and
         ``generator``, names in schedule order. Everything is validated before anything
@@ -248,6 +252,8 @@ class GrowthSchedule:
         # Validate the arguments at every call (not only at event epochs), then the whole
         # event: nothing changes unless every action of the event is valid.
         epoch = check_int("epoch", epoch)
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0 (0-based, the epoch about to start), got {epoch}")
         if not isinstance(wiring, Wiring):
             raise TypeError(f"apply() needs a Wiring, got {type(wiring).__name__}")
         wiring.check_init(init, generator=generator, split_noise=split_noise, **init_options)
@@ -289,4 +295,6 @@ class GrowthSchedule:
             wiring.grow(
                 name, n, init=init, generator=generator, split_noise=split_noise, optimizer_state=policy, **init_options
             )
-        return self.widths_at(epoch) != before
+        # A cut and a regrowth back to the same width changed the network all the same.
+        changed = any(to < before[name] for name, to in event.shrink_to.items())
+        return changed or any(n > 0 for n in event.grow_by.values())

@@ -725,8 +725,9 @@ def figures(records: Sequence[RunRecord], dest: Path, *, spike_window: int = 10,
             if missing:
                 warnings.warn(f"seed {seed}'s reconstructions.png is drawn without {', '.join(missing)}: read "
                               f"without its checkpoint or an exported row", stacklevel=2)
+            shown = [r for r in finished if r.reconstruction is not None]
             written.append(reconstructions_figure(folder / "reconstructions.png", x,
-                                                  [r.reconstruction for r in finished if r.reconstruction is not None]))
+                                                  [r.reconstruction for r in shown], [r.name for r in shown]))
     return written
 
 

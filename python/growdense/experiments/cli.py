@@ -7,7 +7,9 @@ import sys
 from dataclasses import fields, replace
 from typing import Optional, Sequence
 
-from .config import APPROACHES, OPTIMIZER_STATES, PRECISIONS, PRESETS, ReproduceConfig
+from ..policies import GROW_INITS, KEEP_CHOICES
+from .config import (APPROACHES, OPTIMIZER_STATES, PRECISIONS, PRESETS, ConfigError, ReproduceConfig, check_config,
+                     check_writable, resolve_device)
 
 __all__ = ["add_arguments", "config_from_args", "main", "run_from_args"]
 
@@ -56,9 +58,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, help="training epochs per model (study: 200)")
     p.add_argument("--every", "--growth-interval", dest="every", type=int,
                    help="epochs between growths; Approach 2 cuts at this epoch (study: 25)")
-    p.add_argument("--init", dest="inits", type=_csv_list(str),
+    p.add_argument("--init", dest="inits", type=_choices(GROW_INITS, "init"),
                    help="init strategy of new neurons, comma-separated to compare: he (study), zero_out, split")
-    p.add_argument("--keep", dest="keeps", type=_csv_list(str),
+    p.add_argument("--keep", dest="keeps", type=_choices(KEEP_CHOICES, "keep"),
                    help="which neurons Approach 2 keeps at the cut, comma-separated to compare: first (study), norm")
     p.add_argument("--optimizer-state", dest="optimizer_states", type=_choices(OPTIMIZER_STATES, "optimizer state"),
                    help="Adam's state at a growth, comma-separated to compare: reset (default, the study's: a "
@@ -98,35 +100,51 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> ReproduceConfig:
-    """Preset defaults, then every option given explicitly."""
+    """Preset defaults, then every option given explicitly; raise :class:`~.config.ConfigError`
+    naming the option when one cannot run (see :func:`~.config.check_config`)."""
     preset = "quick" if args.quick and args.preset is None else (args.preset or "study")
     cfg = replace(ReproduceConfig(), preset=preset, **PRESETS[preset])
     given = {f.name: getattr(args, f.name) for f in fields(ReproduceConfig)
              if f.name != "preset" and getattr(args, f.name, None) is not None}
     cfg = replace(cfg, **given)
-    if cfg.epochs < 1 or cfg.every < 1:
-        raise SystemExit("--epochs and --every must be >= 1")
+    check_config(cfg)
     return cfg
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="growdense reproduce", description=DESCRIPTION)
     add_arguments(parser)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = _parser()
     args = parser.parse_args(argv)
-    return run_from_args(args, list(argv) if argv is not None else sys.argv[1:])
+    return run_from_args(args, list(argv) if argv is not None else sys.argv[1:], parser=parser)
 
 
-def run_from_args(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    """Run ``reproduce`` for parsed arguments; print where the results are."""
+def run_from_args(args: argparse.Namespace, argv: Sequence[str], *,
+                  parser: Optional[argparse.ArgumentParser] = None) -> int:
+    """Run ``reproduce`` for parsed arguments; print where the results are.
+
+    Every option is checked first (values, device, output folder, the checkpoints there,
+    MNIST): for a bad one this prints argparse's ``growdense reproduce: error: ...`` and
+    returns 2 (the command's exit status) before anything is written or trained.
+    ``parser`` prints the usage line with the error.
+    """
     from .data import MnistNotFoundError
     from .reproduce import reproduce
     from .training import ResumeError
 
-    cfg = config_from_args(args)
+    parser = parser if parser is not None else _parser()
     try:
+        cfg = config_from_args(args)
+        resolve_device(cfg.device)
+        check_writable(cfg.out)
         out = reproduce(cfg, argv, resume=bool(getattr(args, "resume", False)))
-    except (MnistNotFoundError, ResumeError) as error:
-        print(f"growdense reproduce: {error}", file=sys.stderr)
+    except (ConfigError, MnistNotFoundError, ResumeError) as error:
+        parser.print_usage(sys.stderr)  # argparse's form of an error, as parser.error() prints it
+        print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return 2
     print(f"results in {out}/ (summary.md, tables.md, metrics.csv, figures/)")
     return 0

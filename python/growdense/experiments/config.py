@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
+from ..policies import GROW_INITS, KEEP_CHOICES
 from ..schedule import GrowthSchedule
 
 __all__ = ["ReproduceConfig", "RunSpec", "PRESETS", "APPROACHES", "PRECISIONS", "OPTIMIZER_STATES", "run_specs",
-           "make_schedule", "resolve_device", "gap_epochs"]
+           "make_schedule", "resolve_device", "gap_epochs", "ConfigError", "check_config", "check_device",
+           "check_writable"]
 
 APPROACHES = ("fixed", "1", "2", "all")
 PRECISIONS = ("fp32", "bf16")
@@ -165,7 +169,102 @@ def gap_epochs(cfg: ReproduceConfig) -> list[int]:
 
 
 def resolve_device(device: str) -> torch.device:
-    """``auto`` picks CUDA when available, else the CPU."""
+    """``auto`` picks CUDA when available, else the CPU; raise :class:`ConfigError` for a device
+    that is not one or that this machine does not have."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    return check_device(device)
+
+
+class ConfigError(ValueError):
+    """An option of a reproduction that cannot work, named with the fix (raised before anything
+    is written or trained)."""
+
+
+# Options that count something and must be >= 1 when given (None: the default).
+_POSITIVE = {"epochs": "--epochs", "every": "--every", "samples": "--samples", "batch_size": "--batch-size",
+             "train_subset": "--train-subset", "test_subset": "--test-subset", "iwae_images": "--iwae-images",
+             "variance_repeats": "--variance-repeats", "variance_images": "--variance-images", "gap_k": "--gap-k",
+             "gap_images": "--gap-images", "probe_images": "--probe-images", "latent": "latent",
+             "spike_window": "spike_window"}
+_POSITIVE_LISTS = {"iwae_ks": "--iwae-ks", "variance_ls": "--variance-ls", "variance_ks": "--variance-ks"}
+
+
+def check_config(cfg: ReproduceConfig) -> None:
+    """Raise :class:`ConfigError` naming the option unless every field of ``cfg`` can run.
+
+    Checks counts (>= 1), lists (not empty, values >= 1), inits, keeps, optimizer-state
+    policies, precision, approach, fixed widths (within the target) and the learning rate;
+    the device and the output folder are checked by :func:`check_device` and
+    :func:`check_writable`.
+    """
+    import math
+
+    for name, option in _POSITIVE.items():
+        value = getattr(cfg, name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{option} must be a whole number >= 1, got {value!r}")
+    for name, option in _POSITIVE_LISTS.items():
+        values = getattr(cfg, name)
+        if not values or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
+            raise ConfigError(f"{option} must be a comma-separated list of whole numbers >= 1, got "
+                              f"{','.join(map(str, values)) or 'nothing'}")
+    if cfg.gap_epochs is not None and any(not isinstance(v, int) or v < 0 for v in cfg.gap_epochs):
+        raise ConfigError(f"--gap-epochs must be epochs >= 0, got {','.join(map(str, cfg.gap_epochs))}")
+    for option, values, allowed in (("--init", cfg.inits, GROW_INITS), ("--keep", cfg.keeps, KEEP_CHOICES),
+                                    ("--optimizer-state", cfg.optimizer_states, OPTIMIZER_STATES)):
+        bad = [v for v in values if v not in allowed]
+        if bad or not values:
+            raise ConfigError(f"{option}: unknown {', '.join(map(repr, bad)) or 'empty list'}; choose from "
+                              f"{', '.join(allowed)} (comma-separated to compare several)")
+    if cfg.approach not in APPROACHES:
+        raise ConfigError(f"--approach must be one of {', '.join(APPROACHES)}, got {cfg.approach!r}")
+    if cfg.precision not in PRECISIONS:
+        raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
+    if not (isinstance(cfg.lr, (int, float)) and math.isfinite(cfg.lr) and cfg.lr > 0):
+        raise ConfigError(f"--lr must be a finite number > 0, got {cfg.lr!r}")
+    for w in cfg.fixed_widths or ():
+        if not (1 <= w[0] <= cfg.target[0] and 1 <= w[1] <= cfg.target[1]):
+            raise ConfigError(f"--fixed-widths {w[0]}x{w[1]} is outside the models' capacity: each fixed width "
+                              f"must be between 1x1 and the target {cfg.target[0]}x{cfg.target[1]}")
+
+
+def check_device(device: str) -> torch.device:
+    """``device`` as a ``torch.device`` this machine can train on; :class:`ConfigError` otherwise."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ConfigError(f"--device {device!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {device}: this torch ({torch.__version__}) sees no CUDA device; use "
+                              f"--device cpu (or auto)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {device}: there are {torch.cuda.device_count()} CUDA devices "
+                              f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
+    elif dev.type == "meta":
+        raise ConfigError("--device meta holds no data and cannot train; use auto, cpu or cuda")
+    elif dev.type != "cpu":
+        try:
+            torch.empty(0, device=dev)
+        except (RuntimeError, AssertionError) as error:
+            raise ConfigError(f"--device {device} is not usable here ({error}); use auto, cpu or cuda") from None
+    return dev
+
+
+def check_writable(folder: str | os.PathLike, option: str = "--out") -> None:
+    """Raise :class:`ConfigError` unless ``folder`` is (or can be created as) a writable folder;
+    creates nothing."""
+    path = Path(folder).expanduser().absolute()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{option} {folder} is a file, not a folder; choose another {option}")
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(f"{option} {folder}: {probe} is a file, so the folder cannot be created there")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        what = "is not writable" if probe == path else f"cannot be created: {probe} is not writable"
+        raise ConfigError(f"{option} {folder} {what}; choose a folder you can write to")

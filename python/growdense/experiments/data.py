@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
+import sys
 from pathlib import Path
 from typing import Optional
-
-import sys
 
 import torch
 from torch import Tensor
@@ -44,24 +44,47 @@ def download_mnist(data_dir: str | Path) -> Path:
     """Download MNIST through torchvision into ``data_dir/MNIST/raw``; return that folder.
 
     Says where on stderr. Raises :class:`MnistNotFoundError` (naming the folder and the
-    cause) when the download fails, e.g. without network access.
+    cause) when the download fails, e.g. without network access; then the folders and
+    files the attempt created are removed again.
     """
     from torchvision.datasets import MNIST
 
     root = Path(data_dir).expanduser()
     raw = root / "MNIST" / "raw"
+    # What a failed download must remove: the topmost folder it creates, or the files it adds.
+    created = None
+    for folder in (raw, *raw.absolute().parents):
+        if folder.exists():
+            break
+        created = folder
+    before = set(raw.iterdir()) if created is None and raw.is_dir() else set()
     print(f"MNIST not found in {raw.resolve()}: downloading it there through torchvision "
           f"(--no-download forbids this)", file=sys.stderr, flush=True)
     try:
         for train in (True, False):
             MNIST(str(root), train=train, download=True)
-    except (OSError, RuntimeError, ValueError) as error:  # URLError is an OSError; torchvision raises RuntimeError
+    except BaseException as error:
+        _remove_new(created, raw, before)
+        if not isinstance(error, (OSError, RuntimeError, ValueError)):  # URLError is an OSError; torchvision
+            raise  # raises RuntimeError; anything else (KeyboardInterrupt) goes on as it is
         raise MnistNotFoundError(
             f"MNIST not found in {raw.resolve()} and downloading it failed ({type(error).__name__}: {error}). "
             f"Without network access, copy the four MNIST files into that folder (torchvision's layout) or pass "
             f"--data-dir pointing at the folder that contains MNIST/raw/."
         ) from error
     return find_mnist(root)
+
+
+def _remove_new(created: Optional[Path], raw: Path, before: set) -> None:
+    """Undo a failed download: remove ``created`` (a folder it made), else files new in ``raw``."""
+    if created is not None:
+        shutil.rmtree(created, ignore_errors=True)
+    elif raw.is_dir():
+        for path in set(raw.iterdir()) - before:
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
 
 
 def _load_split(root: Path, train: bool) -> Tensor:
@@ -88,6 +111,9 @@ def load_mnist(
     (all 60,000 if ``None``); ``test_subset``: the first that many test images. With
     ``download``, MNIST is downloaded into ``data_dir`` when it is not there.
     """
+    for what, value in (("train_subset", train_subset), ("test_subset", test_subset)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{what} must be a number of images >= 1 (or None for all), got {value!r}")
     root = Path(data_dir).expanduser()
     try:
         find_mnist(root)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -187,6 +187,7 @@ def _step_curves(path: Path, results: Sequence[dict[str, Any]]) -> Path | None:
         ax.set_ylim(vals[0] - 2, vals[int(0.999 * (len(vals) - 1))] + 10)
     ax.set_xlabel("training step (mini-batch); dashed: growth events")
     ax.set_ylabel("batch loss (nats per image)")
+    ax.set_title("Training loss of every mini-batch, per model (dashed lines: its growth events)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     return _save(fig, path)
@@ -213,6 +214,10 @@ def _variance(path: Path, evaluations: dict[str, Any]) -> Path:
     axes[1].set_ylabel("std of the K-sample IWAE estimate per image (nats)")
     axes[2].set_xlabel("importance samples K")
     axes[2].set_ylabel("IWAE bound on log p(x) (nats per image)")
+    axes[0].set_title("spread of the ELBO estimators against L")
+    axes[1].set_title("spread of the IWAE estimator against K")
+    axes[2].set_title("IWAE bound against K")
+    fig.suptitle("Final models: estimator spread (std over repeats, per test image) and the IWAE bound")
     for ax in axes:
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=6)
@@ -234,6 +239,9 @@ def _gap(path: Path, results: Sequence[dict[str, Any]]) -> Path | None:
     k = with_estimates[0]["estimates"][0]["samples"]
     axes[0].set_ylabel(f"IWAE (K={k}) - ELBO, test images (nats)")
     axes[1].set_ylabel("variance of log w per image (nats²)")
+    axes[0].set_title(f"IWAE gap (K={k})")
+    axes[1].set_title("variance of the log-weights")
+    fig.suptitle("During training: IWAE gap and log-weight variance at the chosen epochs")
     for ax in axes:
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3, which="both")
@@ -264,14 +272,34 @@ def to_pixels(images: torch.Tensor) -> torch.Tensor:
     return images.detach().mul(255).add(0.5).clamp(0, 255).to(torch.uint8).cpu()
 
 
-def reconstructions_figure(path: Path, test: torch.Tensor, rows: Sequence[torch.Tensor]) -> Path:
+def reconstructions_figure(path: Path, test: torch.Tensor, rows: Sequence[torch.Tensor],
+                           labels: Optional[Sequence[str]] = None) -> Path:
     """The study's Figure 5: the first row ``test`` (16 digits), then one row per model of their
-    posterior-mean reconstructions (float in [0, 1], or uint8 pixels from :func:`to_pixels`)."""
-    from torchvision.utils import save_image
+    posterior-mean reconstructions (float in [0, 1], or uint8 pixels from :func:`to_pixels`).
+
+    The grid is ``torchvision.utils.save_image``'s (16 tiles a row, padding 2); ``labels`` (one
+    per model row) name the rows in a strip to the right of it, the first row "test images"."""
+    from PIL import Image, ImageDraw
+    from torchvision.utils import make_grid
 
     rows = [r.float().div(255) if r.dtype == torch.uint8 else r.float() for r in [test, *rows]]
-    save_image(torch.cat([r.cpu().reshape(-1, 784) for r in rows]).reshape(-1, 1, 28, 28), path, nrow=16,
-               padding=2, pad_value=0.5)
+    grid = make_grid(torch.cat([r.cpu().reshape(-1, 784) for r in rows]).reshape(-1, 1, 28, 28), nrow=16,
+                     padding=2, pad_value=0.5)
+    pixels = grid.mul(255).add_(0.5).clamp_(0, 255).permute(1, 2, 0).to(torch.uint8).numpy()  # save_image's
+    image = Image.fromarray(pixels)
+    if labels is not None:
+        names = ["test images", *labels]
+        if len(names) != len(rows):
+            raise ValueError(f"{len(rows) - 1} model rows but {len(labels)} labels")
+        draw = ImageDraw.Draw(image)
+        width = 8 + max(int(draw.textlength(name)) for name in names)
+        labelled = Image.new("RGB", (image.width + width, image.height), (255, 255, 255))
+        labelled.paste(image, (0, 0))
+        draw = ImageDraw.Draw(labelled)
+        for i, name in enumerate(names):
+            draw.text((image.width + 4, 2 + 30 * i + 9), name, fill=(0, 0, 0))
+        image = labelled
+    image.save(path)
     return Path(path)
 
 
@@ -288,7 +316,8 @@ def image_figures(fig_dir: Path, models: Sequence[tuple[str, Any]], seed: int,
     if test is not None:
         x = test[:16]
         written.append(reconstructions_figure(fig_dir / "reconstructions.png", x,
-                                              [model.reconstruct(x) for _, model in models]))
+                                              [model.reconstruct(x) for _, model in models],
+                                              [name for name, _ in models]))
     for name, model in models:
         g = torch.Generator(device=model.dec1.weight.device).manual_seed(seed + 9)
         path = fig_dir / f"samples_{name}.png"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import platform
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -20,10 +21,10 @@ from typing import Any, Optional, Sequence
 import torch
 
 from .cli import add_arguments, config_from_args, main, run_from_args
-from .config import PRESETS, ReproduceConfig, RunSpec, make_schedule, resolve_device, run_specs
-from .evaluation import evaluate_run
+from .config import PRESETS, ReproduceConfig, RunSpec, check_config, check_writable, make_schedule, resolve_device, run_specs
+from .evaluation import evaluate_run, evaluation_steps
 from .output import write_csv, write_json
-from .training import check_resumable, train_run
+from .training import check_checkpoints, train_run
 
 __all__ = ["ReproduceConfig", "RunSpec", "PRESETS", "run_specs", "make_schedule", "train_run", "reproduce",
            "add_arguments", "config_from_args", "main", "run_from_args"]
@@ -34,21 +35,30 @@ def reproduce(cfg: ReproduceConfig, argv: Optional[Sequence[str]] = None, *, res
 
     Every run writes a checkpoint after each epoch under ``out/checkpoints``; with ``resume``
     runs continue from those (finished runs are not retrained), ending exactly as an
-    uninterrupted reproduction.
+    uninterrupted reproduction. Raises (before anything is written): :class:`~.config.ConfigError`
+    for a configuration that cannot run; :class:`~.training.ResumeError` when ``out`` already
+    holds checkpoints of these runs and ``resume`` is off (they would be overwritten), or when
+    they were written by another configuration (with ``resume``, runs without a checkpoint
+    start from scratch, and stderr says which);
+    :class:`~.data.MnistNotFoundError` when MNIST is neither there nor downloadable (a failed
+    download leaves no folder behind).
     """
     from . import plots, report
     from .data import load_mnist
 
+    check_config(cfg)
     device = resolve_device(cfg.device)
     out = Path(cfg.out)
+    check_writable(out)
     specs = run_specs(cfg)
-    if resume:  # refuse before anything is written
-        for spec in specs:
-            check_resumable(spec, cfg, out / "checkpoints")
-    (out / "figures").mkdir(parents=True, exist_ok=True)
-    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+    fresh = check_checkpoints(specs, cfg, out / "checkpoints", resume=resume)  # refuses before anything is written
+    if resume and fresh:
+        print(f"growdense reproduce: --resume found no checkpoint of {', '.join(fresh)} in {out / 'checkpoints'}: "
+              f"{'they start' if len(fresh) > 1 else 'it starts'} from scratch", file=sys.stderr, flush=True)
     train, test = load_mnist(cfg.data_dir, train_subset=cfg.train_subset, test_subset=cfg.test_subset,
                              seed=cfg.seed, download=cfg.download)
+    (out / "figures").mkdir(parents=True, exist_ok=True)
+    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
     train, test = train.to(device), test.to(device)
     meta: dict[str, Any] = {
         "config": asdict(cfg),
@@ -91,7 +101,26 @@ def reproduce(cfg: ReproduceConfig, argv: Optional[Sequence[str]] = None, *, res
     finally:
         if bar is not None:
             bar.close()
-    evaluations = {res["spec"].name: evaluate_run(res["model"], test, cfg) for res in results}
+    bar = None
+    if cfg.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(results) * evaluation_steps(cfg), unit="step", desc="final evaluation",
+                   dynamic_ncols=True)
+    try:
+        evaluations = {}
+        for res in results:
+            name = res["spec"].name
+
+            def step(what, name=name):
+                if bar is not None:
+                    bar.set_description(f"evaluating {name}: {what}")
+                    bar.update(1)
+
+            evaluations[name] = evaluate_run(res["model"], test, cfg, on_step=step)
+    finally:
+        if bar is not None:
+            bar.close()
 
     history = [row for r in results for row in r["history"]]
     events = [e for r in results for e in r["events"]]

@@ -26,7 +26,7 @@ from ..wiring import Wiring
 from .config import ReproduceConfig, RunSpec, gap_epochs, make_schedule
 
 __all__ = ["autocast", "apply_growth", "train_epoch", "evaluate_loss", "build_run", "train_run", "add_spikes",
-           "ResumeError", "checkpoint_path", "check_resumable"]
+           "ResumeError", "checkpoint_path", "check_resumable", "check_checkpoints"]
 
 # Configuration fields that decide a run's trajectory: a checkpoint only resumes a run whose
 # fields all match (the output folder, progress bar, device and final-evaluation sizes may change).
@@ -175,6 +175,25 @@ def check_resumable(spec: RunSpec, cfg: ReproduceConfig, checkpoint_dir: Path) -
         raise ResumeError(f"{ckpt} was written by another configuration (differs in {diff}); "
                           f"resume with the original options or use another --out")
     return True
+
+
+def check_checkpoints(specs: Sequence[RunSpec], cfg: ReproduceConfig, checkpoint_dir: Path, *,
+                      resume: bool) -> list[str]:
+    """Check the checkpoints in ``checkpoint_dir`` against the request; return the names of the
+    runs of ``specs`` that will start from scratch.
+
+    Without ``resume``, none of ``specs`` may have a checkpoint there (a new run would overwrite
+    it): :class:`ResumeError`. With ``resume``, every checkpoint there must come from this
+    configuration (:class:`ResumeError` otherwise); runs without one start from scratch.
+    """
+    checkpoint_dir = Path(checkpoint_dir)
+    if resume:
+        return [spec.name for spec in specs if not check_resumable(spec, cfg, checkpoint_dir)]
+    existing = [spec.name for spec in specs if checkpoint_path(checkpoint_dir, spec).is_file()]
+    if existing:
+        raise ResumeError(f"{checkpoint_dir} already holds checkpoints of {', '.join(existing)}, which a new run "
+                          f"would overwrite: pass --resume to continue (or reload) them, or choose another --out")
+    return [spec.name for spec in specs]
 
 
 def add_spikes(events: list[dict[str, Any]], steps: Sequence[float], window: int) -> None:
