@@ -37,10 +37,16 @@ weights). The strategies differ in what they write there:
     symmetry between the two. Since source and copy compute the same activation, the
     function is preserved up to float rounding (the sum ``(w/2 + e) + (w/2 - e)``).
 
-GradMax proper (outgoing weights from the top singular vectors of the gradient, incoming
-zero) is not offered: with a fused ReLU, a neuron with zero incoming weights and zero bias
-has zero pre-activation, where ReLU's derivative is zero, so its incoming weights would
-never receive a gradient.
+``"gradmax"``, ``"tiny"``
+    Gradient-guided: GradMax (Evci et al., "GradMax: Growing Neural Networks using
+    Gradient Information", ICLR 2022) and TINY (Verbockhaven et al., "Growing Tiny
+    Networks: Spotting Expressivity Bottlenecks and Fixing Them Optimally", TMLR 2024).
+    They need ``closure=``, a function that computes and returns the loss on data the
+    caller chooses; see :mod:`growdense.gradient_growth` and
+    ``docs/gradient-guided-growth.md``. GradMax's new incoming weights are zero: with a
+    fused ReLU and bias 0 the new neurons sit at ReLU's kink, where the derivative is 0,
+    so they never learn; ``init_options={"bias": b}`` with ``b > 0`` keeps them active
+    (the consumers' biases compensate, the function is unchanged).
 
 Keep policies (``keep``)
 ------------------------
@@ -73,7 +79,8 @@ from .layers import GrowLinear
 
 __all__ = ["GROW_INITS", "KEEP_CHOICES", "Keep", "check_init", "check_split_noise", "grow_neurons_", "kept_indices", "permutation"]
 
-GROW_INITS = ("he", "zero_out", "split")
+GROW_INITS = ("he", "zero_out", "split", "gradmax", "tiny")
+GRADIENT_INITS = ("gradmax", "tiny")
 KEEP_CHOICES = ("first", "norm")
 Keep = Union[str, Sequence[int], Tensor]
 
@@ -104,18 +111,26 @@ def grow_neurons_(
     *,
     generator: Optional[torch.Generator] = None,
     split_noise: float = 1e-2,
+    closure=None,
+    init_options: Optional[dict] = None,
 ) -> None:
     """Grow the hidden width between ``producer`` and ``consumers`` by ``n`` in place.
 
     The caller validates widths and capacities first (see :class:`~growdense.Wiring`);
     this checks its own arguments, then writes weights. Random draws come from
     ``generator`` (or the global RNG), producer first, then consumers in order, so the
-    same seed gives the same weights.
+    same seed gives the same weights. ``closure`` and ``init_options`` are for the
+    gradient-guided inits (:func:`growdense.gradient_growth.grow_gradient_`).
     """
     check_init(init)
     split_noise = check_split_noise(split_noise)
     check_generator(generator)
     n = check_int("n", n)
+    if init in GRADIENT_INITS:
+        from .gradient_growth import grow_gradient_
+
+        grow_gradient_(producer, consumers, n, init, closure, generator=generator, options=init_options)
+        return
     if init == "split":
         _grow_split_(producer, consumers, n, generator, split_noise)
         return

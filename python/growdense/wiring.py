@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -37,6 +37,18 @@ def _check_optimizer(optimizer: object) -> Optional[torch.optim.Optimizer]:
             f"Wiring needs a torch.optim.Optimizer (or None), got {type(optimizer).__name__}{hint}"
         )
     return optimizer
+
+
+def _check_gradient(init: str, closure: object, init_options: Optional[dict]) -> None:
+    """The closure and options of a gradient-guided init; options need such an init."""
+    from .policies import GRADIENT_INITS
+
+    if init in GRADIENT_INITS:
+        from .gradient_growth import check_gradient_options
+
+        check_gradient_options(init, closure, init_options)
+    elif init_options:
+        raise ValueError(f"init_options are for the gradient-guided inits {GRADIENT_INITS}, not init={init!r}")
 
 
 class Wiring:
@@ -253,9 +265,12 @@ class Wiring:
         generator: Optional[torch.Generator] = None,
         split_noise: float = 1e-2,
         optimizer_state: Optional[str] = None,
+        closure: Optional[Callable[[], Tensor]] = None,
+        init_options: Optional[dict] = None,
     ) -> None:
         """Raise (and change nothing) unless ``grow(name, n, ...)`` with these arguments is valid."""
         self._validate_grow(name, n, init, generator, split_noise, optimizer_state, stacklevel=4)
+        _check_gradient(init, closure, init_options)
 
     def _validate_grow(
         self,
@@ -308,6 +323,8 @@ class Wiring:
         generator: Optional[torch.Generator] = None,
         split_noise: float = 1e-2,
         optimizer_state: Optional[str] = None,
+        closure: Optional[Callable[[], Tensor]] = None,
+        init_options: Optional[dict] = None,
     ) -> None:
         """Add ``n`` neurons to hidden width ``name`` (appended after the active ones).
 
@@ -321,13 +338,21 @@ class Wiring:
         optimizer restarts as newly built) or ``"keep_global_step"`` (new neurons get
         fresh element-wise state but their Parameter's step count); see
         :mod:`growdense.optim_state`.
+
+        ``"gradmax"`` and ``"tiny"`` (gradient-guided, :mod:`growdense.gradient_growth`)
+        need ``closure``: a function that computes and returns the loss (with its graph,
+        without calling ``backward``) on data the caller chooses; the Parameters'
+        ``.grad`` are left as they were. ``init_options`` tunes them (GradMax:
+        ``scale``, ``bias``; TINY: ``line_search_steps``, ``eps``, ``project``).
         """
         n, policy = self._validate_grow(name, n, init, generator, split_noise, optimizer_state, stacklevel=3)
+        _check_gradient(init, closure, init_options)
         if n == 0:
             return
         hidden = self._get(name)
         start, stop = self.width(name), self.width(name) + n
-        grow_neurons_(hidden.producer, hidden.consumers, n, init, generator=generator, split_noise=split_noise)
+        grow_neurons_(hidden.producer, hidden.consumers, n, init, generator=generator, split_noise=split_noise,
+                      closure=closure, init_options=init_options)
         self._zero_slices(hidden, start, stop, policy, born=True)
         self._broadcast(hidden)
 
