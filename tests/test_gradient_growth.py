@@ -201,7 +201,7 @@ def test_tiny_loss_change_matches_first_order_as_scale_vanishes(act):
 def test_tiny_grow_line_search_never_increases_loss():
     for seed in range(4):
         net = Net(seed=seed)
-        loss0 = float(net.loss())
+        loss0 = float(net.loss().detach())
         calls = []
 
         def closure():
@@ -251,3 +251,108 @@ def test_failed_closure_changes_nothing():
     for k, v in net.state_dict().items():
         if torch.is_tensor(v):
             torch.testing.assert_close(v, state[k], rtol=0, atol=0)
+
+
+# ---- schedules, the trigger, the Lightning callback ------------------------------------------
+from growdense import GrowthEvent, GrowthSchedule  # noqa: E402
+from growdense.triggers import GradientTrigger  # noqa: E402
+
+
+def test_schedule_applies_gradmax_with_closure():
+    net = Net()
+    wiring = net.wiring()
+    schedule = GrowthSchedule({"h": 4}, [GrowthEvent(1, grow_by={"h": 3})])
+    out = net(net.x).detach()
+    with pytest.raises(ValueError, match="closure"):
+        schedule.apply(1, wiring, init="gradmax")
+    assert wiring.width("h") == 4
+    assert schedule.apply(1, wiring, init="gradmax", closure=net.loss)
+    assert wiring.width("h") == 7
+    torch.testing.assert_close(net(net.x).detach(), out, rtol=0, atol=1e-12)
+
+
+def test_trigger_gradmax_score_and_budget():
+    net = Net()
+    wiring = net.wiring()
+    trigger = GradientTrigger({"h": 3}, {"h": 10}, threshold=0.0, max_growths=5)
+    # the score: per-neuron gradient energy of GradMax's new neurons over that of the existing ones
+    from growdense.triggers import gradmax_score
+
+    a, h, d, _ = net.reference()
+    M = d.T @ a
+    s = torch.linalg.svdvals(M)
+    cols = torch.cat([net.c1.weight[:5, :4], net.c2.weight[:3, :4]], 0)
+    m = cols.norm(dim=0).mean()
+    net.zero_grad()
+    net.loss().backward()
+    existing = net.producer.weight.grad[:4, :6].pow(2).sum() / 4
+    expected = float((s[:3].pow(2).sum() * m**2 / 3) / existing)
+    net.zero_grad(set_to_none=True)
+    assert gradmax_score(wiring, "h", 3, net.loss) == pytest.approx(expected, rel=1e-10)
+    widths = []
+    for epoch in range(6):
+        trigger.apply(epoch, wiring, closure=net.loss)
+        widths.append(wiring.width("h"))
+    assert widths == [7, 10, 10, 10, 10, 10]  # threshold 0: grows whenever it can, up to the target
+    assert trigger.growths == 2 and trigger.exhausted(wiring)
+    high = GradientTrigger({"h": 3}, {"h": 10}, threshold=1e30)
+    net2 = Net()
+    assert not high.apply(0, net2.wiring(), closure=net2.loss)
+
+
+def test_trigger_plateau_and_cooldown():
+    net = Net()
+    wiring = net.wiring()
+    trigger = GradientTrigger({"h": 2}, {"h": 8}, criterion="plateau", threshold=0.05, patience=2, cooldown=2,
+                              init="zero_out")
+    grew = [trigger.apply(e, wiring, loss=v) for e, v in enumerate([10.0, 8.0, 6.0, 5.9, 5.85, 5.8, 5.79])]
+    # 10 -> 6 over two checks: no plateau; 8 -> 5.9 no; 6 -> 5.85 (2.5%) grows at epoch 4; then the
+    # history restarts and cooldown holds epoch 5
+    assert grew == [False, False, False, False, True, False, False]
+    assert wiring.width("h") == 6
+    state = trigger.state_dict()
+    other = GradientTrigger({"h": 2}, {"h": 8}, criterion="plateau", init="zero_out")
+    other.load_state_dict(state)
+    assert other.state_dict() == state
+
+
+def test_lightning_callback_with_gradmax_and_trigger(tmp_path):
+    pl = pytest.importorskip("lightning.pytorch")
+    from growdense.lightning import GrowthCallback
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = Net()
+            self.wiring = self.net.wiring()
+
+        def training_step(self, batch, batch_idx):
+            loss = self.net.loss()
+            self.log("train_loss", loss)
+            return loss
+
+        def configure_optimizers(self):
+            return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(4, 1)), batch_size=2)
+    calls = []
+
+    def closure_of(trainer, module):
+        def closure():
+            calls.append(trainer.current_epoch)
+            return module.net.loss()
+
+        return closure
+
+    for schedule, init in ((GrowthSchedule({"h": 4}, [GrowthEvent(1, grow_by={"h": 2})]), "gradmax"),
+                           (GradientTrigger({"h": 2}, {"h": 6}, threshold=0.0), "gradmax")):
+        module = Module()
+        calls.clear()
+        callback = GrowthCallback(schedule, init=init, closure=closure_of, init_options={"bias": 0.1})
+        if isinstance(schedule, GradientTrigger):
+            callback = GrowthCallback(schedule, closure=closure_of)
+        pl.Trainer(accelerator="cpu", devices=1, max_epochs=3, logger=False, enable_progress_bar=False,
+                   enable_model_summary=False, default_root_dir=tmp_path, enable_checkpointing=False,
+                   callbacks=[callback]).fit(module, data)
+        assert module.wiring.width("h") == 6, (type(schedule).__name__, calls, getattr(schedule, "history", None))
+        assert calls  # the closure ran at the growths

@@ -72,6 +72,7 @@ class GrowthStatistics:
     C: Optional[Tensor] = None
     S_h: Optional[Tensor] = None
     G: Optional[Tensor] = None
+    weight_grad_sq: Optional[float] = None  # ||dL/d producer.active_weight||^2, when asked for
 
 
 @dataclass
@@ -167,6 +168,7 @@ def collect_statistics(
     width: Optional[int] = None,
     tiny: bool = False,
     on_batch: Optional[Callable[[Tensor, list], None]] = None,
+    weight_grad: bool = False,
 ) -> GrowthStatistics:
     """Run ``closure`` once and accumulate ``M`` (and TINY's matrices when ``tiny``).
 
@@ -238,7 +240,13 @@ def collect_statistics(
             if loss.grad_fn is None:
                 raise RuntimeError("the closure's loss has no autograd graph (was it computed under torch.no_grad()?)")
             try:
-                grads = torch.autograd.grad(loss, outputs, allow_unused=True)
+                extra = [producer.weight] if weight_grad else []
+                grads = torch.autograd.grad(loss, outputs + extra, allow_unused=True)
+                weight_grad_sq = None
+                if weight_grad:
+                    g = grads[-1]
+                    weight_grad_sq = 0.0 if g is None else float(g[: width, : p].double().pow(2).sum())
+                    grads = grads[:-1]
             except RuntimeError as error:
                 raise RuntimeError(
                     f"could not differentiate the closure's loss ({error}); the closure must return the loss "
@@ -263,7 +271,7 @@ def collect_statistics(
         for handle in handles:
             handle.remove()
         records.clear()
-    return GrowthStatistics(M, rows, float(loss.detach()), state["samples"], width, S, C, S_h, G)
+    return GrowthStatistics(M, rows, float(loss.detach()), state["samples"], width, S, C, S_h, G, weight_grad_sq)
 
 
 # ---- GradMax -----------------------------------------------------------------------------

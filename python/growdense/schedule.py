@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping, Optional, Sequence, Union
+from typing import Callable, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -230,6 +230,8 @@ class GrowthSchedule:
         generator: Optional[torch.Generator] = None,
         split_noise: float = 1e-2,
         optimizer_state: Optional[str] = None,
+        closure: Optional[Callable[[], Tensor]] = None,
+        init_options: Optional[dict] = None,
     ) -> bool:
         """Apply the event at the start of ``epoch`` to ``wiring``; ``True`` if widths changed.
 
@@ -241,7 +243,9 @@ class GrowthSchedule:
         (names it leaves out keep ``"first"``). ``optimizer_state`` is the policy of every
         shrink and growth of the event (default: the wiring's ``optimizer_state``, itself
         ``"keep"`` by default; ``"reset"`` restarts the optimizer as newly built, as the
-        study did; see :mod:`growdense.optim_state`).
+        study did; see :mod:`growdense.optim_state`). ``closure`` and ``init_options``
+        are for the gradient-guided inits ``"gradmax"`` and ``"tiny"`` (see
+        :meth:`Wiring.grow`); the closure is called at each growth, after the event's shrinks.
         """
         # Validate the arguments at every call (not only at event epochs), then the whole
         # event: nothing changes unless every action of the event is valid.
@@ -277,7 +281,8 @@ class GrowthSchedule:
         for name, to in event.shrink_to.items():
             wiring.check_shrink(name, to, keeps[name])
         for name, n in event.grow_by.items():
-            wiring.check_grow(name, 0, init, generator=generator, split_noise=split_noise)  # capacity below
+            wiring.check_grow(name, 0, init, generator=generator, split_noise=split_noise, closure=closure,
+                              init_options=init_options)  # capacity below
             after_shrink = event.shrink_to.get(name, before[name])
             if after_shrink + n > wiring.capacity(name):
                 raise ValueError(
@@ -286,5 +291,6 @@ class GrowthSchedule:
         for name, to in event.shrink_to.items():
             wiring.shrink(name, to, keep=keeps[name], optimizer_state=policy)
         for name, n in event.grow_by.items():
-            wiring.grow(name, n, init=init, generator=generator, split_noise=split_noise, optimizer_state=policy)
+            wiring.grow(name, n, init=init, generator=generator, split_noise=split_noise, optimizer_state=policy,
+                        closure=closure, init_options=init_options)
         return self.widths_at(epoch) != before
