@@ -6,6 +6,7 @@ from . import init_strategies, ops, optim, optim_state, policies
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .schedule import GrowthEvent, GrowthSchedule
 from .wiring import Wiring
+from . import gradient_growth  # registers init='gradmax' and init='tiny'
 from .growable import NotGrowableError, growable
 
 __version__ = build_info()["version"]
@@ -25,6 +26,7 @@ __all__ = [
     "optim",
     "optim_state",
     "init_strategies",
+    "gradient_growth",
     "policies",
     "build_info",
     "cuda_available",

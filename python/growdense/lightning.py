@@ -18,7 +18,9 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
+from .gradient_growth import takes_closure
 from .schedule import GrowthSchedule
+from .triggers import GradientTrigger
 from .wiring import Wiring
 
 try:
@@ -48,7 +50,15 @@ class GrowthCallback(pl.Callback):
             ``wiring.grow``).
         wiring: the model's :class:`~growdense.Wiring` (what :func:`growdense.growable`
             returns); default: the LightningModule's ``wiring`` attribute.
+            A :class:`~growdense.triggers.GradientTrigger` is also accepted: it is checked at
+            the start of every epoch with ``closure`` and the last epoch's ``monitor`` value.
         init, keep, generator, split_noise: passed to :meth:`GrowthSchedule.apply`.
+        closure: for the gradient-guided inits (``"gradmax"``, ``"tiny"``) and triggers: a
+            function ``fn(trainer, pl_module)`` returning the closure of a growth (a function
+            that computes and returns the loss, without calling ``backward``).
+        monitor: the logged metric a ``"plateau"`` trigger tracks (default ``"train_loss"``).
+        **init_options: further options of the init strategy, as :meth:`growdense.Wiring.grow`
+            takes them (e.g. ``GrowthCallback(schedule, init="gradmax", closure=fn, bias=0.1)``).
 
     At the start of training the callback sets ``wiring.optimizer`` to the trainer's
     optimizer that holds the wiring's layers, so growth keeps that optimizer's state
@@ -71,9 +81,16 @@ class GrowthCallback(pl.Callback):
         keep: Keep = "first",
         generator: Optional[torch.Generator] = None,
         split_noise: float = 1e-2,
+        closure: Optional[Callable[["pl.Trainer", "pl.LightningModule"], Callable[[], Tensor]]] = None,
+        monitor: str = "train_loss",
+        **init_options: Any,
     ) -> None:
         super().__init__()
-        if not isinstance(schedule, GrowthSchedule) and not callable(schedule):
+        if closure is not None and not callable(closure):
+            raise TypeError(f"closure must be a function (trainer, pl_module) -> closure, got {type(closure).__name__}")
+        if isinstance(schedule, GradientTrigger):
+            pass
+        elif not isinstance(schedule, GrowthSchedule) and not callable(schedule):
             raise TypeError(
                 f"schedule must be a GrowthSchedule or a function (trainer, pl_module, epoch) -> None, "
                 f"got {type(schedule).__name__}"
@@ -86,6 +103,12 @@ class GrowthCallback(pl.Callback):
         self.keep = keep
         self.generator = generator
         self.split_noise = split_noise
+        self.closure = closure
+        self.init_options = dict(init_options)
+        self.monitor = monitor
+
+    def _closure(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule"):
+        return None if self.closure is None else self.closure(trainer, pl_module)
 
     # ---- finding the wiring and the optimizer ---------------------------------------------
     def _wiring(self, pl_module: "pl.LightningModule") -> Optional[Wiring]:
@@ -94,7 +117,7 @@ class GrowthCallback(pl.Callback):
         wiring = getattr(pl_module, "wiring", None)
         if isinstance(wiring, Wiring):
             return wiring
-        if isinstance(self.schedule, GrowthSchedule):
+        if isinstance(self.schedule, (GrowthSchedule, GradientTrigger)):
             raise RuntimeError(
                 f"GrowthCallback found no Wiring: pass GrowthCallback(schedule, wiring) (the Wiring that "
                 f"growdense.growable() returned) or give {type(pl_module).__name__} a `wiring` attribute"
@@ -141,6 +164,11 @@ class GrowthCallback(pl.Callback):
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         # Fail before the first step, not at the first growth.
         wiring = self._bind(trainer, pl_module)
+        if isinstance(self.schedule, GradientTrigger):
+            unknown = [name for name in self.schedule.names() if name not in wiring.names()]
+            if unknown:
+                raise ValueError(f"the trigger's hidden widths {unknown} are not in the model's Wiring {wiring.widths()}")
+            return
         if not isinstance(self.schedule, GrowthSchedule):
             return
         names = self.schedule.names()
@@ -162,6 +190,11 @@ class GrowthCallback(pl.Callback):
     def on_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         wiring = self._bind(trainer, pl_module)
         epoch = trainer.current_epoch
+        if isinstance(self.schedule, GradientTrigger):
+            metric = trainer.callback_metrics.get(self.monitor)
+            self.schedule.apply(epoch, wiring, closure=self._closure(trainer, pl_module),
+                                loss=None if metric is None else float(metric), generator=self.generator)
+            return
         if not isinstance(self.schedule, GrowthSchedule):
             self.schedule(trainer, pl_module, epoch)
             return
@@ -179,4 +212,11 @@ class GrowthCallback(pl.Callback):
             keep=self.keep,
             generator=self.generator,
             split_noise=self.split_noise,
+            **self._init_options(trainer, pl_module),
         )
+
+    def _init_options(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> dict:
+        options = dict(self.init_options)
+        if takes_closure(self.init):
+            options["closure"] = self._closure(trainer, pl_module)
+        return options

@@ -57,7 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--every", "--growth-interval", dest="every", type=int,
                    help="epochs between growths; Approach 2 cuts at this epoch (study: 25)")
     p.add_argument("--init", dest="inits", type=_csv_list(str),
-                   help="init strategy of new neurons, comma-separated to compare: he (study), zero_out, split")
+                   help="init strategy of new neurons, comma-separated to compare: he (study), zero_out, split, "
+                   "gradmax, tiny (gradient-guided: the loss on a few training mini-batches at each growth)")
     p.add_argument("--keep", dest="keeps", type=_csv_list(str),
                    help="which neurons Approach 2 keeps at the cut, comma-separated to compare: first (study), norm")
     p.add_argument("--optimizer-state", dest="optimizer_states", type=_choices(OPTIMIZER_STATES, "optimizer state"),
