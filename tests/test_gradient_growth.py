@@ -356,3 +356,134 @@ def test_lightning_callback_with_gradmax_and_trigger(tmp_path):
                    callbacks=[callback]).fit(module, data)
         assert module.wiring.width("h") == 6, (type(schedule).__name__, calls, getattr(schedule, "history", None))
         assert calls  # the closure ran at the growths
+
+
+# ---- several widths at once: one pass of the closure --------------------------------------
+from growdense.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from grow_helpers import TinyEncoder, assert_same, reference_forward, snapshot  # noqa: E402
+
+
+def _encoder(seed=0):
+    torch.manual_seed(seed)
+    model = TinyEncoder(d_in=6, h1=4, h2=3, latent=2, cap1=9, cap2=8, dtype=D)
+    g = torch.Generator().manual_seed(100 + seed)
+    x = torch.randn(30, 6, generator=g, dtype=D)
+    t = torch.randn(30, 4, generator=g, dtype=D)
+    return model, x, t
+
+
+def _encoder_M(model, x, t):
+    """M of h1 and h2 by plain float64 autograd on hand-written pre-activations (no hooks)."""
+    def lin(layer, v):
+        return F.linear(v, layer.weight[: layer.out_features, : layer.in_features].detach(),
+                        layer.bias[: layer.out_features].detach())
+
+    h1 = F.relu(lin(model.enc1, x))
+    z2 = lin(model.enc2, h1).requires_grad_(True)  # h1's consumer's pre-activation
+    h2 = F.relu(z2)
+    zm, zl = lin(model.mu, h2), lin(model.logvar, h2)  # the heads' pre-activations (linear)
+    loss = F.mse_loss(torch.cat([zm, zl], -1), t)
+    d2, dm, dl = torch.autograd.grad(loss, (z2, zm, zl))
+    return {"h1": d2.T @ x, "h2": torch.cat([dm, dl], 1).T @ h1}
+
+
+def _projector(cols):
+    q, _ = torch.linalg.qr(cols)
+    return q @ q.T
+
+
+def test_grow_many_gradmax_takes_every_width_from_one_pass():
+    model, x, t = _encoder()
+    wiring = model.wiring()
+    M = _encoder_M(model, x, t)
+    out_before = reference_forward(model, x).detach()
+    calls = []
+
+    def closure():
+        calls.append(1)
+        return F.mse_loss(model(x), t)
+
+    wiring.grow_many({"h1": 2, "h2": 3}, init="gradmax", closure=closure, bias=0.1)
+    assert len(calls) == 1  # one pass for both widths (growing one after the other takes two)
+    assert wiring.widths() == {"h1": 6, "h2": 6}
+    # h1: the new columns of enc2 over its rows from before the event (3) span the top-2 left
+    # singular directions of M1 (independent float64 SVD; projectors agree to 1e-8)
+    U1 = torch.linalg.svd(M["h1"]).U
+    torch.testing.assert_close(_projector(model.enc2.weight[:3, 4:6]), U1[:, :2] @ U1[:, :2].T, rtol=0, atol=1e-8)
+    # h2: the heads' new columns, stacked, span the top-3 of M2
+    U2 = torch.linalg.svd(M["h2"]).U
+    cols = torch.cat([model.mu.weight[:2, 3:6], model.logvar.weight[:2, 3:6]], 0)
+    torch.testing.assert_close(_projector(cols), U2[:, :3] @ U2[:, :3].T, rtol=0, atol=1e-8)
+    # new incoming weights zero, biases 0.1; the block joining new h1 and new h2 units zero
+    assert torch.all(model.enc1.weight[4:6] == 0) and torch.all(model.enc1.bias[4:6] == 0.1)
+    assert torch.all(model.enc2.weight[3:6] == 0) and torch.all(model.enc2.bias[3:6] == 0.1)
+    # the function is unchanged: the consumers' biases compensate (float64 rounding only)
+    torch.testing.assert_close(reference_forward(model, x).detach(), out_before, rtol=0, atol=1e-12)
+
+
+def test_schedule_event_grows_with_one_pass_and_a_failing_closure_changes_nothing():
+    model, x, t = _encoder()
+    wiring = model.wiring()
+    schedule = GrowthSchedule({"h1": 4, "h2": 3}, [GrowthEvent(1, grow_by={"h1": 2, "h2": 2})])
+    before = snapshot(model)
+
+    def broken():
+        F.mse_loss(model(x), t)
+        raise KeyError("no data")
+
+    with pytest.raises(KeyError):
+        schedule.apply(1, wiring, init="gradmax", closure=broken)
+    assert_same(snapshot(model), before)
+    assert wiring.widths() == {"h1": 4, "h2": 3}
+    calls = []
+
+    def closure():
+        calls.append(1)
+        return F.mse_loss(model(x), t)
+
+    assert schedule.apply(1, wiring, init="gradmax", closure=closure, bias=0.1)
+    assert len(calls) == 1 and wiring.widths() == {"h1": 6, "h2": 5}
+    # the options are checked before anything changes
+    other, _, _ = _encoder()
+    w2 = other.wiring()
+    snap = snapshot(other)
+    with pytest.raises(TypeError, match="unexpected option"):
+        schedule.apply(1, w2, init="gradmax", closure=closure, lr=0.1)
+    with pytest.raises(ValueError, match="bias"):
+        schedule.apply(1, w2, init="gradmax", closure=closure, bias=-1.0)
+    assert_same(snapshot(other), snap)
+
+
+def test_checkpoint_round_trip_after_gradmax_growth(tmp_path):
+    from growdense.optim import Adam
+
+    def run(stop_after=None, path=None, resume_from=None):
+        model, x, t = _encoder()
+        optimizer = Adam(model.parameters(), lr=1e-2)
+        wiring = model.wiring(optimizer)
+        schedule = GrowthSchedule({"h1": 4, "h2": 3}, [GrowthEvent(2, grow_by={"h1": 3, "h2": 2})])
+        start = 0
+        if resume_from is not None:
+            start = load_checkpoint(resume_from, model, optimizer, wiring=wiring)["epoch"]
+        losses = []
+        for epoch in range(start, 5):
+            closure = lambda: F.mse_loss(model(x), t)  # noqa: E731
+            schedule.apply(epoch, wiring, init="gradmax", closure=closure, bias=0.1)
+            for batch in range(2):
+                optimizer.zero_grad()
+                loss = F.mse_loss(model(x[batch::2]), t[batch::2])
+                loss.backward()
+                optimizer.step()
+                losses.append(loss.detach())
+            if epoch == stop_after:
+                save_checkpoint(path, model, optimizer, wiring=wiring, extra={"epoch": epoch + 1})
+                return losses, None
+        return losses, snapshot(model, optimizer)
+
+    full, end = run()
+    path = tmp_path / "gradmax.pt"
+    first, _ = run(stop_after=2, path=path)  # right after the GradMax growth and an epoch on it
+    assert torch.equal(torch.stack(first), torch.stack(full[:6]))
+    resumed, end2 = run(resume_from=path)
+    assert torch.equal(torch.stack(resumed), torch.stack(full[6:]))  # bit-exact
+    assert_same(end2, end)
