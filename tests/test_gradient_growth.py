@@ -487,3 +487,23 @@ def test_checkpoint_round_trip_after_gradmax_growth(tmp_path):
     resumed, end2 = run(resume_from=path)
     assert torch.equal(torch.stack(resumed), torch.stack(full[6:]))  # bit-exact
     assert_same(end2, end)
+
+
+def test_grow_many_without_apply_many_is_grow_per_width_and_validates_all_first():
+    a, _, _ = _encoder()
+    b, _, _ = _encoder()
+    wa, wb = a.wiring(), b.wiring()
+    wa.grow_many({"h1": 2, "h2": 3}, init="he", generator=torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)
+    wb.grow("h1", 2, init="he", generator=g)
+    wb.grow("h2", 3, init="he", generator=g)
+    assert_same(snapshot(a), snapshot(b))  # the same draws in the same order: bit-identical
+    c, x, t = _encoder()
+    wc = c.wiring()
+    snap = snapshot(c)
+    for init, options in (("he", {}), ("gradmax", {"closure": lambda: F.mse_loss(c(x), t)})):
+        with pytest.raises(ValueError, match="capacity"):  # h2's capacity is 8: checked before h1 grows
+            wc.grow_many({"h1": 2, "h2": 6}, init=init, **options)
+        assert_same(snapshot(c), snap)
+    with pytest.raises(TypeError, match="mapping"):
+        wc.grow_many([("h1", 2)])

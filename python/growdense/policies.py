@@ -45,7 +45,7 @@ weights). The strategies differ in what they write there:
     caller chooses; see :mod:`growdense.gradient_growth` and
     ``docs/gradient-guided-growth.md``. GradMax's new incoming weights are zero: with a
     fused ReLU and bias 0 the new neurons sit at ReLU's kink, where the derivative is 0,
-    so they never learn; ``init_options={"bias": b}`` with ``b > 0`` keeps them active
+    so they never learn; ``bias=b`` with ``b > 0`` keeps them active
     (the consumers' biases compensate, the function is unchanged).
 
 Keep policies (``keep``)
