@@ -139,6 +139,8 @@ def main() -> None:
     common.finish(info)
     step_t, grow_t = common.median(samples["training step"]), common.median(samples["GradMax growth"])
     apart_t = common.median(samples["GradMax growth, one width at a time"])
+    paired = common.paired_ratio(samples["GradMax growth"], samples["training step"])
+    paired_apart = common.paired_ratio(samples["GradMax growth, one width at a time"], samples["training step"])
     rows = [[init, f"{statistics.mean(decreases[init]):.2f}",
              f"{statistics.pstdev(decreases[init]):.2f}", f"{statistics.mean(jumps[init]):+.3f}"] for init in INITS]
     notes = [
@@ -151,13 +153,15 @@ def main() -> None:
         f"One GradMax growth (h1 and h2, one closure pass as a schedule event): {common.fmt_time(grow_t)}; one "
         f"training step (batch {cfg.batch_size}, L = {cfg.samples}, 32/16): {common.fmt_time(step_t)}; ratio "
         f"{grow_t / step_t:.2f} steps (goal: <= 3). One width at a time (two passes): {common.fmt_time(apart_t)}, "
-        f"{apart_t / step_t:.2f} steps.",
+        f"{apart_t / step_t:.2f} steps. Median over rounds of the per-round ratio: {paired:.2f} and "
+        f"{paired_apart:.2f}.",
     ]
     common.report("bench_gradient_growth", args, info,
                   ["init", f"loss decrease after {args.steps} steps (nats, mean)", "spread (std)",
                    "loss jump at the growth (nats)"], rows, notes,
                   {"before": before, "decreases": decreases, "jumps": jumps, "timing": common.summarize(samples),
-                   "ratio": grow_t / step_t, "ratio_one_width_at_a_time": apart_t / step_t, "epochs": args.epochs, "train_images": int(train.shape[0])},
+                   "ratio": grow_t / step_t, "ratio_one_width_at_a_time": apart_t / step_t,
+                   "paired_ratio": paired, "paired_ratio_one_width_at_a_time": paired_apart, "epochs": args.epochs, "train_images": int(train.shape[0])},
                   after=after_lines)
 
 
