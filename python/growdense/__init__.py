@@ -6,6 +6,7 @@ from . import init_strategies, ops, optim, optim_state, policies
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .schedule import GrowthEvent, GrowthSchedule
 from .wiring import Wiring
+from . import gradient_growth  # registers init='gradmax' and init='tiny'
 from .growable import NotGrowableError, growable
 from .norms import GrowLayerNorm, GrowRMSNorm
 from .embedding import GrowEmbedding
@@ -32,6 +33,7 @@ __all__ = [
     "optim",
     "optim_state",
     "init_strategies",
+    "gradient_growth",
     "policies",
     "build_info",
     "cuda_available",

@@ -21,7 +21,9 @@ from torch import Tensor
 
 from . import optim_state
 from .policies import KEEP_CHOICES, check_generator, check_init, check_split_noise
+from .gradient_growth import takes_closure
 from .schedule import GrowthSchedule
+from .triggers import GradientTrigger
 from .wiring import Wiring
 
 try:
@@ -51,6 +53,14 @@ class GrowthCallback(pl.Callback):
             ``wiring.grow``).
         wiring: the model's :class:`~growdense.Wiring` (what :func:`growdense.growable`
             returns); default: the LightningModule's ``wiring`` attribute.
+            A :class:`~growdense.triggers.GradientTrigger` is also accepted: it is checked at
+            the start of every epoch with ``closure`` and the last epoch's ``monitor`` value.
+        closure: for the gradient-guided inits (``"gradmax"``, ``"tiny"``) and triggers: a
+            function ``fn(trainer, pl_module)`` returning the closure of a growth (a function
+            that computes and returns the loss, without calling ``backward``).
+        monitor: the logged metric a ``"plateau"`` trigger tracks (default ``"train_loss"``).
+        **init_options: further options of the init strategy, as :meth:`growdense.Wiring.grow`
+            takes them (e.g. ``GrowthCallback(schedule, init="gradmax", closure=fn, bias=0.1)``).
         init, keep, generator, split_noise, optimizer_state: passed to
             :meth:`GrowthSchedule.apply`, and checked here. ``optimizer_state`` (default: the
             wiring's) is what growth does to the optimizer's state (see
@@ -78,9 +88,16 @@ class GrowthCallback(pl.Callback):
         generator: Optional[torch.Generator] = None,
         split_noise: float = 1e-2,
         optimizer_state: Optional[str] = None,
+        closure: Optional[Callable[["pl.Trainer", "pl.LightningModule"], Callable[[], Tensor]]] = None,
+        monitor: str = "train_loss",
+        **init_options: Any,
     ) -> None:
         super().__init__()
-        if not isinstance(schedule, GrowthSchedule) and not callable(schedule):
+        if closure is not None and not callable(closure):
+            raise TypeError(f"closure must be a function (trainer, pl_module) -> closure, got {type(closure).__name__}")
+        if isinstance(schedule, GradientTrigger):
+            pass
+        elif not isinstance(schedule, GrowthSchedule) and not callable(schedule):
             raise TypeError(
                 f"schedule must be a GrowthSchedule or a function (trainer, pl_module, epoch) -> None, "
                 f"got {type(schedule).__name__}"
@@ -107,6 +124,12 @@ class GrowthCallback(pl.Callback):
         self.generator = generator
         self.split_noise = split_noise
         self.optimizer_state = optimizer_state
+        self.closure = closure
+        self.init_options = dict(init_options)
+        self.monitor = monitor
+
+    def _closure(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule"):
+        return None if self.closure is None else self.closure(trainer, pl_module)
 
     # ---- finding the wiring and the optimizer ---------------------------------------------
     def _wiring(self, pl_module: "pl.LightningModule") -> Optional[Wiring]:
@@ -115,7 +138,7 @@ class GrowthCallback(pl.Callback):
         wiring = getattr(pl_module, "wiring", None)
         if isinstance(wiring, Wiring):
             return wiring
-        if isinstance(self.schedule, GrowthSchedule):
+        if isinstance(self.schedule, (GrowthSchedule, GradientTrigger)):
             raise RuntimeError(
                 f"GrowthCallback found no Wiring: pass GrowthCallback(schedule, wiring) (the Wiring that "
                 f"growdense.growable() returned) or give {type(pl_module).__name__} a `wiring` attribute"
@@ -162,6 +185,11 @@ class GrowthCallback(pl.Callback):
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         # Fail before the first step, not at the first growth.
         wiring = self._bind(trainer, pl_module)
+        if isinstance(self.schedule, GradientTrigger):
+            unknown = [name for name in self.schedule.names() if name not in wiring.names()]
+            if unknown:
+                raise ValueError(f"the trigger's hidden widths {unknown} are not in the model's Wiring {wiring.widths()}")
+            return
         if not isinstance(self.schedule, GrowthSchedule):
             return
         names = self.schedule.names()
@@ -183,6 +211,11 @@ class GrowthCallback(pl.Callback):
     def on_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         wiring = self._bind(trainer, pl_module)
         epoch = trainer.current_epoch
+        if isinstance(self.schedule, GradientTrigger):
+            metric = trainer.callback_metrics.get(self.monitor)
+            self.schedule.apply(epoch, wiring, closure=self._closure(trainer, pl_module),
+                                loss=None if metric is None else float(metric), generator=self.generator)
+            return
         if not isinstance(self.schedule, GrowthSchedule):
             self.schedule(trainer, pl_module, epoch)
             return
@@ -201,6 +234,7 @@ class GrowthCallback(pl.Callback):
             generator=self.generator,
             split_noise=self.split_noise,
             optimizer_state=self._policy(wiring, [name for name, n in schedule.event_at(epoch).grow_by.items() if n]),
+            **self._init_options(trainer, pl_module),
         )
 
     def _policy(self, wiring: Wiring, growing: Sequence[str]) -> Optional[str]:
@@ -224,3 +258,9 @@ class GrowthCallback(pl.Callback):
                 stacklevel=2,
             )
         return policy
+
+    def _init_options(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> dict:
+        options = dict(self.init_options)
+        if takes_closure(self.init):
+            options["closure"] = self._closure(trainer, pl_module)
+        return options

@@ -37,10 +37,16 @@ weights). The strategies differ in what they write there:
     symmetry between the two. Since source and copy compute the same activation, the
     function is preserved up to float rounding (the sum ``(w/2 + e) + (w/2 - e)``).
 
-GradMax proper (outgoing weights from the top singular vectors of the gradient, incoming
-zero) is not offered: with a fused ReLU, a neuron with zero incoming weights and zero bias
-has zero pre-activation, where ReLU's derivative is zero, so its incoming weights would
-never receive a gradient.
+``"gradmax"``, ``"tiny"``
+    Gradient-guided: GradMax (Evci et al., "GradMax: Growing Neural Networks using
+    Gradient Information", ICLR 2022) and TINY (Verbockhaven et al., "Growing Tiny
+    Networks: Spotting Expressivity Bottlenecks and Fixing Them Optimally", TMLR 2024).
+    They need ``closure=``, a function that computes and returns the loss on data the
+    caller chooses; see :mod:`growdense.gradient_growth` and
+    ``docs/gradient-guided-growth.md``. GradMax's new incoming weights are zero: with a
+    fused ReLU and bias 0 the new neurons sit at ReLU's kink, where the derivative is 0,
+    so they never learn; ``bias=b`` with ``b > 0`` keeps them active
+    (the consumers' biases compensate, the function is unchanged).
 
 Keep policies (``keep``)
 ------------------------

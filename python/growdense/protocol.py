@@ -602,6 +602,9 @@ class InitStrategy(Protocol):
     a :attr:`TensorSpec.fill` or an entry of :attr:`TensorSpec.inits`; those are written
     before it runs; a strategy may overwrite them, as ``split`` does). ``options`` are
     the extra keyword arguments of ``Wiring.grow`` (e.g. ``split_noise``, ``closure``).
+    Optional: ``apply_many_(changes, **options)``, which ``Wiring.grow_many`` calls with
+    every width's change at once (their new units all active) instead of ``apply_`` per
+    width (see docs/adding-a-growable-module.md).
     """
 
     name: str

@@ -291,10 +291,9 @@ class GrowthSchedule:
                 )
         for name, to in event.shrink_to.items():
             wiring.shrink(name, to, keep=keeps[name], optimizer_state=policy)
-        for name, n in event.grow_by.items():
-            wiring.grow(
-                name, n, init=init, generator=generator, split_noise=split_noise, optimizer_state=policy, **init_options
-            )
+        # one call: a strategy that can (init="gradmax") grows every width from one pass of its closure
+        wiring.grow_many(event.grow_by, init=init, generator=generator, split_noise=split_noise,
+                         optimizer_state=policy, **init_options)
         # A cut and a regrowth back to the same width changed the network all the same.
         changed = any(to < before[name] for name, to in event.shrink_to.items())
         return changed or any(n > 0 for n in event.grow_by.values())

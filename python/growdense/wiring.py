@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -512,6 +512,60 @@ class Wiring:
         self._broadcast(plan.hidden)
 
     @torch.no_grad()
+    def grow_many(
+        self,
+        sizes: Mapping[str, int],
+        *,
+        init: str = "he",
+        generator: Optional[torch.Generator] = None,
+        split_noise: float = 1e-2,
+        optimizer_state: Optional[str] = None,
+        **init_options: Any,
+    ) -> None:
+        """Grow several hidden widths, ``{name: n}``, as one event; validated together first.
+
+        For most strategies this is ``grow(name, n, ...)`` for each name in order. A
+        strategy with an ``apply_many_(changes, **options)`` method (``"gradmax"``) grows
+        them at once instead: every width's new units become active together (each width's
+        other dimensions keep their extents from before the event, so the block joining
+        two new sets of units, e.g. new neurons of ``h1`` feeding new neurons of ``h2``,
+        stays zero), then the strategy sets them all, e.g. from one pass of the closure.
+        If the strategy raises, every width is back as it was.
+        """
+        if not isinstance(sizes, Mapping):
+            raise TypeError(f"grow_many() needs a mapping {{name: n}}, got {type(sizes).__name__}")
+        options = dict(init_options, split_noise=split_noise)
+        plans = [
+            self._plan_grow(name, n, init, generator, options, optimizer_state, stacklevel=3)
+            for name, n in sizes.items()
+        ]
+        together = getattr(plans[0].strategy, "apply_many_", None) if plans else None
+        if together is None or len(plans) == 1:
+            for (name, n), plan in zip(sizes.items(), plans):
+                self.grow(name, n, init=init, generator=generator, split_noise=split_noise,
+                          optimizer_state=plan.policy, **init_options)
+            return
+        plans = [p for p in plans if p.change.n > 0]
+        if not plans:
+            return
+        done = []
+        try:
+            for plan in plans:
+                plan.raise_widths()
+                done.append(plan)
+            together([p.change for p in plans], **options)
+        except BaseException:
+            for plan in reversed(done):
+                plan.undo()
+            raise
+        for plan in plans:
+            plan.finish()
+        for plan in plans:
+            self._zero_slices(plan.hidden, plan.change.start, plan.change.stop, plan.policy, born=True)
+        for plan in plans:
+            self._broadcast(plan.hidden)
+
+    @torch.no_grad()
     def shrink(self, name: str, to: int, *, keep: Keep = "first", optimizer_state: Optional[str] = None) -> None:
         """Narrow hidden width ``name`` to ``to`` neurons.
 
@@ -690,14 +744,36 @@ class _GrowPlan:
     options: dict
     policy: str
 
-    def apply(self) -> None:
+    def raise_widths(self) -> None:
+        """Make the new units active and write the declared fills (the strategy writes the rest)."""
         change = self.change
         for m in change.members:
             m.module.set_active_width_(m.width, change.stop)
         for s in change.slices:  # declared values: fills, and this init's entry of TensorSpec.inits
             s.write_declared_(change.init, change.generator)
-        self.strategy.apply_(change, **self.options)  # type: ignore[attr-defined]
+
+    def finish(self) -> None:
+        """After the strategy's writes: stacked units outside the active ones zero, the modules' own state."""
+        change = self.change
         for s in change.slices:
             s.zero_stacked_outside_()
         for m in change.members:  # state beyond the declared tensors (a norm's ramp)
             protocol.call_on_grow_(m.module, m.width, change.start, change.stop, change.init, self.options)
+
+    def undo(self) -> None:
+        """Back to the width before :meth:`raise_widths`: the new units zero again, the counts lowered."""
+        change = self.change
+        for s in change.slices:
+            data = s.tensor.data if isinstance(s.tensor, nn.Parameter) else s.tensor
+            protocol.zero_units_(data, s.axis, s.capacity, change.start, change.stop)
+        for m in change.members:
+            m.module.set_active_width_(m.width, change.start)
+
+    def apply(self) -> None:
+        self.raise_widths()
+        try:
+            self.strategy.apply_(self.change, **self.options)  # type: ignore[attr-defined]
+        except BaseException:  # a strategy that runs user code (a closure) may fail: change nothing
+            self.undo()
+            raise
+        self.finish()

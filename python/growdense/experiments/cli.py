@@ -7,7 +7,8 @@ import sys
 from dataclasses import fields, replace
 from typing import Optional, Sequence
 
-from ..policies import GROW_INITS, KEEP_CHOICES
+from ..policies import KEEP_CHOICES
+from ..protocol import init_names
 from .config import (APPROACHES, OPTIMIZER_STATES, PRECISIONS, PRESETS, ConfigError, ReproduceConfig, check_config,
                      check_writable, resolve_device)
 
@@ -58,8 +59,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, help="training epochs per model (study: 200)")
     p.add_argument("--every", "--growth-interval", dest="every", type=int,
                    help="epochs between growths; Approach 2 cuts at this epoch (study: 25)")
-    p.add_argument("--init", dest="inits", type=_choices(GROW_INITS, "init"),
-                   help="init strategy of new neurons, comma-separated to compare: he (study), zero_out, split")
+    p.add_argument("--init", dest="inits", type=_choices(init_names(), "init"),
+                   help="init strategy of new neurons, comma-separated to compare: he (study), zero_out, split, "
+                   "gradmax, tiny (gradient-guided: the loss on a few training mini-batches at each growth)")
     p.add_argument("--keep", dest="keeps", type=_choices(KEEP_CHOICES, "keep"),
                    help="which neurons Approach 2 keeps at the cut, comma-separated to compare: first (study), norm")
     p.add_argument("--optimizer-state", dest="optimizer_states", type=_choices(OPTIMIZER_STATES, "optimizer state"),

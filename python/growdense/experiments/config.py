@@ -9,7 +9,8 @@ from typing import Any, Optional
 
 import torch
 
-from ..policies import GROW_INITS, KEEP_CHOICES
+from ..policies import KEEP_CHOICES
+from ..protocol import init_names
 from ..schedule import GrowthSchedule
 
 __all__ = ["ReproduceConfig", "RunSpec", "PRESETS", "APPROACHES", "PRECISIONS", "OPTIMIZER_STATES", "run_specs",
@@ -213,7 +214,7 @@ def check_config(cfg: ReproduceConfig) -> None:
                               f"{','.join(map(str, values)) or 'nothing'}")
     if cfg.gap_epochs is not None and any(not isinstance(v, int) or v < 0 for v in cfg.gap_epochs):
         raise ConfigError(f"--gap-epochs must be epochs >= 0, got {','.join(map(str, cfg.gap_epochs))}")
-    for option, values, allowed in (("--init", cfg.inits, GROW_INITS), ("--keep", cfg.keeps, KEEP_CHOICES),
+    for option, values, allowed in (("--init", cfg.inits, init_names()), ("--keep", cfg.keeps, KEEP_CHOICES),
                                     ("--optimizer-state", cfg.optimizer_states, OPTIMIZER_STATES)):
         bad = [v for v in values if v not in allowed]
         if bad or not values:

@@ -25,8 +25,9 @@ from ..schedule import GrowthSchedule
 from ..wiring import Wiring
 from .config import ReproduceConfig, RunSpec, gap_epochs, make_schedule
 
-__all__ = ["autocast", "apply_growth", "train_epoch", "evaluate_loss", "build_run", "train_run", "add_spikes",
-           "ResumeError", "checkpoint_path", "check_resumable", "check_checkpoints"]
+__all__ = ["autocast", "apply_growth", "growth_closure", "GRADIENT_BATCHES", "train_epoch", "evaluate_loss",
+           "build_run", "train_run", "add_spikes", "ResumeError", "checkpoint_path", "check_resumable",
+           "check_checkpoints"]
 
 # Configuration fields that decide a run's trajectory: a checkpoint only resumes a run whose
 # fields all match (the output folder, progress bar, device and final-evaluation sizes may change).
@@ -53,6 +54,41 @@ def _generator(device: torch.device, seed: int) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed)
 
 
+# The gradient-guided inits read the loss on this many training mini-batches (of the run's
+# batch size), drawn once per growth; every call of the closure sees the same images and
+# the same latent noise, so TINY's line search compares like with like. Two batches keep a
+# GradMax growth near the cost of two training steps per hidden width.
+GRADIENT_BATCHES = 2
+# GradMax's new neurons have zero incoming weights; behind the encoder's ReLU a zero bias
+# would leave them at ReLU's kink (derivative 0) for good. This bias keeps them active on
+# every input (the consumers' biases compensate: the function is unchanged at the growth).
+GRADMAX_OPTIONS = {"scale": 1.0, "bias": 0.1}
+TINY_OPTIONS = {"line_search_steps": 8}
+
+
+def growth_closure(model: VAE, train: Tensor, cfg: ReproduceConfig, epoch: int,
+                   batches: int = GRADIENT_BATCHES) -> Callable[[], Tensor]:
+    """The closure of a gradient-guided growth at ``epoch``: the study's loss on ``batches`` mini-batches.
+
+    The images are drawn (without replacement) by a generator seeded from the run's seed and
+    the epoch, and the latent noise is re-seeded at every call, so the closure is a fixed
+    function of the weights. It does not call ``backward``.
+    """
+    pick = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 7 * epoch + 6)
+    count = min(train.shape[0], batches * cfg.batch_size)
+    index = torch.randperm(train.shape[0], generator=pick)[:count].to(train.device)
+    chunks = [train.index_select(0, i) for i in index.split(cfg.batch_size)]
+    device = train.device
+
+    def closure() -> Tensor:
+        noise = _generator(device, cfg.seed * 1_000_003 + 7 * epoch + 9)
+        with autocast(device, cfg.precision):
+            losses = [model.loss(xb, cfg.samples, noise) * xb.shape[0] for xb in chunks]
+        return torch.stack(losses).sum() / count
+
+    return closure
+
+
 def apply_growth(
     schedule: GrowthSchedule,
     epoch: int,
@@ -62,17 +98,23 @@ def apply_growth(
     keep: str,
     optimizer_state: str,
     generator: Optional[torch.Generator] = None,
+    closure: Optional[Callable[[], Tensor]] = None,
 ) -> bool:
     """``schedule.apply`` with an optimizer-state policy; ``True`` if the widths changed.
 
     ``"reset"``: after the event the optimizer's whole state restarts as a newly built
     optimizer's (the study's way). ``"keep"``: the old neurons' state continues; the new
-    neurons start a fresh Adam, their bias correction counted from their birth.
+    neurons start a fresh Adam, their bias correction counted from their birth. ``closure``: the
+    loss for the gradient-guided inits (``"gradmax"``, ``"tiny"``; see :func:`growth_closure`).
     """
     if optimizer_state not in ("reset", "keep"):
         raise ValueError(f"unknown optimizer_state {optimizer_state!r}; expected 'reset' or 'keep'")
+    options = dict({"gradmax": GRADMAX_OPTIONS, "tiny": TINY_OPTIONS}.get(init, {}))
+    if init in ("gradmax", "tiny"):
+        options["closure"] = closure
     return bool(
-        schedule.apply(epoch, wiring, init=init, keep=keep, generator=generator, optimizer_state=optimizer_state)
+        schedule.apply(epoch, wiring, init=init, keep=keep, generator=generator, optimizer_state=optimizer_state,
+                       **options)
     )
 
 
@@ -259,8 +301,9 @@ def train_run(
         if schedule is not None and epoch in schedule.growth_epochs():
             before_w = model.widths()
             before = evaluate_loss(model, probe, cfg.samples, cfg.seed + 5)["loss"]
+            closure = growth_closure(model, train, cfg, epoch) if spec.init in ("gradmax", "tiny") else None
             grew = apply_growth(schedule, epoch, model.wiring, init=spec.init, keep=spec.keep,
-                                optimizer_state=spec.optimizer_state, generator=gens["grow"])
+                                optimizer_state=spec.optimizer_state, generator=gens["grow"], closure=closure)
             if grew:
                 after = evaluate_loss(model, probe, cfg.samples, cfg.seed + 5)["loss"]
                 events.append({"run": spec.name, "index": len(events) + 1, "epoch": epoch, "step": len(steps),
