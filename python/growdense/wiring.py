@@ -603,11 +603,12 @@ class Wiring:
                     moves = (perm, torch.arange(width, device=perm.device))
         if to < width or moves is not None:
             self._check_writable(name, hidden)
-        for m in hidden.members:
-            m.module.set_active_width_(m.width, to)
-        # keep="norm" fills holes: sources >= to > destinations
+        # keep="norm" fills holes: sources >= to > destinations. The moves come before the
+        # widths are lowered: a module may clear what leaves its active part when it shrinks.
         disjoint = isinstance(keep, str) and moves is not None
         self._move_and_fill(hidden, moves, to, width, keep_state=policy != "reset", disjoint=disjoint)
+        for m in hidden.members:
+            m.module.set_active_width_(m.width, to)
         if policy == "reset":
             optim_state.reset_(self.optimizer)
 
