@@ -32,6 +32,30 @@ constexpr int64_t kSumBlock = 64;
 // Elements of grad_out a thread takes at least (a pass over fewer is not worth a thread).
 constexpr int64_t kGrainElements = 16384;
 
+// One row of the pass. Both operands are loaded before the select, and the pointers
+// are __restrict__: so the compiler vectorises the loops (a select that reads grad only
+// where it keeps it compiles to a branch per element, ten times slower).
+void mask_row(const float* __restrict__ gr, const float* __restrict__ yr, float* __restrict__ out, int64_t cols) {
+  for (int64_t c = 0; c < cols; ++c) {
+    const float g = gr[c], y = yr[c];
+    out[c] = y <= 0.0f ? 0.0f : g;  // threshold_backward's rule (a NaN output passes the gradient)
+  }
+}
+
+void mask_row_sum(const float* __restrict__ gr, const float* __restrict__ yr, float* __restrict__ out,
+                  float* __restrict__ acc, int64_t cols) {
+  for (int64_t c = 0; c < cols; ++c) {
+    const float g = gr[c], y = yr[c];
+    const float v = y <= 0.0f ? 0.0f : g;
+    out[c] = v;
+    acc[c] += v;
+  }
+}
+
+void sum_row(const float* __restrict__ gr, float* __restrict__ acc, int64_t cols) {
+  for (int64_t c = 0; c < cols; ++c) acc[c] += gr[c];
+}
+
 // g = mask ? (saved <= 0 ? 0 : grad) : grad, for a contiguous (rows, cols) float grad
 // (and saved), with the column sums of g into `sums` (cols floats) when it is not null.
 // Returns g: a new tensor with a mask, `grad` itself without one.
@@ -57,20 +81,12 @@ at::Tensor mask_and_column_sums(const at::Tensor& grad, const at::Tensor& saved,
         float* acc = block.data();
         for (int64_t r = rb; r < re; ++r) {
           const float* gr = gin + r * cols;
-          if (mask) {
-            const float* yr = y + r * cols;
-            float* out = gout + r * cols;
-            if (total != nullptr) {
-              for (int64_t c = 0; c < cols; ++c) {
-                const float v = yr[c] <= 0.0f ? 0.0f : gr[c];  // threshold_backward's rule (NaN passes)
-                out[c] = v;
-                acc[c] += v;
-              }
-            } else {
-              for (int64_t c = 0; c < cols; ++c) out[c] = yr[c] <= 0.0f ? 0.0f : gr[c];
-            }
+          if (!mask) {
+            sum_row(gr, acc, cols);
+          } else if (total != nullptr) {
+            mask_row_sum(gr, y + r * cols, gout + r * cols, acc, cols);
           } else {
-            for (int64_t c = 0; c < cols; ++c) acc[c] += gr[c];
+            mask_row(gr, y + r * cols, gout + r * cols, cols);
           }
         }
         if (total != nullptr) {
