@@ -12,7 +12,15 @@ model (same seed):
   ``backward``, ``step`` with ``torch.optim.Adam`` (at full capacity it computes what
   ``growdense.optim.Adam`` computes), nothing else;
 - ``per-step .item()``: the plain loop plus reading each step's loss with ``.item()``
-  (what the reproduction's loop did before: one device synchronisation per step).
+  (what the reproduction's loop did before: one device synchronisation per step);
+With ``--peers``, two more sides:
+
+- ``plain PyTorch``: the plain loop over the same VAE built of ``nn.Linear`` layers
+  (``benchmarks/realloc_vae.py``) with ``torch.optim.Adam``: what the epoch costs without
+  growdense;
+- ``GEMM floor``: the step's matrix products alone (every forward and backward GEMM,
+  float32, into out= buffers; ``bench_train.gemm_floor_step``), as many steps as an
+  epoch has: the floor an epoch cannot go under with these GEMMs.
 
 Epochs run interleaved (A, B, C, C, B, A, ...) after a warm-up epoch; the table gives
 each side's median epoch time and the median over rounds of its ratio to ``plain``.
@@ -20,6 +28,7 @@ each side's median epoch time and the median over rounds of its ratio to ``plain
     python benchmarks/bench_epoch.py                     # all 60,000 MNIST images, 3 rounds
     python benchmarks/bench_epoch.py --images 12000 --threads 2
     python benchmarks/bench_epoch.py --quick
+    python benchmarks/bench_epoch.py --peers             # and plain PyTorch and the GEMM floor
 """
 
 from __future__ import annotations
@@ -33,6 +42,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
+
+from bench_train import gemm_floor_step  # noqa: E402
+from realloc_vae import ReallocVAE, negative_elbo  # noqa: E402
 
 from growdense.experiments.training import train_epoch  # noqa: E402
 from growdense.models.vae import VAE  # noqa: E402
@@ -69,6 +81,8 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=None, help="timed epochs per side (default 3, --quick 2)")
     parser.add_argument("--samples", type=int, default=20, help="latent samples L per image (study: 20)")
     parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--peers", action="store_true",
+                        help="also time plain PyTorch (nn.Linear, torch.optim.Adam) and the GEMM floor")
     parser.add_argument("--data-dir", default=os.environ.get("GROWDENSE_MNIST_DIR", str(REPO.parent / "shared" / "data")),
                         help="folder holding MNIST/raw")
     args = parser.parse_args(argv)
@@ -114,7 +128,35 @@ def main(argv=None) -> int:
 
         return epoch
 
+    def torch_side():
+        torch.manual_seed(args.seed)
+        model = ReallocVAE(256, 128, device=args.device)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        data_g = torch.Generator().manual_seed(1)
+
+        def epoch():
+            perm = torch.randperm(n, generator=data_g).to(args.device)
+            for start in range(0, n, bs):
+                xb = train[perm[start : start + bs]]
+                loss = negative_elbo(xb, *model(xb, L)).mean()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+
+        return epoch
+
+    def floor_side():
+        step = gemm_floor_step(bs, L, args.device, args.seed)
+
+        def epoch():
+            for _ in range(0, n, bs):
+                step(None)
+
+        return epoch
+
     fns = {"reproduce": reproduce_side(), "plain": plain_side(False), "per-step .item()": plain_side(True)}
+    if args.peers:
+        fns.update({"plain PyTorch": torch_side(), "GEMM floor": floor_side()})
     samples = common.time_interleaved(fns, device=args.device, warmup=1, reps=rounds)
     common.finish(info)
 
@@ -123,15 +165,21 @@ def main(argv=None) -> int:
     for name, xs in samples.items():
         rows.append({"side": name, "median_epoch_s": common.median(xs), "epochs": len(xs), "samples_s": xs,
                      "images_per_s": n / common.median(xs), "ratio_to_plain": common.paired_ratio(xs, plain)})
-    header = ["side", "epoch (median)", "images/s", "time ratio to plain"]
+    floor = samples.get("GEMM floor")
+    for r in rows:
+        if floor is not None:
+            r["ratio_to_gemm_floor"] = common.paired_ratio(samples[r["side"]], floor)
+    header = ["side", "epoch (median)", "images/s", "time ratio to plain"] + (["x GEMM floor"] if floor else [])
     table = [[r["side"], common.fmt_time(r["median_epoch_s"]), f"{r['images_per_s']:.0f}",
               f"**{r['ratio_to_plain']:.3f}**" if r["side"] == "reproduce" else f"{r['ratio_to_plain']:.3f}"]
+             + ([f"{r['ratio_to_gemm_floor']:.2f}x"] if floor else [])
              for r in rows]
     common.report(
         "bench_epoch", args, info, header, table,
         [f"Fixed VAE 256/128 on {data_note}, batch {bs}, L = {L}, Adam lr 1e-3, float32, {args.device}. "
          f"Median of {rounds} interleaved epochs per side after 1 warm-up epoch each; ratio = median over rounds "
-         "of the side's epoch time / plain's (1.000: the loop costs exactly its steps)."],
+         "of the side's epoch time / plain's (1.000: the loop costs exactly its steps)"
+         + ("; 'x GEMM floor' likewise against the epoch's matrix products alone." if floor else ".")],
         {"images": n, "batch_size": bs, "samples_L": L, "rounds": rounds, "data": data_note, "rows": rows},
     )
     return 0

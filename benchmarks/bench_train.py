@@ -23,6 +23,7 @@ growth every 25): the table says which.
     python benchmarks/bench_train.py --device cuda --train-subset 60000
     python benchmarks/bench_train.py --quick
     python benchmarks/bench_train.py --peers [--threads 1]   # growdense fp32/bf16 against plain PyTorch peers
+                                                             # and the step's GEMM floor
 """
 
 from __future__ import annotations
@@ -84,6 +85,53 @@ class Side:
 
 
 PEER_GOALS = {"best peer": 3.0, "plain autocast bf16": 2.0, "plain fp32": 3.5}
+# growdense float32 against its own floor and the float32 peers (issue: a step close to its GEMM floor).
+FLOOR_GOAL = 1.2  # growdense fp32 step <= 1.2x the GEMM floor
+FP32_PEER_GOAL = 1.3  # growdense fp32 step >= 1.3x faster than the best float32 peer
+FP32_PEERS = ("plain fp32", "plain compile fp32")
+
+
+def study_products(batch: int, samples: int, h1: int = 256, h2: int = 128, latent: int = 20,
+                   decoder=(128, 256), image: int = 784) -> list[tuple[int, int, int, bool]]:
+    """The study VAE's layers as GEMMs: ``(rows, in, out, input needs a gradient)`` per layer."""
+    rows_dec = samples * batch
+    return [
+        (batch, image, h1, False),  # enc1: the images need no gradient
+        (batch, h1, h2, True),
+        (batch, h2, latent, True),  # mean head
+        (batch, h2, latent, True),  # log-variance head
+        (rows_dec, latent, decoder[0], True),
+        (rows_dec, decoder[0], decoder[1], True),
+        (rows_dec, decoder[1], image, True),
+    ]
+
+
+def gemm_floor_step(batch: int, samples: int, device: str, seed: int):
+    """The step's matrix products alone: every forward and backward GEMM, float32, into out= buffers.
+
+    Forward ``y = x W^T`` per layer; backward ``dW = g^T x`` per layer and ``dx = g W``
+    where the layer's input needs a gradient. The operands are random and allocated once;
+    no bias, activation, loss, sampling or optimizer: the floor a step cannot go under
+    with these GEMMs.
+    """
+    g = torch.Generator(device=device).manual_seed(seed)
+    work = []
+    for rows, n_in, n_out, need_dx in study_products(batch, samples):
+        t = dict(device=device, generator=g)
+        x, w, gy = torch.randn(rows, n_in, **t), torch.randn(n_out, n_in, **t), torch.randn(rows, n_out, **t)
+        y, dw = torch.empty(rows, n_out, device=device), torch.empty(n_out, n_in, device=device)
+        dx = torch.empty(rows, n_in, device=device) if need_dx else None
+        work.append((x, w, gy, y, dw, dx))
+
+    def step(_xb):
+        for x, w, _, y, _, _ in work:
+            torch.mm(x, w.t(), out=y)
+        for x, w, gy, _, dw, dx in reversed(work):
+            torch.mm(gy.t(), x, out=dw)
+            if dx is not None:
+                torch.mm(gy, w, out=dx)
+
+    return step
 
 
 def peer_sides(args, device: str) -> dict:
@@ -91,6 +139,7 @@ def peer_sides(args, device: str) -> dict:
 
     Every side has its own model (same seed), optimizer and noise stream; a call runs one
     step (zero_grad, forward with L samples, loss, backward, Adam) on the next batch.
+    The ``GEMM floor`` row runs the step's matrix products alone.
     """
     L = args.samples
     autocast = lambda: torch.autocast(device.split(":")[0], dtype=torch.bfloat16)  # noqa: E731
@@ -118,38 +167,51 @@ def peer_sides(args, device: str) -> dict:
 
         return step
 
-    def grow(name: str, amp: bool):
+    def grow(name: str, amp: bool, compiled: bool = False):
         torch.manual_seed(args.seed)
         model = VAE(256, 128, capacity=(256, 128), device=device)
         opt = GrowAdam(model.parameters(), lr=args.lr)
         gen = torch.Generator(device=device).manual_seed(args.seed + 1)
+        loss_of = torch.compile(model.loss) if compiled else model.loss
 
         def step(xb):
             opt.zero_grad()
             if amp:
                 with autocast():
-                    loss = model.loss(xb, L, gen)
+                    loss = loss_of(xb, L, gen)
             else:
-                loss = model.loss(xb, L, gen)
+                loss = loss_of(xb, L, gen)
             loss.backward()
             opt.step()
             return loss
 
         return step
 
-    return {
+    sides = {
+        "GEMM floor fp32": gemm_floor_step(args.batch_size, L, device, args.seed),
         "plain fp32": plain("plain fp32", False, False),
+        "plain compile fp32": plain("plain compile fp32", False, True),
         "plain autocast bf16": plain("plain autocast bf16", True, False),
         "plain compile + autocast bf16": plain("plain compile + autocast bf16", True, True),
         "growdense fp32": grow("growdense fp32", False),
+        "growdense compile fp32": grow("growdense compile fp32", False, True),
         "growdense bf16": grow("growdense bf16", True),
     }
+    if getattr(args, "no_compile", False):
+        sides = {k: v for k, v in sides.items() if "compile" not in k}
+    if getattr(args, "fp32_only", False):
+        sides = {k: v for k, v in sides.items() if "bf16" not in k}
+    return sides
 
 
 def run_peers(args) -> int:
-    """``--peers``: step medians of growdense against the peers a user would pick."""
+    """``--peers``: step medians of growdense against the peers a user would pick and the GEMM floor."""
     device = args.device
     info = common.setup(args.threads, device)
+    if args.keep_freed_memory:
+        from growdense.experiments.training import keep_freed_memory
+
+        info["keep_freed_memory"] = keep_freed_memory()
     train, data_note = load_images(args)
     train = train.to(device)
     steps = peer_sides(args, device)
@@ -168,32 +230,54 @@ def run_peers(args) -> int:
     samples = common.time_interleaved({name: call(name) for name in steps}, device=device, warmup=3, reps=reps)
     common.finish(info)
     med = {name: common.median(xs) for name, xs in samples.items()}
-    gd = samples["growdense bf16"]
-    peers = ["plain fp32", "plain autocast bf16", "plain compile + autocast bf16"]
+    gd32, floor = samples["growdense fp32"], samples["GEMM floor fp32"]
+    bf16 = "growdense bf16" in samples
+    gd = samples["growdense bf16"] if bf16 else gd32
+    peers = [n for n in ("plain fp32", "plain autocast bf16", "plain compile + autocast bf16") if n in samples]
     best = min(peers, key=lambda n: med[n])
     ratios = {name: common.paired_ratio(samples[name], gd) for name in samples}
+    over_floor = {name: common.paired_ratio(samples[name], floor) for name in samples}
     goals = {
         "best peer": (best, PEER_GOALS["best peer"]),
         "plain autocast bf16": ("plain autocast bf16", PEER_GOALS["plain autocast bf16"]),
         "plain fp32": ("plain fp32", PEER_GOALS["plain fp32"]),
-    }
+    } if bf16 else {}
     steps_per_epoch = 60000 // args.batch_size
     rows = [[name, common.fmt_time(med[name]), f"{common.spread(samples[name]):.2f}",
-             f"{med[name] * steps_per_epoch:.1f} s", f"{ratios[name]:.2f}x"] for name in samples]
+             f"{med[name] * steps_per_epoch:.1f} s", f"{over_floor[name]:.2f}x"]
+            + ([f"{ratios[name]:.2f}x"] if bf16 else []) for name in samples]
     verdicts, goal_lines = {}, []
     for label, (name, goal) in goals.items():
         met = ratios[name] >= goal
         verdicts[label] = {"against": name, "ratio": ratios[name], "goal": goal, "met": bool(met)}
         goal_lines.append(f"Goal: growdense bf16 >= {goal}x {label} ({name}): {ratios[name]:.2f}x, "
                           f"{'met' if met else 'MISSED'}.")
+    # float32: growdense against its GEMM floor and against the best float32 peer
+    fp32_peers = [n for n in FP32_PEERS if n in samples]
+    best32 = min(fp32_peers, key=lambda n: med[n])
+    speedup32 = common.paired_ratio(samples[best32], gd32)
+    floor_met = over_floor["growdense fp32"] <= FLOOR_GOAL
+    peer_met = speedup32 >= FP32_PEER_GOAL
+    verdicts["fp32 GEMM floor"] = {"against": "GEMM floor fp32", "ratio": over_floor["growdense fp32"],
+                                   "goal": FLOOR_GOAL, "met": bool(floor_met)}
+    verdicts["fp32 best peer"] = {"against": best32, "ratio": speedup32, "goal": FP32_PEER_GOAL, "met": bool(peer_met)}
+    goal_lines += [
+        f"Goal: growdense fp32 <= {FLOOR_GOAL}x its GEMM floor: {over_floor['growdense fp32']:.2f}x, "
+        f"{'met' if floor_met else 'MISSED'}.",
+        f"Goal: growdense fp32 >= {FP32_PEER_GOAL}x faster than the best fp32 peer ({best32}): {speedup32:.2f}x, "
+        f"{'met' if peer_met else 'MISSED'}.",
+    ]
     common.report(
-        "bench_train-peers", args, info, ["side", "median step", "IQR/median", "epoch (steps)", "growdense bf16 is"],
+        "bench_train-peers", args, info,
+        ["side", "median step", "IQR/median", "epoch (steps)", "x GEMM floor"] + (["growdense bf16 is"] if bf16 else []),
         rows,
         [f"The study's VAE at 256/128, batch {args.batch_size}, L = {args.samples}, Adam lr {args.lr}, {data_note}; "
          f"{reps} interleaved rounds after 3 warm-up rounds, medians. 'epoch' = 468 steps x the median step "
-         "(60,000 images, steps only). 'growdense bf16 is' = median over rounds of (side's step / growdense bf16's "
-         "step)."],
-        {"summary": common.summarize(samples), "ratios": ratios, "goals": verdicts,
+         "(60,000 images, steps only). 'x GEMM floor' = median over rounds of (side's step / the GEMM floor's): "
+         "the floor runs the step's matrix products alone (every forward and backward GEMM, float32, into "
+         "out= buffers). 'growdense bf16 is' = median over rounds of (side's step / growdense bf16's step). "
+         "'compile' sides: torch.compile (inductor) of the loss function; growdense's of `model.loss`."],
+        {"summary": common.summarize(samples), "ratios": ratios, "over_gemm_floor": over_floor, "goals": verdicts,
          "sizes": {"batch": args.batch_size, "samples_L": args.samples, "h1": 256, "h2": 128}},
         after=goal_lines, tag=f"{torch.get_num_threads()}threads",
     )
@@ -206,6 +290,13 @@ def main(argv=None) -> int:
     parser.add_argument("--peers", action="store_true",
                         help="instead of Approach 1: step times of the fixed 256/128 VAE, growdense fp32/bf16 "
                              "against plain PyTorch fp32, under autocast bf16, and compiled + autocast")
+    parser.add_argument("--no-compile", action="store_true",
+                        help="--peers: leave out the torch.compile sides (their compilation takes minutes)")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="--peers: raise glibc's mmap/trim thresholds first, as `growdense reproduce`'s "
+                             "training loop does (process-wide: every side runs with it)")
+    parser.add_argument("--fp32-only", action="store_true",
+                        help="--peers: leave out the bfloat16 sides (slow on CPUs without native bfloat16 GEMMs)")
     parser.add_argument("--reps", type=int, default=30, help="--peers: interleaved rounds (default %(default)s)")
     parser.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"),
                         help="folder holding MNIST/raw (default: %(default)s)")

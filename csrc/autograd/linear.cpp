@@ -15,7 +15,8 @@
 // activation's derivative by activation_aten.h, the capacity padding by constant_pad_nd),
 // so their own derivatives are right.
 //
-// Gradients straight into .grad's active block. When the engine is about to accumulate
+// Gradients straight into .grad's active block (on the CPU in float32 with no activation
+// or ReLU by cpu::linear_backward, which sums the bias gradient in the ReLU mask's pass). When the engine is about to accumulate
 // into an existing `.grad` of the weight (or bias) in place (`grad += new_grad`), the
 // backward does that addition itself on the active block only and returns no gradient
 // for that input, so nothing of the capacity's size is allocated or touched: everything
@@ -34,6 +35,7 @@
 
 #include "activation_aten.h"
 #include "args.h"
+#include "cpu/linear_cpu.h"
 #include "torch_internals.h"
 
 namespace growdense {
@@ -143,6 +145,18 @@ struct LinearFunction : public torch::autograd::Function<LinearFunction<kReferen
     const bool in_place_w = !kReference && need_w && internals::accumulates_in_place(weight);
     const bool in_place_b = !kReference && need_b && internals::accumulates_in_place(bias);
 
+    if ((in_place_w || in_place_b) && cpu::fused_backward_applies(grad_out, act) &&
+        x.scalar_type() == at::kFloat) {
+      // The CPU backward adds into the .grad blocks itself; the bias gradient is summed in
+      // the pass that applies the ReLU mask.
+      auto [gx, gw, gb] = cpu::linear_backward(grad_out, x, weight, saved, active_in, active_out, act, need_x, need_w,
+                                               need_b, in_place_w ? weight.grad() : at::Tensor(),
+                                               in_place_b ? bias.grad() : at::Tensor());
+      if (need_x) result[0] = gx;
+      if (need_w && !in_place_w) result[1] = gw;
+      if (need_b && !in_place_b) result[2] = gb;
+      return result;
+    }
     if (!in_place_w && !in_place_b) {
       auto [gx, gw, gb] = Ops<kReference>::backward().call(grad_out, x, weight, maybe(saved), active_in, active_out,
                                                            activation, {need_x, need_w, need_b});

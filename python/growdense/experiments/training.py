@@ -9,6 +9,8 @@ epoch (no per-step synchronisation); logging happens once per epoch.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -48,6 +50,37 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     if precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     raise ValueError(f"unknown precision {precision!r}; expected 'fp32' or 'bf16'")
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+_malloc_tuned = False
+
+
+def keep_freed_memory() -> bool:
+    """Let the C allocator keep freed blocks of a training step's size for the next step.
+
+    A CPU step allocates and frees tensors of megabytes (the decoder's L x B rows: its
+    logits, their gradient); glibc hands blocks that large back to the system when they
+    are freed (mmap'd blocks, and trimming of the heap's top), so every step takes fresh
+    pages from the kernel and faults them in, zeroed, on their first write (measured: a
+    step of the study's VAE 6-9% faster without it, 1 thread, AMD EPYC). Raising the mmap
+    and trim thresholds (to 32 MiB and 512 MiB) keeps them in the heap, as the CPU
+    allocators people preload for PyTorch (jemalloc, tcmalloc) do. Process-wide, once;
+    glibc on Linux only. Returns whether the thresholds were set.
+    """
+    global _malloc_tuned
+    if _malloc_tuned:
+        return True
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    _malloc_tuned = bool(mallopt(_M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(_M_TRIM_THRESHOLD, 512 << 20))
+    return _malloc_tuned
 
 
 def _generator(device: torch.device, seed: int) -> torch.Generator:
@@ -132,10 +165,13 @@ def train_epoch(
     """One pass over ``train`` (N, D) in a random order; the per-step losses, on the device.
 
     The order is ``torch.randperm(N, generator=data_generator)`` (on the CPU); the last batch
-    may be smaller. Nothing in the loop waits for the device.
+    may be smaller. Nothing in the loop waits for the device. On the CPU the C allocator
+    keeps freed step-sized blocks from then on (:func:`keep_freed_memory`).
     """
     n = train.shape[0]
     device = train.device
+    if device.type == "cpu":
+        keep_freed_memory()
     perm = torch.randperm(n, generator=data_generator).to(device)
     steps = -(-n // batch_size)
     losses = torch.empty(steps, device=device, dtype=torch.float32)

@@ -144,22 +144,56 @@ class VAE(nn.Module):
         self, mu: Tensor, logvar: Tensor, samples: int, generator: Optional[torch.Generator] = None
     ) -> Tensor:
         """Reparameterised samples ``z = mu + sigma * eps``, shape (samples, B, J)."""
-        eps = torch.randn((samples, *mu.shape), device=mu.device, dtype=mu.dtype, generator=generator)
+        eps = self._noise(samples, mu.shape[0], mu.device, mu.dtype, generator)
         return mu + torch.exp(0.5 * logvar) * eps
+
+    def _noise(
+        self, samples: int, batch, device: torch.device, dtype: torch.dtype, generator: Optional[torch.Generator]
+    ) -> Tensor:
+        """``eps ~ N(0, I)`` of shape (samples, batch, latent).
+
+        The latent width is the plain int ``self.latent``, not the heads' active width,
+        which ``torch.compile`` traces as a symbolic size that ``torch.randn`` with a
+        generator cannot take. Without a generator the draw is ``normal_`` on a new
+        tensor (the same numbers as ``torch.randn`` from the default generator), which
+        traces with symbolic sizes too (a batch size made dynamic by a recompile).
+        """
+        shape = (int(samples), batch, self.latent)
+        if generator is None:
+            return torch.empty(shape, device=device, dtype=dtype).normal_()
+        return torch.randn(shape, device=device, dtype=dtype, generator=generator)
+
+    def _noise_for(self, x: Tensor, samples: int, generator: Optional[torch.Generator]) -> Tensor:
+        """The noise :meth:`sample_latents` would draw for the encoding of ``x``, drawn before it.
+
+        The encoder draws no random numbers, so drawing first gives the same stream. Under
+        ``torch.compile`` a generator is run outside the graph: drawn here, first, it
+        splits the trace before the model and leaves the whole model (and its loss) one
+        graph. Its dtype is the heads' output dtype (the autocast dtype under autocast).
+        """
+        w = self.mu_head.weight
+        dtype = w.dtype
+        if dtype != torch.float64 and torch.is_autocast_enabled(w.device.type):
+            dtype = torch.get_autocast_dtype(w.device.type)
+        return self._noise(samples, x.shape[0] if x.dim() > 1 else 1, w.device, dtype, generator)
+
+    def _run(self, x: Tensor, eps: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        mu, logvar = self.encode(x)
+        z = mu + torch.exp(0.5 * logvar) * eps
+        L, B, J = z.shape
+        logits = self.decode_logits(z.reshape(L * B, J)).reshape(L, B, -1)
+        return logits, mu, logvar
 
     def forward(
         self, x: Tensor, samples: int = 1, generator: Optional[torch.Generator] = None
     ) -> tuple[Tensor, Tensor, Tensor]:
         """``(logits (L, B, D), mu (B, J), logvar (B, J))`` for L = ``samples``."""
-        mu, logvar = self.encode(x)
-        z = self.sample_latents(mu, logvar, samples, generator)
-        L, B, J = z.shape
-        logits = self.decode_logits(z.reshape(L * B, J)).reshape(L, B, -1)
-        return logits, mu, logvar
+        return self._run(x, self._noise_for(x, samples, generator))
 
     def loss(self, x: Tensor, samples: int = 20, generator: Optional[torch.Generator] = None) -> Tensor:
         """The study's training loss: batch mean of the per-image negative ELBO (nats)."""
-        return negative_elbo(x, *self(x, samples, generator)).mean()
+        eps = self._noise_for(x, samples, generator)
+        return negative_elbo(x, *self._run(x, eps)).mean()
 
     # ---- images --------------------------------------------------------------------
     @torch.no_grad()
