@@ -37,6 +37,7 @@ import platform
 import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -62,6 +63,13 @@ VOCAB = "\n" + "".join(chr(c) for c in range(32, 127))
 def stdlib_docstrings(modules=CORPUS_MODULES) -> str:
     """The concatenated docstrings of ``modules`` (deterministic for one Python version)."""
     parts = []
+    with warnings.catch_warnings():  # reading some members (typing.io) warns
+        warnings.simplefilter("ignore", DeprecationWarning)
+        _collect(modules, parts)
+    return "\n\n".join(parts)
+
+
+def _collect(modules, parts: list) -> None:
     for module_name in modules:
         mod = importlib.import_module(module_name)
         if mod.__doc__:
@@ -80,7 +88,6 @@ def stdlib_docstrings(modules=CORPUS_MODULES) -> str:
                     member = vars(obj)[member_name]
                     if not member_name.startswith("_") and inspect.isfunction(member) and member.__doc__:
                         parts.append(inspect.cleandoc(member.__doc__))
-    return "\n\n".join(parts)
 
 
 def encode(text: str) -> torch.Tensor:
