@@ -277,6 +277,10 @@ def test_growth_spec_declares_heads_and_width_with_their_roles():
 
     m = GrowMultiheadAttention(8, 2, capacity_heads=4, capacity_embed_dim=12)
     spec = m.growth_spec()
-    assert spec.role("heads") == protocol.PRODUCER and spec.role("heads_out") == protocol.CONSUMER
-    assert spec.role("embed_dim") == protocol.PRODUCER and spec.role("embed_dim_in") == protocol.CONSUMER
-    assert m.active_width("heads_out") == 2 and m.active_width("embed_dim_in") == 8
+    # One module-local width per width of the module, carrying both roles on different tensors.
+    assert spec.widths == ("heads", "embed_dim")
+    assert spec.roles("heads") == spec.roles("embed_dim") == (protocol.PRODUCER, protocol.CONSUMER)
+    assert spec.tensors[-2].name == "out_proj.weight" and spec.tensors[-2].axis("heads").role == protocol.CONSUMER
+    assert spec.tensors[0].axis("heads").role == protocol.PRODUCER
+    assert m.active_width("heads") == 2 and m.active_width("embed_dim") == 8
+    assert protocol.capacity(m, "heads") == 4 and protocol.capacity(m, "embed_dim") == 12

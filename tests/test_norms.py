@@ -289,5 +289,6 @@ def test_growth_spec_declares_the_rider_tensors():
     m = GrowLayerNorm(4, capacity=8)
     spec = m.growth_spec()
     assert spec.widths == ("features",) and spec.role("features") == protocol.RIDER
-    assert [t.fill for t in spec.tensors] == [1.0, 0.0]
+    # weight and bias, then the ramp's factor and rate (they move with their features)
+    assert [(t.name, t.fill) for t in spec.tensors] == [("weight", 1.0), ("bias", 0.0), ("_ramp", 1.0), ("_ramp_rate", 0.0)]
     assert protocol.capacity(m, "features") == 8 and m.active_width("features") == 4

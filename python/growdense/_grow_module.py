@@ -20,11 +20,13 @@ how new slices are initialised (:meth:`_GrowModule._init_slice`).
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Any, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from . import protocol
 from ._checks import check_int
 from .layers import _Width
 
@@ -43,11 +45,27 @@ class _Holder(nn.Module):
     """A submodule that only holds tensors for its parent (``out_proj`` of an attention).
 
     Its parent loads and saves its tensors (they are in the parent's layout), so loading
-    does nothing here.
+    does nothing here. Its Parameters are registered as the parent's (see
+    :func:`growdense.protocol.active_block`).
     """
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:
         return None
+
+    def register_parameter(self, name: str, param: Optional[nn.Parameter]) -> None:
+        super().register_parameter(name, param)
+        parent = self.__dict__.get("_growdense_parent")
+        parent = parent() if parent is not None else None
+        if parent is not None:
+            parent._tensors_changed()
+            if param is not None:
+                protocol.register_owner(param, parent)
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
+        state = dict(state)
+        state.pop("_growdense_parent", None)  # a weak reference: set again by the parent
+        return state
 
 
 class _GrowModule(nn.Module):
@@ -82,12 +100,47 @@ class _GrowModule(nn.Module):
         if name.startswith(_PREFIX) and isinstance(value, int) and type(value) is not _Width:
             value = _Width(int(value))
         super().__setattr__(name, value)
+        if isinstance(value, _Holder):
+            self._adopt(value)
+
+    def register_parameter(self, name: str, param: Optional[nn.Parameter]) -> None:
+        super().register_parameter(name, param)
+        self._tensors_changed()
+        if param is not None:  # `module.weight = p` comes through here too
+            protocol.register_owner(param, self)
+
+    def _adopt(self, holder: "_Holder") -> None:
+        """Make ``holder``'s Parameters (and later assignments to it) this module's."""
+        holder.__dict__["_growdense_parent"] = weakref.ref(self)
+        self._tensors_changed()
+        for param in holder._parameters.values():
+            if param is not None:
+                protocol.register_owner(param, self)
+
+    def _register_owners(self) -> None:
+        """Let :func:`growdense.protocol.active_block` find this module from its Parameters."""
+        self._tensors_changed()
+        for param in self._parameters.values():
+            if param is not None:
+                protocol.register_owner(param, self)
+        for child in self._modules.values():
+            if isinstance(child, _Holder):
+                self._adopt(child)
+
+    def _tensors_changed(self) -> None:
+        self.__dict__.pop("_growdense_spec", None)
 
     def __setstate__(self, state: dict) -> None:  # copy.deepcopy and pickle come through here
         super().__setstate__(state)
         for key, value in list(self.__dict__.items()):
             if key.startswith(_PREFIX) and isinstance(value, int) and type(value) is not _Width:
                 self.__dict__[key] = _Width(int(value))
+        self._register_owners()
+
+    def _apply(self, fn, recurse: bool = True):  # .to(), .double() may replace Parameters
+        result = super()._apply(fn, recurse)
+        self._register_owners()
+        return result
 
     def width(self, name: str) -> int:
         """The active size of width ``name`` (a plain int)."""
@@ -112,11 +165,26 @@ class _GrowModule(nn.Module):
             raise ValueError(f"{type(self).__name__} has no width {name!r}; its widths are {list(self._width_names)}")
 
     # ---- the growable-module protocol (growdense.protocol) ---------------------------
-    # Module-local widths of the declaration that are another name of one of this
-    # module's widths: the protocol gives each module-local width one role, so a width
-    # that this module both computes and reads (an attention's heads: q/k/v rows and
-    # out_proj columns) is declared twice, e.g. "heads" (producer) and "heads_out" (consumer).
+    # Other names of this module's widths accepted by active_width/set_active_width_.
     _aliases: dict[str, str] = {}
+
+    def growth_spec(self) -> "protocol.GrowthSpec":
+        """The declaration for :mod:`growdense.protocol` (built once, again when a tensor is replaced)."""
+        spec = self.__dict__.get("_growdense_spec")
+        if spec is None:
+            spec = self._growth_spec()
+            self.__dict__["_growdense_spec"] = spec
+        return spec
+
+    def _growth_spec(self) -> "protocol.GrowthSpec":  # pragma: no cover - every subclass implements it
+        raise NotImplementedError
+
+    def _growth_block(self, param: Tensor) -> Optional[tuple[slice, ...]]:
+        """:func:`growdense.protocol.active_block` for this module's Parameters."""
+        for spec in self.growth_spec().tensors:
+            if protocol.tensor_of(self, spec) is param:
+                return protocol.bounding_block(self, spec, param)
+        return None
 
     def _own_width(self, width: str) -> str:
         own = self._aliases.get(width, width)
@@ -397,6 +465,7 @@ class _GrowModule(nn.Module):
         else:
             value = nn.Parameter(value, requires_grad=old.requires_grad)
         setattr(module, name, value)
+        self._register_owners()
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
         """As :meth:`torch.nn.Module.load_state_dict`, for this module's own state_dict or its torch twin's.

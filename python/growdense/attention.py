@@ -170,23 +170,23 @@ class GrowMultiheadAttention(_GrowModule):
         return layout
 
     _inits = _ATTENTION_INITS
-    _aliases = {"heads_out": "heads", "embed_dim_in": "embed_dim"}
 
-    def growth_spec(self):
+    def _growth_spec(self):
         """The declaration for :mod:`growdense.protocol`.
 
-        Module-local widths: ``"heads"`` (q/k/v rows, their biases, bias_k/bias_v:
-        producer, a unit is ``head_dim`` elements, q/k/v stacked as 3 blocks) and its
-        alias ``"heads_out"`` (out_proj's columns: consumer); ``"embed_dim"`` (out_proj's
-        rows and bias: producer) and its alias ``"embed_dim_in"`` (the columns of the
-        projections that read the model width: consumer); ``"kdim"`` and ``"vdim"``
-        (consumers) when key and value have their own widths.
+        Module-local widths, each with two roles: ``"heads"``: the q/k/v rows, their
+        biases and bias_k/bias_v compute them (producer; a unit is ``head_dim``
+        elements, q/k/v stacked as 3 blocks) and out_proj's columns read them
+        (consumer); ``"embed_dim"`` (the residual stream): the columns of the projections
+        that read the model width (consumer) and out_proj's rows and bias, which write
+        it (producer). ``"kdim"`` and ``"vdim"`` (consumers) when key and value have their
+        own widths.
         """
         from . import protocol as p
 
         d = self.head_dim
         heads = p.Axis(0, "heads", p.PRODUCER, unit=d)
-        e_in = p.Axis(1, "embed_dim_in", p.CONSUMER)
+        e_in = p.Axis(1, "embed_dim", p.CONSUMER)
         e_out = p.Axis(0, "embed_dim", p.PRODUCER)
         tensors = [
             p.TensorSpec("in_proj_weight", (p.Axis(0, "heads", p.PRODUCER, unit=d, blocks=3), e_in)),
@@ -196,10 +196,10 @@ class GrowMultiheadAttention(_GrowModule):
             p.TensorSpec("in_proj_bias", (p.Axis(0, "heads", p.PRODUCER, unit=d, blocks=3),), fill=0.0),
             p.TensorSpec("bias_k", (p.Axis(2, "heads", p.PRODUCER, unit=d),), fill=0.0),
             p.TensorSpec("bias_v", (p.Axis(2, "heads", p.PRODUCER, unit=d),), fill=0.0),
-            p.TensorSpec("out_proj.weight", (e_out, p.Axis(1, "heads_out", p.CONSUMER, unit=d))),
+            p.TensorSpec("out_proj.weight", (e_out, p.Axis(1, "heads", p.CONSUMER, unit=d))),
             p.TensorSpec("out_proj.bias", (e_out,), fill=0.0),
         ]
-        widths = ("heads", "heads_out", "embed_dim", "embed_dim_in") + (() if self._packed else ("kdim", "vdim"))
+        widths = ("heads", "embed_dim") + (() if self._packed else ("kdim", "vdim"))
         return p.GrowthSpec(widths, tuple(t for t in tensors if self._tensor(t.name) is not None))
 
     @property

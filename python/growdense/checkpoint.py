@@ -360,23 +360,29 @@ def _check_wiring(payload: Mapping[str, Any], model: nn.Module, wiring: Wiring) 
     names = {id(module): name for name, module in model.named_modules()}
     saved = payload["model"]
 
-    def loaded_widths(layer: GrowLinear) -> tuple[int, int]:
+    def loaded_width(layer: nn.Module, width: str) -> int:
+        """The active count of ``layer``'s module-local ``width`` in the saved state."""
         if id(layer) not in names:
             raise CheckpointError(
-                "the wiring refers to a GrowLinear that is not part of this model; build the wiring from the "
-                "model's own layers"
+                f"the wiring refers to a {type(layer).__name__} that is not part of this model; build the wiring "
+                f"from the model's own layers"
             )
         key = (names[id(layer)] + "." if names[id(layer)] else "") + "_extra_state"
-        return layer._widths_from_extra_state(saved[key])  # checked by _check_model
+        widths = layer._widths_from_extra_state(saved[key])  # checked by _check_model
+        if isinstance(layer, GrowLinear):
+            return widths[0] if width == "in" else widths[1]
+        return widths[layer._own_width(width)]
 
     for name in wiring.names():
-        producer = wiring.producer(name)
-        width = loaded_widths(producer)[1]
-        for consumer in wiring.consumers(name):
-            if loaded_widths(consumer)[0] != width:
+        members = wiring.members(name)
+        first, first_width, _ = members[0]
+        width = loaded_width(first, first_width)
+        for module, local, role in members[1:]:
+            if loaded_width(module, local) != width:
                 raise CheckpointError(
-                    f"in the checkpoint, hidden width {name!r} has producer out_features={width} but a consumer "
-                    f"in_features={loaded_widths(consumer)[0]}: the wiring does not match the saved model"
+                    f"in the checkpoint, hidden width {name!r} has {type(first).__name__}.{first_width}={width} but "
+                    f"{type(module).__name__}.{local}={loaded_width(module, local)}: the wiring does not match the "
+                    f"saved model"
                 )
         if saved_widths is not None and width != saved_widths[name]:
             raise CheckpointError(

@@ -89,11 +89,27 @@ class GrowEmbedding(_GrowModule):
     def _layout(self) -> Layout:
         return {"weight": (((self.num_embeddings, None),), ((self._capacities["embedding_dim"], "embedding_dim"),))}
 
-    def growth_spec(self):
-        """The declaration for :mod:`growdense.protocol`: the weight's columns ride ``embedding_dim``."""
+    def _growth_spec(self):
+        """The declaration for :mod:`growdense.protocol`: the weight's columns ride ``embedding_dim``.
+
+        New columns: N(0, 1) under ``"he"`` (as :meth:`grow` and ``nn.Embedding`` draw),
+        zero under ``"zero_out"`` (every token's embedding keeps its values and is zero
+        in the new dimensions); ``"split"`` copies the sources' columns. The padding row
+        stays zero (:meth:`on_grow_`).
+        """
         from . import protocol as p
 
-        return p.GrowthSpec(("embedding_dim",), (p.TensorSpec("weight", (p.Axis(1, "embedding_dim", p.RIDER),)),))
+        return p.GrowthSpec(("embedding_dim",), (
+            p.TensorSpec(
+                "weight", (p.Axis(1, "embedding_dim", p.RIDER),), inits=(("he", p.Normal(1.0)), ("zero_out", 0.0))
+            ),
+        ))
+
+    @torch.no_grad()
+    def on_grow_(self, width: str, start: int, stop: int, init: str, **options) -> None:
+        """Called by a :class:`~growdense.Wiring` after it wrote columns ``[start, stop)``: the padding row stays zero."""
+        if self.padding_idx is not None:
+            self.weight[self.padding_idx, start:stop].zero_()
 
     @property
     def embedding_dim(self) -> int:

@@ -40,30 +40,45 @@ def _check_common(change: Change) -> None:
 
 
 class HeInit:
-    """``"he"``: He-normal incoming and outgoing weights, declared fills elsewhere (the study's)."""
+    """``"he"``: He-normal incoming and outgoing weights, declared values elsewhere (the study's)."""
 
     name = "he"
     outgoing_zero = False
+    options: tuple[str, ...] = ()
 
     def check(self, change: Change, **options: Any) -> None:
         _check_common(change)
         options.pop("split_noise", None)  # accepted (and unused) by every built-in, as before
-        check_options(self.name, options, ())
+        check_options(self.name, options, self.options)
 
     def apply_(self, change: Change, **options: Any) -> None:
         for s in change.slices:
-            if s.spec.fill is not None or s.role == RIDER:
-                continue  # written from the declaration
+            if s.declared(self.name) is not None or s.role == RIDER:
+                continue  # written from the declaration (a rider without one stays zero)
             if s.role == CONSUMER and self.outgoing_zero:
                 continue  # zero already (outside the active block)
             s.normal_(_he_std(s.fan_in), change.generator)
 
 
 class ZeroOutInit(HeInit):
-    """``"zero_out"``: He-normal incoming weights, zero outgoing ones: the function is unchanged."""
+    """``"zero_out"``: He-normal incoming weights, zero outgoing ones: the function is unchanged.
+
+    Option ``ramp_steps`` (an int >= 1): how many ``ramp_step`` calls a growable norm on the
+    width takes to bring its new features in (default: the norm's ``ramp_steps``).
+    """
 
     name = "zero_out"
     outgoing_zero = True
+    options = ("ramp_steps",)
+
+    def check(self, change: Change, **options: Any) -> None:
+        super().check(change, **options)
+        if "ramp_steps" in options:
+            steps = options["ramp_steps"]
+            if isinstance(steps, bool) or not isinstance(steps, int):
+                raise TypeError(f"ramp_steps must be an int, got {type(steps).__name__}")
+            if steps < 1:
+                raise ValueError(f"ramp_steps must be >= 1, got {steps}")
 
 
 class SplitInit:

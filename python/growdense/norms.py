@@ -15,7 +15,14 @@ step) until it reaches 1. With factors ``r_i`` (1 for the old features)::
 
 At the growth (``r = 0`` on the new features) the old outputs are exactly those of the
 norm before the growth and the new ones are zero, whatever the new inputs; at ``r = 1``
-it is the plain norm of the full width; in between it moves continuously.
+it is the plain norm of the full width; in between it moves continuously. The same holds
+for RMSNorm (``ms = sum(r_i x_i^2) / sum(r_i)``): its mean of squares over the larger
+width would change even when the new inputs are zero (the divisor grows), so it ramps too.
+
+Under a :class:`~growdense.Wiring` the same happens: growing a width that holds a norm
+with ``init="zero_out"`` starts the ramp (``ramp_steps``: an option of ``grow``, default
+the norm's :attr:`ramp_steps`); the ramp's factors move with the features (a permutation,
+``keep="norm"``). Other inits let the new features in at once.
 """
 
 from __future__ import annotations
@@ -77,9 +84,11 @@ class _GrowNorm(_GrowModule):
         else:
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
-        # The ramp (see the module docstring): a factor per feature and its rise per step.
-        self.register_buffer("_ramp", torch.ones(cap, **factory), persistent=False)
+        # The ramp (see the module docstring): a factor per feature and its rise per step
+        # (zero outside the active part, as every declared tensor).
+        self.register_buffer("_ramp", torch.zeros(cap, **factory), persistent=False)
         self.register_buffer("_ramp_rate", torch.zeros(cap, **factory), persistent=False)
+        self.ramp_steps = 100  # the default length of a ramp started by a Wiring's zero_out growth
         self._ramping = False
         self._ramp_left = 0
         self.reset_parameters()
@@ -88,12 +97,37 @@ class _GrowNorm(_GrowModule):
         cap = self._capacities["features"]
         return {"weight": (((cap, "features"),),), "bias": (((cap, "features"),),)}
 
-    def growth_spec(self):
-        """The declaration for :mod:`growdense.protocol`: weight (new: 1) and bias (new: 0) ride ``features``."""
+    def _growth_spec(self):
+        """The declaration for :mod:`growdense.protocol`: weight (new: 1) and bias (new: 0) ride ``features``.
+
+        So do the ramp's factor (new: 1; :meth:`on_grow_` sets 0 under ``zero_out``) and
+        rate (new: 0), so that they move with their features.
+        """
         from . import protocol as p
 
         axes = (p.Axis(0, "features", p.RIDER),)
-        return p.GrowthSpec(("features",), (p.TensorSpec("weight", axes, fill=1.0), p.TensorSpec("bias", axes, fill=0.0)))
+        return p.GrowthSpec(("features",), (
+            p.TensorSpec("weight", axes, fill=1.0),
+            p.TensorSpec("bias", axes, fill=0.0),
+            p.TensorSpec("_ramp", axes, fill=1.0),
+            p.TensorSpec("_ramp_rate", axes, fill=0.0),
+        ))
+
+    @torch.no_grad()
+    def on_grow_(self, width: str, start: int, stop: int, init: str, **options: Any) -> None:
+        """Called by a :class:`~growdense.Wiring` after it wrote features ``[start, stop)``:
+        under ``init="zero_out"`` they ramp in over ``options["ramp_steps"]`` steps (default
+        :attr:`ramp_steps`), so that the output is exactly unchanged at the growth."""
+        if init != "zero_out" or stop <= start:
+            return
+        steps = options.get("ramp_steps", self.ramp_steps)
+        self._start_ramp(start, stop, steps)
+
+    def _start_ramp(self, start: int, stop: int, steps: int) -> None:
+        self._ramp[start:stop].zero_()
+        self._ramp_rate[start:stop].fill_(1.0 / steps)
+        self._ramp_left = max(self._ramp_left, steps)
+        self._ramping = True
 
     @property
     def normalized_shape(self) -> tuple[int]:
@@ -125,6 +159,8 @@ class _GrowNorm(_GrowModule):
             self.weight[start:stop].fill_(1.0)
         if self.bias is not None:
             self.bias[start:stop].zero_()
+        self._ramp[start:stop].fill_(1.0)
+        self._ramp_rate[start:stop].zero_()
 
     @torch.no_grad()
     def grow(self, n: int, init: str = "he", *, ramp_steps: int = 100) -> None:
@@ -142,10 +178,7 @@ class _GrowNorm(_GrowModule):
         start = self.features
         self.resize("features", start + n, init)
         if init == "zero_out" and n:
-            self._ramp[start : start + n].zero_()
-            self._ramp_rate[start : start + n].fill_(1.0 / ramp_steps)
-            self._ramp_left = max(self._ramp_left, ramp_steps)
-            self._ramping = True
+            self._start_ramp(start, start + n, ramp_steps)
 
     def shrink(self, to: int) -> None:
         """Keep the first ``to`` features; zero the others (weight, bias, gradients)."""
@@ -155,8 +188,9 @@ class _GrowNorm(_GrowModule):
         self.resize("features", to)
 
     def _after_shrink(self, width: str, new: int, old: int) -> None:
-        self._ramp[new:old].fill_(1.0)
-        self._ramp_rate[new:old].zero_()
+        with torch.no_grad():
+            self._ramp[new:old].zero_()
+            self._ramp_rate[new:old].zero_()
 
     @torch.no_grad()
     def ramp_step(self) -> None:
@@ -175,7 +209,8 @@ class _GrowNorm(_GrowModule):
 
     def _end_ramp(self) -> None:
         with torch.no_grad():
-            self._ramp.fill_(1.0)
+            self._ramp.zero_()
+            self._ramp[: self.features].fill_(1.0)
             self._ramp_rate.zero_()
         self._ramping = False
         self._ramp_left = 0

@@ -139,13 +139,13 @@ def unit_norms(hidden) -> Tensor:
     """
     parts = []
     for m in hidden.members:
-        if m.role != protocol.PRODUCER:
+        if protocol.PRODUCER not in m.roles:
             continue
         cap = protocol.capacity(m.module, m.width)
         width = m.module.active_width(m.width)
         for spec, t in protocol.members_of(m.module):
             axis = spec.axis(m.width)
-            if axis is not None and spec.fill is None:
+            if axis is not None and axis.role == protocol.PRODUCER and spec.fill is None:
                 parts.append((axis, cap, width, t[tuple(slice(0, e) for e in protocol.active_extent(m.module, spec))]))
     if not parts:
         raise ValueError("keep='norm' needs a producer with incoming weights")

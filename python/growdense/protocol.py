@@ -24,6 +24,12 @@ along the width's dimension:
   New slices get the declared :attr:`TensorSpec.fill` (1 for a norm's weight, 0 for a
   bias); ``split`` copies the sources' values.
 
+A module-local width may carry several roles on different tensors: an attention's
+``"heads"`` are computed by its q/k/v rows (producer) and read by its output
+projection's columns (consumer); its ``"embed_dim"`` (the residual stream) is read by the
+q/k/v columns and written by the output projection's rows. Each :class:`Axis` names its
+role; :meth:`GrowthSpec.roles` lists a width's.
+
 One *unit* of a width may span several elements (:attr:`Axis.unit`: a head is
 ``head_dim`` rows) and a dimension may hold the width several times over
 (:attr:`Axis.blocks`: an attention's stacked q, k, v projections): unit ``u`` of block
@@ -33,6 +39,13 @@ The pure-torch helpers below (:func:`element_ranges`, :func:`element_index`,
 :func:`zero_units_`, :func:`permute_units_`, :func:`normal_`) are the reference for
 whatever kernel a module names in its declaration (:attr:`TensorSpec.normal`).
 
+A tensor may also declare, per init strategy, what its new slices get
+(:attr:`TensorSpec.inits`: a constant or a :class:`Normal` draw), e.g. an embedding's
+columns: N(0, 1) under ``"he"`` (the module's own initialisation), zero under
+``"zero_out"``. A module that keeps state beyond its declared tensors (a norm's ramp) may
+define ``on_grow_(width, start, stop, init, **options)``: the wiring calls it after
+writing a growth's new slices (see :class:`Growable`).
+
 New init strategies register with :func:`register_init` (``Wiring.grow(name, n,
 init=...)`` looks them up; extra keyword arguments of ``grow`` are passed to the
 strategy's :meth:`InitStrategy.check` and :meth:`InitStrategy.apply_`). See
@@ -41,10 +54,11 @@ docs/adding-a-growable-module.md.
 
 from __future__ import annotations
 
+import itertools
 import math
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping, Optional, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Iterator, Mapping, Optional, Protocol, Sequence, Union, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -55,6 +69,7 @@ __all__ = [
     "RIDER",
     "ROLES",
     "Axis",
+    "Normal",
     "TensorSpec",
     "GrowthSpec",
     "Growable",
@@ -77,6 +92,8 @@ __all__ = [
     "register_owner",
     "holders",
     "active_block",
+    "bounding_block",
+    "call_on_grow_",
 ]
 
 PRODUCER = "producer"
@@ -113,12 +130,23 @@ class Axis:
 
 
 @dataclass(frozen=True)
+class Normal:
+    """A declared value for new slices: a draw from N(0, ``std``^2) (see :attr:`TensorSpec.inits`)."""
+
+    std: float
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.std, (int, float)) and math.isfinite(self.std) and self.std >= 0):
+            raise ValueError(f"Normal std must be a finite number >= 0, got {self.std!r}")
+
+
+@dataclass(frozen=True)
 class TensorSpec:
     """One Parameter or buffer of a growable module and the widths its dimensions ride.
 
     Args:
-        name: the attribute name in the module (``"weight"``); a ``None`` attribute (no
-            bias) is skipped.
+        name: the attribute name in the module (``"weight"``), or a dotted path into a
+            submodule (``"out_proj.weight"``); a ``None`` attribute (no bias) is skipped.
         axes: one :class:`Axis` per dimension that rides a width (at most one each);
             dimensions not listed are fixed.
         fill: the value of a new slice whatever the init strategy (``0.0`` for a bias,
@@ -130,6 +158,12 @@ class TensorSpec:
             0 (torch's convention for ``nn.Linear`` and convolutions).
         normal: the kernel that fills a block with normal values; ``None``: :func:`normal_`
             (its pure-torch twin, which tests compare the kernel against).
+        inits: per init strategy name, what a new slice gets under it: a constant
+            (``0.0``) or a :class:`Normal` draw (through :attr:`normal`); as pairs
+            ``(("he", Normal(1.0)), ("zero_out", 0.0))``. Written, like :attr:`fill`,
+            before the strategy runs, and the strategy leaves such slices alone (``split``
+            still copies producers' and riders' sources). Under an init not listed, the
+            strategy decides (a rider without a fill: left zero).
     """
 
     name: str
@@ -137,12 +171,32 @@ class TensorSpec:
     fill: Optional[float] = None
     fan_in_dims: Optional[tuple[int, ...]] = None
     normal: Optional[NormalKernel] = field(default=None, compare=False)
+    inits: tuple[tuple[str, Any], ...] = ()
+
+    def __post_init__(self) -> None:
+        for entry in self.inits:
+            if not (isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[0], str)):
+                raise TypeError(f"TensorSpec {self.name!r}: inits are (init name, value) pairs, got {entry!r}")
+            if not isinstance(entry[1], (int, float, Normal)) or isinstance(entry[1], bool):
+                raise TypeError(
+                    f"TensorSpec {self.name!r}: the value for init {entry[0]!r} must be a number or a Normal, "
+                    f"got {entry[1]!r}"
+                )
 
     def axis(self, width: str) -> Optional[Axis]:
         """The axis riding module-local ``width``, or ``None``."""
         for axis in self.axes:
             if axis.width == width:
                 return axis
+        return None
+
+    def declared(self, init: str) -> Any:
+        """What a new slice gets under ``init`` whatever the strategy: :attr:`fill`, else ``inits[init]``, else ``None``."""
+        if self.fill is not None:
+            return self.fill
+        for name, value in self.inits:
+            if name == init:
+                return value
         return None
 
 
@@ -157,16 +211,23 @@ class GrowthSpec:
         """``(tensor, axis)`` for every tensor with a dimension on module-local ``width``."""
         return [(t, a) for t in self.tensors for a in t.axes if a.width == width]
 
+    def roles(self, width: str) -> tuple[str, ...]:
+        """The roles of module-local ``width``'s tensors, in :data:`ROLES` order (one or several)."""
+        found = {a.role for _, a in self.riding(width)}
+        return tuple(r for r in ROLES if r in found)
+
     def role(self, width: str) -> str:
-        """The role of module-local ``width``: that of its tensors (they must agree)."""
-        roles = {a.role for _, a in self.riding(width)}
+        """The role of module-local ``width`` when its tensors all play one (else ``ValueError``: see :meth:`roles`)."""
+        roles = self.roles(width)
         if len(roles) != 1:
-            raise ValueError(f"module-local width {width!r} has roles {sorted(roles)}; declare exactly one")
-        return roles.pop()
+            raise ValueError(
+                f"module-local width {width!r} has roles {list(roles)}; use roles() for a width with several"
+            )
+        return roles[0]
 
     def width_with_role(self, role: str) -> Optional[str]:
-        """The only module-local width in ``role`` (``None`` when none or several)."""
-        found = [w for w in self.widths if self.riding(w) and self.role(w) == role]
+        """The only module-local width whose tensors all play ``role`` (``None`` when none or several)."""
+        found = [w for w in self.widths if self.roles(w) == (role,)]
         return found[0] if len(found) == 1 else None
 
 
@@ -191,6 +252,23 @@ class Growable(Protocol):
         """Set the active count of module-local ``width`` (bookkeeping only: no tensor writes)."""
         ...
 
+    # Optional (not part of the runtime check):
+    #
+    # def on_grow_(self, width: str, start: int, stop: int, init: str, **options) -> None:
+    #     """Called by the wiring after it wrote units [start, stop) of ``width`` (new
+    #     active count already set): update state beyond the declared tensors (a norm
+    #     starts its ramp under init="zero_out"). ``options`` are the strategy's."""
+    #
+    # def _growth_block(self, param) -> Optional[tuple[slice, ...]]:
+    #     """active_block(param), faster than the generic answer (called every step)."""
+
+
+def call_on_grow_(module: nn.Module, width: str, start: int, stop: int, init: str, options: Mapping[str, Any]) -> None:
+    """Call ``module.on_grow_`` if it has one (see :class:`Growable`)."""
+    hook = getattr(module, "on_grow_", None)
+    if hook is not None:
+        hook(width, start, stop, init, **options)
+
 
 def is_growable(module: object) -> bool:
     """Whether ``module`` is an ``nn.Module`` following :class:`Growable`."""
@@ -198,13 +276,28 @@ def is_growable(module: object) -> bool:
 
 
 # ---- geometry (pure torch) ------------------------------------------------------------
-def tensor_of(module: nn.Module, spec: TensorSpec) -> Optional[Tensor]:
-    """The module's tensor named ``spec.name`` (``None`` if it has none)."""
-    if spec.name in module._parameters:
-        return module._parameters[spec.name]
-    if spec.name in module._buffers:
-        return module._buffers[spec.name]
-    return getattr(module, spec.name, None)
+def _resolve(module: nn.Module, name: str) -> tuple[Optional[nn.Module], str]:
+    """The submodule holding the tensor at dotted path ``name`` and its attribute name."""
+    owner, _, attr = name.rpartition(".")
+    if not owner:
+        return module, attr
+    try:
+        return module.get_submodule(owner), attr
+    except AttributeError:
+        return None, attr
+
+
+def tensor_of(module: nn.Module, spec: Union[TensorSpec, str]) -> Optional[Tensor]:
+    """The module's tensor at ``spec.name`` (a dotted path reaches into submodules); ``None`` if it has none."""
+    holder, name = _resolve(module, spec if isinstance(spec, str) else spec.name)
+    if holder is None:
+        return None
+    if name in holder._parameters:
+        return holder._parameters[name]
+    if name in holder._buffers:
+        return holder._buffers[name]
+    value = getattr(holder, name, None)
+    return value if isinstance(value, Tensor) else None
 
 
 def capacity(module: nn.Module, width: str) -> int:
@@ -302,8 +395,14 @@ class Member:
         return self.module.growth_spec()  # type: ignore[attr-defined]
 
     @property
+    def roles(self) -> tuple[str, ...]:
+        """The roles its tensors play along the width (see :meth:`GrowthSpec.roles`)."""
+        return self.spec.roles(self.width)
+
+    @property
     def role(self) -> str:
-        return self.spec.role(self.width)
+        """Its role, or its roles joined by ``"+"`` (``"producer+consumer"``) when it plays several."""
+        return "+".join(self.roles)
 
 
 @dataclass(frozen=True)
@@ -334,12 +433,28 @@ class Slice:
 
     @property
     def index(self) -> list[tuple[slice, ...]]:
-        out = []
-        for first, length in element_ranges(self.axis, self.capacity, self.start, self.stop):
-            idx = [slice(0, e) for e in self.extent]
-            idx[self.axis.dim] = slice(first, first + length)
-            out.append(tuple(idx))
-        return out
+        """One tuple of slices per rectangle of the new units: every block of this axis, and
+        along another dimension whose width is stacked in blocks, each block's active units."""
+        per_dim: list[list[tuple[int, int]]] = []
+        for dim, extent in enumerate(self.extent):
+            if dim == self.axis.dim:
+                per_dim.append(element_ranges(self.axis, self.capacity, self.start, self.stop))
+                continue
+            other = next((a for a in self.spec.axes if a.dim == dim), None)
+            if other is not None and other.blocks > 1:
+                cap = self.tensor.shape[dim] // (other.unit * other.blocks)
+                per_dim.append(element_ranges(other, cap, 0, self.module.active_width(other.width)))  # type: ignore[attr-defined]
+            else:
+                per_dim.append([(0, extent)])
+        return [tuple(slice(f, f + n) for f, n in combo) for combo in itertools.product(*per_dim)]
+
+    def zero_stacked_outside_(self) -> None:
+        """Zero the inactive units of this tensor's other stacked widths (blocks > 1): a safety
+        net for strategies that write whole active extents (``split``)."""
+        for other in self.spec.axes:
+            if other.dim != self.axis.dim and other.blocks > 1:
+                cap = self.tensor.shape[other.dim] // (other.unit * other.blocks)
+                zero_units_(self.tensor, other, cap, self.module.active_width(other.width), cap)  # type: ignore[attr-defined]
 
     @property
     def fan_in(self) -> int:
@@ -358,6 +473,21 @@ class Slice:
         for index in self.index:
             self.tensor[index].fill_(value)
 
+    def declared(self, init: str) -> Any:
+        """What the declaration gives this slice under ``init`` (see :meth:`TensorSpec.declared`)."""
+        return self.spec.declared(init)
+
+    def write_declared_(self, init: str, generator: Optional[torch.Generator] = None) -> bool:
+        """Write the declared value under ``init`` (a constant or a :class:`Normal` draw); whether there was one."""
+        value = self.declared(init)
+        if value is None:
+            return False
+        if isinstance(value, Normal):
+            self.normal_(value.std, generator)
+        elif value != 0:  # new slices are zero already (outside the active part)
+            self.fill_(value)
+        return True
+
 
 @dataclass
 class Change:
@@ -374,6 +504,7 @@ class Change:
     members: tuple[Member, ...]
     slices: tuple[Slice, ...]
     generator: Optional[torch.Generator] = None
+    init: str = ""  # the strategy's name
 
     @property
     def n(self) -> int:
@@ -388,7 +519,8 @@ class InitStrategy(Protocol):
 
     :meth:`check` runs in the plan, before anything changes (raise ``ValueError`` /
     ``TypeError`` naming the problem); :meth:`apply_` writes every :class:`Slice` of the
-    change whose tensor has no declared :attr:`TensorSpec.fill` (those are written
+    change that has no declared value under its name (``slice.declared(change.init)``:
+    a :attr:`TensorSpec.fill` or an entry of :attr:`TensorSpec.inits`; those are written
     before it runs; a strategy may overwrite them, as ``split`` does). ``options`` are
     the extra keyword arguments of ``Wiring.grow`` (e.g. ``split_noise``, ``closure``).
     """
@@ -461,9 +593,16 @@ def holders(param: Tensor) -> list[nn.Module]:
     out = []
     for ref in entry[1]:
         module = ref()
-        if module is not None and any(p is param for p in module._parameters.values()):
+        if module is not None and _holds(module, param):
             out.append(module)
     return out
+
+
+def _holds(module: nn.Module, param: Tensor) -> bool:
+    """Whether ``module`` holds ``param`` now: as its own Parameter or as a declared tensor (a dotted path)."""
+    if any(p is param for p in module._parameters.values()):
+        return True
+    return any(t is param for _, t in members_of(module))
 
 
 def _block_in(module: nn.Module, param: Tensor) -> Optional[tuple[slice, ...]]:
@@ -471,11 +610,24 @@ def _block_in(module: nn.Module, param: Tensor) -> Optional[tuple[slice, ...]]:
     if fast is not None:
         return fast(param)
     for spec in module.growth_spec().tensors:  # type: ignore[attr-defined]
-        if module._parameters.get(spec.name) is param:
-            if any(a.blocks != 1 for a in spec.axes):
-                return None
-            return tuple(slice(0, e) for e in active_extent(module, spec))
+        if tensor_of(module, spec) is param:
+            return bounding_block(module, spec, param)
     return None
+
+
+def bounding_block(module: nn.Module, spec: TensorSpec, tensor: Tensor) -> tuple[slice, ...]:
+    """The smallest block ``(slice(0, e), ...)`` of ``tensor`` holding its active part.
+
+    Along a width with several blocks (q, k, v stacked) it runs to the end of the last
+    block's active units, so it also holds the inactive units of the earlier blocks
+    (zero, as everything outside the active part).
+    """
+    extent = list(tensor.shape)
+    for axis in spec.axes:
+        n = module.active_width(axis.width)  # type: ignore[attr-defined]
+        cap = tensor.shape[axis.dim] // (axis.unit * axis.blocks)
+        extent[axis.dim] = ((axis.blocks - 1) * cap + n) * axis.unit if n else 0
+    return tuple(slice(0, e) for e in extent)
 
 
 def active_block(param: Tensor) -> Optional[tuple[slice, ...]]:
@@ -483,8 +635,9 @@ def active_block(param: Tensor) -> Optional[tuple[slice, ...]]:
 
     For a GrowLinear: ``(slice(0, out_features), slice(0, in_features))`` for its
     ``weight``, ``(slice(0, out_features),)`` for its ``bias``. ``None`` for a tensor that
-    is not a growable module's Parameter, that several modules share, or whose active
-    part is not one block (stacked widths). Everything outside the block is zero (the
+    is not a growable module's Parameter, or that several modules share. Where the active
+    part is not one block (q, k and v stacked in one tensor, each with its active heads),
+    the smallest block holding it (:func:`bounding_block`). Everything outside the block is zero (the
     weights, their gradients and the optimizer state), which is what lets an optimizer
     step over the block only (:mod:`growdense.optim`).
     """

@@ -31,7 +31,7 @@ class _Hidden:
 
     @property
     def consumers(self) -> tuple:
-        return tuple(m.module for m in self.members if m.role == CONSUMER)
+        return tuple(m.module for m in self.members if CONSUMER in m.roles)
 
     def layers(self) -> tuple:
         seen: dict[int, object] = {}
@@ -41,7 +41,7 @@ class _Hidden:
 
 
 def _role_name(role: str) -> str:
-    return {PRODUCER: "producer", CONSUMER: "consumer", RIDER: "rider"}[role]
+    return "+".join({PRODUCER: "producer", CONSUMER: "consumer", RIDER: "rider"}[r] for r in role.split("+"))
 
 
 def _check_optimizer(optimizer: object) -> Optional[torch.optim.Optimizer]:
@@ -211,13 +211,22 @@ class Wiring:
             )
         return width
 
-    def add_width(self, name: str, members: Sequence[tuple[nn.Module, str]]) -> None:
+    def add_width(self, name: str, members: Sequence[Union[tuple[nn.Module, str], nn.Module]]) -> None:
         """Register width ``name`` as the group of ``(module, module-local width)`` pairs riding it.
 
-        Each pair's role (producer, consumer or rider) is its module's declaration. The
-        group may hold any number of each, but at least one consumer or rider besides a
-        producer (e.g. a residual stream: the linears writing it, those reading it, the
-        norms' weights and biases). Every member must have the same active width.
+        A module with a single width (a norm, an embedding) may be listed alone. Each
+        member's roles (producer, consumer, rider; an attention's ``"heads"`` and
+        ``"embed_dim"`` play two) are its module's declaration. The group may hold any
+        number of each, but needs a consumer, or a producer and a rider. Every member must
+        have the same active width. A residual stream, for example::
+
+            wiring.add_width("stream", [
+                model.embed,                                   # its columns (rider)
+                *blocks_norms,                                 # weight and bias (riders)
+                (block.attn, "embed_dim"),                     # q/k/v columns, out_proj rows
+                (block.fc1, "in"), (block.fc2, "out"),         # the FFN reads and writes it
+                model.norm, (model.head, "in"),                # the final norm and the LM head
+            ])
         """
         optim_state.check_attachable(self.optimizer)  # its state may have changed since it was set
         if not isinstance(name, str) or not name:
@@ -226,6 +235,14 @@ class Wiring:
             raise ValueError(f"hidden width {name!r} is already registered")
         group = []
         for entry in members:
+            if isinstance(entry, nn.Module) and protocol.is_growable(entry):
+                widths = entry.growth_spec().widths  # type: ignore[operator]
+                if len(widths) != 1:
+                    raise TypeError(
+                        f"{name!r}: {type(entry).__name__} has widths {list(widths)}; list it as "
+                        f"({type(entry).__name__.lower()}, width) with the one riding {name!r}"
+                    )
+                entry = (entry, widths[0])
             if not (isinstance(entry, tuple) and len(entry) == 2):
                 raise TypeError(f"{name!r}: members are (module, width) pairs, got {entry!r}")
             module, width = entry
@@ -237,17 +254,24 @@ class Wiring:
             group.append(Member(module, width))
         if len({(id(m.module), m.width) for m in group}) != len(group):
             raise ValueError(f"{name!r}: the same consumer is listed twice")
-        roles = [m.role for m in group]
-        if not any(r == CONSUMER for r in roles) and not (roles.count(PRODUCER) and roles.count(RIDER)):
+        roles = {r for m in group for r in m.roles}
+        if CONSUMER not in roles and not (PRODUCER in roles and RIDER in roles):
             raise ValueError(f"{name!r}: a hidden width needs at least one consumer")
-        modules_by_role = {r: {id(m.module) for m in group if m.role == r} for r in ROLES_}
-        if modules_by_role[PRODUCER] & modules_by_role[CONSUMER]:
-            raise ValueError(f"{name!r}: a layer cannot consume its own output")
+        seen: dict[int, Member] = {}
+        for m in group:
+            first = seen.setdefault(id(m.module), m)
+            if first is not m:  # one module on the width twice, through two of its widths
+                if {first.roles, m.roles} == {(PRODUCER,), (CONSUMER,)}:
+                    raise ValueError(f"{name!r}: a layer cannot consume its own output")
+                raise ValueError(
+                    f"{name!r}: {type(m.module).__name__} is listed with two of its widths "
+                    f"({first.width!r} and {m.width!r}); a module rides a width through one of them"
+                )
         for other, hidden in self._hidden.items():
             for m in group:
                 if any(o.module is m.module and o.width == m.width for o in hidden.members):
                     verb = {PRODUCER: "this producer already produces", CONSUMER: "a consumer already consumes",
-                            RIDER: "a rider already rides"}[m.role]
+                            RIDER: "a rider already rides"}[m.roles[0]]
                     raise ValueError(f"{name!r}: {verb} hidden width {other!r}")
         widths = {m.module.active_width(m.width) for m in group}
         if len(widths) != 1:
@@ -260,7 +284,7 @@ class Wiring:
                     )
         # producers first, then consumers, then riders (the order strategies draw in)
         order = {PRODUCER: 0, CONSUMER: 1, RIDER: 2}
-        self._hidden[name] = _Hidden(tuple(sorted(group, key=lambda m: order[m.role])))
+        self._hidden[name] = _Hidden(tuple(sorted(group, key=lambda m: order[m.roles[0]])))
 
     def names(self) -> list[str]:
         """The registered hidden widths, in registration order."""
@@ -355,7 +379,7 @@ class Wiring:
         strategy = protocol.init_strategy(init)
         check_split_noise(split_noise)
         check_generator(generator)
-        strategy.check(Change("", 0, 0, (), (), generator), split_noise=split_noise, **init_options)
+        strategy.check(Change("", 0, 0, (), (), generator, strategy.name), split_noise=split_noise, **init_options)
 
     def _plan_grow(self, name, n, init, generator, options, optimizer_state, *, stacklevel: int) -> "_GrowPlan":
         """Validate a growth once (counts, capacities, the init and its options, the optimizer, writability)."""
@@ -378,14 +402,14 @@ class Wiring:
                 f"cannot grow {name!r} from {width} to {width + n}: it exceeds the capacity "
                 f"{cap} of its coupled layers ({', '.join(limits)})"
             )
-        change = self._change(name, hidden, width, width + n, generator)
+        change = self._change(name, hidden, width, width + n, generator, strategy.name)
         strategy.check(change, **options)
         policy = self.check_optimizer_state(optimizer_state, [name] if n > 0 else [], stacklevel=stacklevel + 1)
         if n > 0:
             self._check_writable(name, hidden)
         return _GrowPlan(hidden, change, strategy, options, policy)
 
-    def _change(self, name: str, hidden: _Hidden, start: int, stop: int, generator) -> Change:
+    def _change(self, name: str, hidden: _Hidden, start: int, stop: int, generator, init: str = "") -> Change:
         slices = []
         for m in hidden.members:
             units = {m.width: stop}
@@ -395,7 +419,7 @@ class Wiring:
                     continue
                 extent = protocol.active_extent(m.module, spec, units)
                 slices.append(Slice(m, spec, axis, tensor, start, stop, extent, protocol.capacity(m.module, m.width)))
-        return Change(name, start, stop, hidden.members, tuple(slices), generator)
+        return Change(name, start, stop, hidden.members, tuple(slices), generator, init)
 
     def _written(self, hidden: _Hidden) -> list[tuple[str, Tensor]]:
         """Every tensor a change of ``hidden`` writes, with a description: data, gradients, optimizer state."""
@@ -641,8 +665,10 @@ class _GrowPlan:
         change = self.change
         for m in change.members:
             m.module.set_active_width_(m.width, change.stop)
-        for s in change.slices:
-            fill = s.spec.fill
-            if fill is not None and fill != 0:  # outside the active part is zero already
-                s.fill_(fill)
+        for s in change.slices:  # declared values: fills, and this init's entry of TensorSpec.inits
+            s.write_declared_(change.init, change.generator)
         self.strategy.apply_(change, **self.options)  # type: ignore[attr-defined]
+        for s in change.slices:
+            s.zero_stacked_outside_()
+        for m in change.members:  # state beyond the declared tensors (a norm's ramp)
+            protocol.call_on_grow_(m.module, m.width, change.start, change.stop, change.init, self.options)
