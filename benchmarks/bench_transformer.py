@@ -13,9 +13,10 @@ and reported as medians and the median of the per-round ratios.
   (``torch.optim.AdamW``). Goal: at most 1.25x.
 - **step, full capacity**: the same at 128/4/512, capacity 128/4/512. Goal: at most 1.05x.
 - **growth event**: every width of the model grown at once, 64/2/256 -> 128/4/512
-  (``GPT.grow(64, 2, 256, init="zero_out")``: in place, the Parameters and the optimizer
-  stay; AdamW's state outside the active part is zero already, which is what the new
-  slices start from) against rebuilding (MSG's way,
+  (``GPT.grow(64, 2, 256, init="zero_out", optimizer_state="keep_global_step")`` through
+  the model's :class:`~growdense.Wiring`, built once beforehand: in place, the Parameters
+  and the optimizer stay, AdamW's moments of the new slices are set fresh, the norms start
+  their ramp) against rebuilding (MSG's way,
   :func:`growdense.models.gpt.rebuild_grown`: a new ``PlainGPT`` of the new size, the
   weights copied, the new slices written, a new AdamW whose moments are the old ones
   zero-padded). Each event runs on a fresh copy (made outside the timing) of a model that
@@ -124,8 +125,14 @@ def growth_amounts(s: dict) -> tuple[int, int, int]:
 
 
 def grow_in_place(pair, amounts, generator) -> None:
-    model, _ = pair
-    model.grow(*amounts, init="zero_out", generator=generator)
+    model, _, wiring = pair
+    model.grow(*amounts, init="zero_out", generator=generator, wiring=wiring, optimizer_state="keep_global_step")
+
+
+def with_wiring(pair):
+    """``(model, optimizer, the model's Wiring over the optimizer)``: built once, as a user does."""
+    model, opt = pair
+    return model, opt, model.wiring(opt)
 
 
 def grow_by_rebuilding(pair, amounts, generator):
@@ -148,6 +155,8 @@ def time_growth(s: dict, device: str, warmup: int, reps: int, max_seconds: float
     for r in range(warmup + reps):
         for name in (list(sides) if r % 2 == 0 else list(sides)[::-1]):
             pair = copy.deepcopy(templates[name])
+            if name == "growdense":
+                pair = with_wiring(pair)
             common.sync(device)
             t0 = time.perf_counter()
             kept = sides[name](pair)
@@ -161,7 +170,7 @@ def time_growth(s: dict, device: str, warmup: int, reps: int, max_seconds: float
 
 
 def tensors_of(pair) -> dict[str, torch.Tensor]:
-    model, opt = pair
+    model, opt = pair[:2]
     out = {}
     for name, p in model.named_parameters():
         out[name] = p
@@ -205,13 +214,17 @@ def growth_allocations(s: dict, device: str) -> dict:
         ("growdense", (gm, gopt), lambda pair: grow_in_place(pair, amounts, generator)),
         ("rebuild", (pm, popt), lambda pair: grow_by_rebuilding(pair, amounts, generator)),
     ):
-        grow_in_place(copy.deepcopy((gm, gopt)), amounts, generator)  # warm: first calls load kernels
+        grow_in_place(with_wiring(copy.deepcopy((gm, gopt))), amounts, generator)  # warm-up
         grow_by_rebuilding(copy.deepcopy((pm, popt)), amounts, generator)
         pair = copy.deepcopy(template)
+        if name == "growdense":
+            pair = with_wiring(pair)
         before = {k: t.data_ptr() for k, t in tensors_of(pair).items()}
         kept = {}
         prof = profiled_bytes(lambda: kept.setdefault("r", fn(pair)))
         pair2 = copy.deepcopy(template)
+        if name == "growdense":
+            pair2 = with_wiring(pair2)
         with common.NewBytes(device) as nb:
             fn(pair2)
         result = kept["r"] if kept["r"] is not None else pair

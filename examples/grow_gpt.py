@@ -6,9 +6,12 @@ Python ships, nothing downloaded). Three runs on the same batches, the same seed
 same AdamW hyper-parameters and learning-rate schedule:
 
 - ``grow``: :class:`growdense.models.GPT` starts at width 64, 2 heads of 32, FFN 256 and
-  grows in place, with the same Parameters and the same ``growdense.optim.AdamW``, to
-  96/3/384 and then 128/4/512 (``init="zero_out"``: the output is unchanged at each
-  growth, new residual features ramp into the norms over ``--ramp-steps`` steps);
+  grows in place through one :class:`growdense.Wiring` (``GPT.wiring``: the residual
+  stream, each block's heads and FFN width), with the same Parameters and the same
+  ``growdense.optim.AdamW``, to 96/3/384 and then 128/4/512 (``init="zero_out"``: the
+  output is unchanged at each growth, new residual features ramp into the norms over
+  ``--ramp-steps`` steps; the grown units' AdamW moments start at zero with the
+  Parameter's step count, ``--optimizer-state keep_global_step``, as rebuilding does);
 - ``fixed``: the same model at its final size 128/4/512 from scratch;
 - ``rebuild``: the grow run's starting weights in a plain-PyTorch model
   (:class:`growdense.models.gpt.PlainGPT`), grown at the same steps the way growth is
@@ -164,6 +167,7 @@ def train(mode: str, args, train_data: torch.Tensor, val_batches: list) -> dict:
     else:
         optimizer = growdense.optim.AdamW(model.parameters(), **hyper)
     grow_generator = torch.Generator().manual_seed(args.seed + 1)
+    wiring = model.wiring(optimizer) if mode == "grow" else None
     batches = Batches(train_data, args.batch_size, args.block_size, args.seed)
     record = {"mode": mode, "train_loss": [], "val": [], "events": [], "step_seconds": []}
     record["val"].append((0, evaluate(model, val_batches)))
@@ -175,7 +179,8 @@ def train(mode: str, args, train_data: torch.Tensor, val_batches: list) -> dict:
                 before = model(x_check)
             t0 = time.perf_counter()
             if mode == "grow":
-                model.grow(d, h, f, init="zero_out", ramp_steps=args.ramp_steps, generator=grow_generator)
+                model.grow(d, h, f, init="zero_out", ramp_steps=args.ramp_steps, generator=grow_generator,
+                           wiring=wiring, optimizer_state=args.optimizer_state)
             else:
                 model, optimizer = rebuild_grown(model, optimizer, d, h, f, ramp_steps=args.ramp_steps,
                                                  generator=grow_generator)
@@ -290,6 +295,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=30)
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--ramp-steps", type=int, default=50)
+    p.add_argument("--optimizer-state", default="keep_global_step", choices=("keep_global_step", "keep", "reset"),
+                   help="what AdamW's state of grown units becomes (growdense.Wiring.grow); keep_global_step "
+                   "(zero moments, the Parameter's step count) is what rebuilding with zero-padded moments does")
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--eval-batches", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)

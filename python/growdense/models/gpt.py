@@ -186,7 +186,6 @@ class GPT(nn.Module):
         return self.head(self.ln_f(x))
 
     # ---- growth --------------------------------------------------------------------------
-    @torch.no_grad()
     def grow(
         self,
         d_model: int = 0,
@@ -196,18 +195,24 @@ class GPT(nn.Module):
         init: str = "zero_out",
         ramp_steps: int = 100,
         generator: Optional[torch.Generator] = None,
+        optimizer: Optional[torch.optim.Optimizer] = None,
+        optimizer_state: Optional[str] = None,
+        wiring=None,
     ) -> None:
         """Add ``d_model`` residual features, ``heads`` heads and ``d_ff`` FFN neurons to every block, in place.
 
-        ``init="zero_out"`` keeps the output exactly at the growth: new FFN neurons and
-        heads get He-normal incoming weights and zero outgoing ones; new residual features
-        are zero in the embeddings, the linears writing the stream draw their new rows
-        He-normal, those reading it get zero new columns, and every norm ramps them in
-        over ``ramp_steps`` calls of :meth:`ramp_step`. ``init="he"`` draws every new
-        weight He-normal (embeddings N(0, 1)) and lets new features into the norms at
-        once. The Parameters keep their storage: the optimizer's state outside the old
-        active part is zero, which is what the new slices then start from (Adam's moments
-        zero, its step count the Parameter's). All sizes are checked before anything changes.
+        Goes through :meth:`wiring` (or the ``wiring`` given, built by it): the residual
+        stream first, then each block's heads and FFN width. ``init="zero_out"`` keeps the
+        output exactly at the growth: new FFN neurons and heads get He-normal incoming
+        weights and zero outgoing ones; new residual features are zero in the embeddings,
+        the linears writing the stream draw their new rows He-normal, those reading it get
+        zero new columns, and every norm ramps them in over ``ramp_steps`` calls of
+        :meth:`ramp_step`. ``init="he"`` draws every new weight (embeddings N(0, 1)) and
+        lets new features into the norms at once. The Parameters keep their storage;
+        ``optimizer``'s state follows under ``optimizer_state`` (see
+        :meth:`growdense.Wiring.grow`: ``"keep"`` gives new units their own step count,
+        ``"keep_global_step"`` zero moments and the Parameter's step count, as rebuilding
+        with zero-padded moments does). All sizes are checked before anything changes.
         """
         if init not in ("zero_out", "he"):
             raise ValueError(f"unknown init {init!r}; expected 'zero_out' or 'he'")
@@ -221,50 +226,44 @@ class GPT(nn.Module):
                     f"cannot grow {name} from {now[name]} to {now[name] + n}: its capacity is {caps[name]}; "
                     f"build the GPT with capacity_{'heads' if name == 'heads' else name} of at least {now[name] + n}"
                 )
-        zero = init == "zero_out"
-        reader = "zero" if zero else "he"
+        if wiring is None:
+            wiring = self.wiring(optimizer)
+        elif optimizer is not None and wiring.optimizer is not optimizer:
+            raise ValueError("pass either a wiring or an optimizer: the wiring's optimizer is the one that follows")
+        options = {"init": init, "generator": generator, "optimizer_state": optimizer_state}
         if d_model:
-            for emb in (self.tok_emb, self.pos_emb):
-                emb.grow(d_model, "zero_out" if zero else "he", generator=generator)
-            for norm in self.norms():
-                norm.grow(d_model, init, ramp_steps=ramp_steps)
-            for b in self.blocks:
-                b.attn.grow_embed_dim(d_model, init, generator=generator)
-                b.fc1.grow_in(d_model, reader, generator=generator)
-                b.fc2.grow_out(d_model, "he", generator=generator)
-            self.head.grow_in(d_model, reader, generator=generator)
-        for b in self.blocks:
+            extra = {"ramp_steps": ramp_steps} if init == "zero_out" else {}
+            wiring.grow("residual", d_model, **options, **extra)
+        for i in range(len(self.blocks)):
             if heads:
-                b.attn.grow_heads(heads, init, generator=generator)
+                wiring.grow(f"heads{i}", heads, **options)
             if d_ff:
-                b.fc1.grow_out(d_ff, "he", generator=generator)
-                b.fc2.grow_in(d_ff, reader, generator=generator)
+                wiring.grow(f"ffn{i}", d_ff, **options)
 
     def ramp_step(self) -> None:
         """Advance the norms' ramp of residual features grown with ``init="zero_out"`` (call after each step)."""
         for norm in self.norms():
             norm.ramp_step()
 
-    def wiring(self, optimizer: Optional[torch.optim.Optimizer] = None):
-        """A :class:`~growdense.Wiring` over this model's widths.
+    def wiring(self, optimizer: Optional[torch.optim.Optimizer] = None, **kwargs):
+        """A :class:`~growdense.Wiring` over this model's widths (``kwargs`` go to ``Wiring``).
 
         ``"residual"``: every module reading or writing the residual stream (embeddings
-        and norms ride it, the attentions' ``out_proj`` rows and ``fc2`` rows produce it,
-        the attentions' input projections, ``fc1`` and ``head`` consume it);
-        ``"heads{i}"``: block ``i``'s attention heads (q/k/v rows and ``out_proj``
+        and norms ride it, each attention's ``"embed_dim"``: ``out_proj`` rows produce it,
+        q/k/v columns consume it; ``fc2`` rows produce it; ``fc1`` and ``head`` consume
+        it); ``"heads{i}"``: block ``i``'s attention heads (q/k/v rows and ``out_proj``
         columns); ``"ffn{i}"``: block ``i``'s FFN width (``fc1`` rows, ``fc2`` columns).
         """
         from ..wiring import Wiring
 
-        w = Wiring(optimizer)
-        members = [(self.tok_emb, "embedding_dim"), (self.pos_emb, "embedding_dim")]
+        w = Wiring(optimizer, **kwargs)
+        stream: list = [self.tok_emb, self.pos_emb]
         for b in self.blocks:
-            members += [(b.ln1, "features"), (b.attn, "embed_dim"), (b.attn, "embed_dim_in"), (b.ln2, "features"),
-                        (b.fc1, "in"), (b.fc2, "out")]
-        members += [(self.ln_f, "features"), (self.head, "in")]
-        w.add_width("residual", members)
+            stream += [b.ln1, (b.attn, "embed_dim"), b.ln2, (b.fc1, "in"), (b.fc2, "out")]
+        stream += [self.ln_f, (self.head, "in")]
+        w.add_width("residual", stream)
         for i, b in enumerate(self.blocks):
-            w.add_width(f"heads{i}", [(b.attn, "heads"), (b.attn, "heads_out")])
+            w.add_width(f"heads{i}", [(b.attn, "heads")])
             w.add(f"ffn{i}", b.fc1, [b.fc2])
         return w
 
