@@ -190,7 +190,7 @@ def train(mode: str, args, train_data: torch.Tensor, val_batches: list) -> dict:
             widths = model.widths() if mode == "grow" else {
                 "d_model": model.sizes["d_model"], "heads": model.sizes["n_head"], "d_ff": model.sizes["d_ff"]}
             record["events"].append({"step": step, "seconds": seconds, "widths": widths,
-                                     "output_change": change})
+                                     "output_change": change, "max_abs_logit": before.abs().max().item()})
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, args)
         x, y = batches.next()
@@ -225,6 +225,29 @@ LABELS = {
 COLORS = {"grow": "C0", "fixed": "C1", "rebuild": "C2"}
 
 
+def step_flops(widths: dict, args) -> float:
+    """Analytic FLOPs of one training step (3x the forward; a multiply-add is 2 FLOPs; causal attention T/2)."""
+    d, h, f = widths["d_model"], widths["heads"], widths["d_ff"]
+    inner = h * (args.d_model // args.heads)
+    per_token = args.n_layer * (4 * d * inner + 2 * d * f + args.block_size * inner) + d * len(VOCAB)
+    return 3 * 2 * args.batch_size * args.block_size * per_token
+
+
+def cumulative_flops(rec: dict, args) -> list[float]:
+    """Training FLOPs after each step, with the widths each step ran at."""
+    if rec["mode"] == "fixed":
+        widths = {"d_model": args.final_d_model, "heads": args.final_heads, "d_ff": args.final_d_ff}
+    else:
+        widths = {"d_model": args.d_model, "heads": args.heads, "d_ff": args.d_ff}
+    changes = {e["step"]: e["widths"] for e in rec["events"]}
+    out, total = [], 0.0
+    for step in range(len(rec["train_loss"])):
+        widths = changes.get(step, widths)
+        total += step_flops(widths, args)
+        out.append(total)
+    return out
+
+
 def plot(records: dict, args, path: Path) -> None:
     import matplotlib
 
@@ -234,28 +257,28 @@ def plot(records: dict, args, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     for mode, rec in records.items():
         steps = range(1, len(rec["train_loss"]) + 1)
-        seconds = [sum(rec["step_seconds"][:i]) for i in steps]
+        flops = [x / 1e12 for x in cumulative_flops(rec, args)]
         ls = "--" if mode == "rebuild" else "-"
         axes[0].plot(steps, smooth(rec["train_loss"]), ls, color=COLORS[mode], lw=1.3, label=LABELS[mode] + " (train)")
         vs, vl = zip(*rec["val"])
         axes[0].plot(vs, vl, "o", color=COLORS[mode], ms=3.5, label=LABELS[mode] + " (validation)")
-        axes[1].plot(seconds, smooth(rec["train_loss"]), ls, color=COLORS[mode], lw=1.3)
+        axes[1].plot(flops, smooth(rec["train_loss"]), ls, color=COLORS[mode], lw=1.3)
     grow = records.get("grow")
     if grow is not None:
         for e in grow["events"]:
             w = e["widths"]
             axes[0].axvline(e["step"], color="0.5", lw=0.8, ls=":")
-            axes[0].annotate(f"grow to {w['d_model']}/{w['heads']}h/{w['d_ff']}", (e["step"], 1.0),
-                             xycoords=("data", "axes fraction"), xytext=(3, -12), textcoords="offset points",
-                             fontsize=8, color="0.3")
-            t = sum(grow["step_seconds"][: e["step"]])
-            axes[1].axvline(t, color="0.5", lw=0.8, ls=":")
+            axes[0].annotate(f"grow to {w['d_model']}/{w['heads']}h/{w['d_ff']}", (e["step"], 0.0),
+                             xycoords=("data", "axes fraction"), xytext=(3, 4), textcoords="offset points",
+                             fontsize=8, color="0.3", rotation=90, va="bottom")
+            axes[1].axvline(cumulative_flops(grow, args)[e["step"] - 1] / 1e12, color="0.5", lw=0.8, ls=":")
     axes[0].set_xlabel("training step")
-    axes[1].set_xlabel("training time (s, this machine)")
+    axes[1].set_xlabel("training compute (TFLOP, analytic: 3x forward)")
     axes[0].set_ylabel("cross-entropy (nats per character)")
     top = max(rec["val"][0][1] for rec in records.values())
     axes[0].set_ylim(min(min(smooth(r["train_loss"])) for r in records.values()) - 0.1, min(top, 3.6))
     axes[0].legend(fontsize=7.5, loc="upper right")
+    axes[1].set_title("the same curves against compute", fontsize=9)
     fig.suptitle(
         f"Character GPT ({args.n_layer} blocks) on Python's stdlib docstrings: width {args.d_model}->"
         f"{args.final_d_model}, heads {args.heads}->{args.final_heads}, FFN {args.d_ff}->{args.final_d_ff}",
@@ -306,6 +329,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--out", default="runs/grow_gpt", help="folder for results.json and the figure")
     p.add_argument("--figure", default=None, help="where to save the figure (default: <out>/grow_gpt.png)")
     p.add_argument("--quick", action="store_true", help="a few steps at tiny sizes (a smoke run)")
+    p.add_argument("--replot", default=None, metavar="RESULTS_JSON",
+                   help="only draw the figure (and print the table) from a results.json of an earlier run")
     args = p.parse_args(argv)
     if args.quick:
         args.steps, args.grow_at, args.eval_every, args.eval_batches = 12, "4,8", 6, 2
@@ -320,8 +345,36 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return args
 
 
+def print_table(records: dict, args) -> None:
+    rows = []
+    for mode, rec in records.items():
+        events = rec["events"]
+        rows.append([
+            LABELS[mode], f"{rec['val'][-1][1]:.3f}", f"{cumulative_flops(rec, args)[-1] / 1e12:.2f}",
+            f"{rec['train_seconds']:.1f}",
+            f"{statistics.median(rec['step_seconds']) * 1e3:.1f}",
+            ", ".join(f"{e['seconds'] * 1e3:.2f}" for e in events) or "-",
+            ", ".join(f"{e['output_change']:.1e}" for e in events) or "-",
+        ])
+    header = ["run", "final val loss", "train compute (TFLOP)", "train time (s)", "median step (ms)",
+              "growth events (ms)", "max abs output change at growth"]
+    print()
+    print("| " + " | ".join(header) + " |")
+    print("|" + "|".join("---" for _ in header) + "|")
+    for r in rows:
+        print("| " + " | ".join(r) + " |")
+
+
 def main(argv: Optional[list[str]] = None) -> dict:
     args = parse_args(argv)
+    if args.replot:
+        payload = json.loads(Path(args.replot).read_text())
+        saved = argparse.Namespace(**payload["args"])
+        print_table(payload["runs"], saved)
+        figure = Path(args.figure) if args.figure else Path(args.replot).parent / "grow_gpt.png"
+        plot(payload["runs"], saved, figure)
+        print(f"\nwrote {figure}")
+        return payload
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     text = stdlib_docstrings()
@@ -342,22 +395,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         records[mode] = train(mode, args, train_data, val_batches)
         print(f"  {mode}: {time.perf_counter() - t0:.1f} s, final validation loss {records[mode]['val'][-1][1]:.4f}",
               flush=True)
-    rows = []
-    for mode, rec in records.items():
-        events = rec["events"]
-        rows.append([
-            LABELS[mode], f"{rec['val'][-1][1]:.3f}", f"{rec['train_seconds']:.1f}",
-            f"{statistics.median(rec['step_seconds']) * 1e3:.1f}",
-            ", ".join(f"{e['seconds'] * 1e3:.2f}" for e in events) or "-",
-            ", ".join(f"{e['output_change']:.1e}" for e in events) or "-",
-        ])
-    header = ["run", "final val loss", "train time (s)", "median step (ms)", "growth events (ms)",
-              "max abs output change at growth"]
-    print()
-    print("| " + " | ".join(header) + " |")
-    print("|" + "|".join("---" for _ in header) + "|")
-    for r in rows:
-        print("| " + " | ".join(r) + " |")
+    print_table(records, args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     payload = {"command": "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:]) if argv is None
