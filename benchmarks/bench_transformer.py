@@ -154,6 +154,21 @@ def grow_modules_directly(pair, amounts, generator) -> None:
         b.fc2.grow_in(f, "zero")
 
 
+def floor_side(s: dict, device: str, generator):
+    """What any growth must do: draw the He values of the new rows that ``zero_out`` draws
+    (q/k/v rows of the new heads, ``out_proj`` and ``fc2`` rows of the new residual
+    features, ``fc1`` rows of the new FFN neurons), into tensors that already exist."""
+    d0, D, F0, FF, hd = s["d"], s["D"], s["ff"], s["FF"], s["D"] // s["H"]
+    i0, inner = s["heads"] * hd, s["H"] * hd
+    shapes = [((3, inner - i0, D), D), ((D - d0, i0), i0), ((FF - F0, D), D), ((D - d0, F0), F0)] * s["layers"]
+    buffers = [(torch.zeros(shape, device=device), (2.0 / fan_in) ** 0.5) for shape, fan_in in shapes]
+
+    def floor(_pair) -> None:
+        for buf, std in buffers:
+            buf.normal_(0.0, std, generator=generator)
+    return floor
+
+
 def with_wiring(pair):
     """``(model, optimizer, the model's Wiring over the optimizer)``: built once, as a user does."""
     model, opt = pair
@@ -174,13 +189,15 @@ def time_growth(s: dict, device: str, warmup: int, reps: int, max_seconds: float
         "growdense": lambda pair: grow_in_place(pair, amounts, generator),
         "rebuild": lambda pair: grow_by_rebuilding(pair, amounts, generator),
         "modules' own grow methods": lambda pair: grow_modules_directly(pair, amounts, generator),
+        "floor": floor_side(s, device, generator),
     }
-    templates = {"growdense": (gm, gopt), "rebuild": (pm, popt), "modules' own grow methods": (gm, gopt)}
+    templates = {"growdense": (gm, gopt), "rebuild": (pm, popt), "modules' own grow methods": (gm, gopt),
+                 "floor": (None, None)}
     samples: dict[str, list[float]] = {name: [] for name in sides}
     started = time.perf_counter()
     for r in range(warmup + reps):
         for name in (list(sides) if r % 2 == 0 else list(sides)[::-1]):
-            pair = copy.deepcopy(templates[name])
+            pair = copy.deepcopy(templates[name]) if name != "floor" else None
             if name == "growdense":
                 pair = with_wiring(pair)
             common.sync(device)
@@ -303,7 +320,8 @@ def main(argv=None) -> int:
     results["growth"] = {**common.summarize(samples), "ratio": common.paired_ratio(samples["growdense"],
                                                                                     samples["rebuild"]),
                          "ratio_modules_directly": common.paired_ratio(samples["modules' own grow methods"],
-                                                                       samples["rebuild"])}
+                                                                       samples["rebuild"]),
+                         "ratio_floor": common.paired_ratio(samples["floor"], samples["rebuild"])}
     print("  growth event: done", flush=True)
     alloc = growth_allocations(s, device) if device == "cpu" else None
     check = function_check(s, device)
@@ -329,6 +347,8 @@ def main(argv=None) -> int:
     rows.append([f"(diagnostic) the same growth through the modules' own grow methods, no Wiring",
                  common.fmt_time(g["modules' own grow methods"]["median_s"]), "(rebuild, as above)",
                  f"{g['ratio_modules_directly']:.3f}", "-", "-"])
+    rows.append([f"(diagnostic) floor: drawing the new rows' He values into existing tensors",
+                 common.fmt_time(g["floor"]["median_s"]), "(rebuild, as above)", f"{g['ratio_floor']:.3f}", "-", "-"])
     if alloc is not None:
         mb = alloc["model_parameter_bytes"]
         a, b = alloc["growdense"], alloc["rebuild"]
