@@ -1,17 +1,20 @@
 // Fast CPU kernels: ATen's GEMM called on the active block as a strided view of the
 // capacity buffer (its leading dimension is the capacity, so nothing is copied out),
-// with the bias fused into the GEMM (addmm) and the activation applied in place by
-// ATen's vectorised kernels (activation_aten.h).
+// followed by the element-wise epilogues of cpu/epilogue.h (bias + activation in one
+// pass after the forward's GEMM; the activation's derivative and the bias gradient in
+// one pass before the backward's), vectorised for the CPU's capability.
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/sum.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <vector>
 
 #include "activation_aten.h"
 #include "args.h"
+#include "cpu/epilogue.h"
 
 namespace growdense {
 namespace {
@@ -33,22 +36,25 @@ std::vector<int64_t> with_last(at::IntArrayRef sizes, int64_t last) {
   return out;
 }
 
-// z = x W_block^T + b_block as a (rows, active_out) matrix.
+// act(x W_block^T + b_block) as a (rows, active_out) matrix: the GEMM, then bias and
+// activation in one pass.
 at::Tensor pre_activation(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                          int64_t rows, int64_t active_in, int64_t active_out) {
+                          int64_t rows, int64_t active_in, int64_t active_out, Activation act) {
   const at::Tensor x2 = as_matrix(x, rows, active_in);
   const at::Tensor wt = block_of(weight, active_out, active_in).t();
-  return bias.has_value()
-             ? at::addmm(bias->size(0) == active_out ? *bias : bias->narrow(0, 0, active_out), x2, wt)
-             : at::mm(x2, wt);
+  at::Tensor z = at::mm(x2, wt);
+  const std::optional<at::Tensor> b =
+      bias.has_value() ? std::optional<at::Tensor>(bias->size(0) == active_out ? *bias : bias->narrow(0, 0, active_out))
+                       : std::nullopt;
+  cpu::bias_activation_(z, b, act);
+  return z;
 }
 
 at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                       int64_t active_in, int64_t active_out, c10::string_view activation) {
   const Activation act = parse_activation(activation);
   const int64_t rows = check_linear_args(x, weight, bias, active_in, active_out);
-  at::Tensor y = pre_activation(x, weight, bias, rows, active_in, active_out);
-  aten_activation_(act, y);
+  at::Tensor y = pre_activation(x, weight, bias, rows, active_in, active_out, act);
   return x.dim() == 2 ? y : y.view(with_last(x.sizes(), active_out));
 }
 
@@ -57,12 +63,10 @@ std::tuple<at::Tensor, at::Tensor> linear_forward_cpu(const at::Tensor& x, const
                                                       int64_t active_out, c10::string_view activation) {
   const Activation act = parse_activation(activation);
   const int64_t rows = check_linear_args(x, weight, bias, active_in, active_out);
-  at::Tensor z = pre_activation(x, weight, bias, rows, active_in, active_out);
+  const bool saves_z = backward_needs(act) == ActivationSaves::PreActivation;
+  at::Tensor z = pre_activation(x, weight, bias, rows, active_in, active_out, saves_z ? Activation::None : act);
   if (x.dim() != 2) z = z.view(with_last(x.sizes(), active_out));
-  if (backward_needs(act) != ActivationSaves::PreActivation) {
-    aten_activation_(act, z);
-    return {z, at::empty({0}, x.options())};
-  }
+  if (!saves_z) return {z, at::empty({0}, x.options())};
   return {aten_activation(act, z), z};
 }
 
@@ -72,13 +76,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward_cpu(
   const Activation act = parse_activation(activation);
   const int64_t rows = check_linear_args(x, weight, std::nullopt, active_in, active_out);
   check_backward_args(grad_out, x, saved, active_out, act);
-  at::Tensor g = as_matrix(grad_out, rows, active_out);
-  if (backward_needs(act) != ActivationSaves::Nothing) {
-    g = aten_activation_backward(act, g, as_matrix(*saved, rows, active_out));
-  }
   const auto opts = x.options();
   const int64_t cap_out = weight.size(0), cap_in = weight.size(1);
   at::Tensor grad_x, grad_w, grad_b;
+  // The activation's derivative and, in the same pass, the bias gradient's active block.
+  at::Tensor bias_block;
+  if (output_mask[2]) {
+    grad_b = active_out == cap_out ? at::empty({cap_out}, opts) : at::zeros({cap_out}, opts);
+    bias_block = grad_b.narrow(0, 0, active_out);
+  }
+  const at::Tensor g = cpu::activation_backward(
+      as_matrix(grad_out, rows, active_out).contiguous(),
+      backward_needs(act) != ActivationSaves::Nothing ? as_matrix(*saved, rows, active_out).contiguous() : at::Tensor(),
+      act, output_mask[2] ? &bias_block : nullptr);
   if (output_mask[0]) {
     grad_x = at::mm(g, block_of(weight, active_out, active_in));
     if (x.dim() != 2) grad_x = grad_x.view(x.sizes());
@@ -97,16 +107,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward_cpu(
     if (active_in < cap_in) grad_w.narrow(0, 0, active_out).narrow(1, active_in, cap_in - active_in).zero_();
     if (active_out < cap_out) grad_w.narrow(0, active_out, cap_out - active_out).zero_();
   }
-  if (!output_mask[2]) {
-    grad_b = at::empty({0}, opts);
-  } else if (active_out == cap_out) {
-    grad_b = at::sum(g, {0});
-  } else {
-    grad_b = at::empty({cap_out}, opts);
-    at::Tensor block = grad_b.narrow(0, 0, active_out);
-    at::sum_out(block, g, {0});
-    grad_b.narrow(0, active_out, cap_out - active_out).zero_();
-  }
+  if (!output_mask[2]) grad_b = at::empty({0}, opts);
   return {grad_x, grad_w, grad_b};
 }
 
