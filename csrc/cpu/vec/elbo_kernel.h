@@ -17,6 +17,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+#include <c10/util/bit_cast.h>
 
 #include <algorithm>
 #include <cmath>
@@ -108,6 +109,38 @@ inline V fast_exp(const V& v) {
   }
 }
 
+#if defined(CPU_CAPABILITY_DEFAULT) && !defined(__aarch64__)
+// The x86-64 baseline has no vector exp in at::vec (its generic Vectorized calls std::exp
+// lane by lane): exp(y) for y <= 0 in plain float arithmetic the compiler vectorises with
+// SSE2. Cody-Waite reduction y = n ln2 + r, |r| <= ln2 / 2, a degree-6 Taylor polynomial
+// (truncation below 2e-7 relative), 2^n from its exponent bits; 0 below the smallest
+// normal float's log, and for -inf.
+inline float exp_nonpositive(float y) {
+  const float t = y * 1.44269504f + 12582912.0f;  // 1.5 * 2^23: rounds y log2(e) to an integer
+  const float n = t - 12582912.0f;
+  const float r = (y - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
+  const float p =
+      1.0f + r * (1.0f + r * (0.5f + r * (1.0f / 6 + r * (1.0f / 24 + r * (1.0f / 120 + r * (1.0f / 720))))));
+  const int32_t k = c10::bit_cast<int32_t>(t) - c10::bit_cast<int32_t>(12582912.0f);  // n as an integer
+  const float scale = c10::bit_cast<float>(static_cast<int32_t>(static_cast<uint32_t>(k + 127) << 23));
+  return y < -87.33654f ? 0.0f : p * scale;
+}
+#endif
+
+// exp(-|v|), in (0, 1].
+template <typename V>
+inline V exp_neg_abs(const V& v) {
+#if defined(CPU_CAPABILITY_DEFAULT) && !defined(__aarch64__)
+  if constexpr (std::is_same_v<typename V::value_type, float>) {
+    __at_align__ float lanes[V::size()];
+    v.store(lanes);
+    for (int i = 0; i < V::size(); ++i) lanes[i] = exp_nonpositive(-std::fabs(lanes[i]));
+    return V::loadu(lanes);
+  }
+#endif
+  return fast_exp(v.abs().neg());
+}
+
 // The sum over a row of bce(v, x) = (1 - x) v - min(v, 0) + log1p(exp(-|v|)). The log1p
 // terms are not taken one by one: each lane keeps the running product of (1 + exp(-|v|))
 // by one fma (p + p e, which keeps e's bits even when e is far below p's ulp) and adds
@@ -127,15 +160,14 @@ struct BceRowSum {
     const V zero(A(0));
     lin0 += at::vec::fmsub(omx0, v0, at::vec::minimum(v0, zero));
     lin1 += at::vec::fmsub(omx1, v1, at::vec::minimum(v1, zero));
-    const V e0 = fast_exp(v0.abs().neg()), e1 = fast_exp(v1.abs().neg());
-    mul(e0, e1);
+    mul(exp_neg_abs(v0), exp_neg_abs(v1));
   }
   template <typename LanesT>
   void add_tail(int64_t n, const V& v0, const V& v1, const V& omx0, const V& omx1) {
     const V zero(A(0));
     lin0 += at::vec::fmsub(omx0, v0, at::vec::minimum(v0, zero));
     lin1 += at::vec::fmsub(omx1, v1, at::vec::minimum(v1, zero));
-    V e0 = fast_exp(v0.abs().neg()), e1 = fast_exp(v1.abs().neg());
+    V e0 = exp_neg_abs(v0), e1 = exp_neg_abs(v1);
     LanesT::keep(n, e0, e1, A(0));
     mul(e0, e1);
   }
@@ -162,7 +194,7 @@ template <typename V>
 inline V sigmoid(const V& v) {
   using A = typename V::value_type;
   const V one(A(1));
-  const V e = fast_exp(v.abs().neg());
+  const V e = exp_neg_abs(v);
   const V r = one / (one + e);
   const V s = V::blendv(r, e * r, v < V(A(0)));
   return V::blendv(s, v, v != v);
