@@ -180,8 +180,9 @@ def test_under_autocast_the_loss_is_float32_from_bfloat16_logits():
 
 
 def test_baseline_cpu_kernel_matches_too():
-    # The kernels are compiled for AVX-512 and for the baseline CPU; ATEN_CPU_CAPABILITY
-    # (read once per process) selects the baseline one here.
+    # The kernels are compiled once per CPU capability (tests/test_cpu_kernels.py covers
+    # each); ATEN_CPU_CAPABILITY (read once per process) lowers growdense's choice with
+    # ATen's, selecting the baseline compilation here.
     code = (
         "import torch, growdense.ops as ops\n"
         "import torch.nn.functional as F\n"
