@@ -1,13 +1,12 @@
 // Fast CPU kernels: ATen's GEMM called on the active block as a strided view of the
 // capacity buffer (its leading dimension is the capacity, so nothing is copied out),
-// followed by the element-wise epilogues of cpu/epilogue.h (bias + activation in one
-// pass after the forward's GEMM; the activation's derivative and the bias gradient in
-// one pass before the backward's), vectorised for the CPU's capability.
+// with the bias fused into the GEMM (addmm) and the element-wise epilogues of
+// cpu/epilogue.h (the activation after the forward's GEMM, its derivative before the
+// backward's), vectorised for the CPU's capability.
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/sum.h>
-#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <vector>
@@ -36,17 +35,17 @@ std::vector<int64_t> with_last(at::IntArrayRef sizes, int64_t last) {
   return out;
 }
 
-// act(x W_block^T + b_block) as a (rows, active_out) matrix: the GEMM, then bias and
-// activation in one pass.
+// act(x W_block^T + b_block) as a (rows, active_out) matrix: the bias fused into the GEMM
+// (addmm: bit-identical to nn.Linear, which a GEMM followed by a bias pass is not), then
+// the activation in one vectorised pass.
 at::Tensor pre_activation(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                           int64_t rows, int64_t active_in, int64_t active_out, Activation act) {
   const at::Tensor x2 = as_matrix(x, rows, active_in);
   const at::Tensor wt = block_of(weight, active_out, active_in).t();
-  at::Tensor z = at::mm(x2, wt);
-  const std::optional<at::Tensor> b =
-      bias.has_value() ? std::optional<at::Tensor>(bias->size(0) == active_out ? *bias : bias->narrow(0, 0, active_out))
-                       : std::nullopt;
-  cpu::bias_activation_(z, b, act);
+  at::Tensor z = bias.has_value()
+                     ? at::addmm(bias->size(0) == active_out ? *bias : bias->narrow(0, 0, active_out), x2, wt)
+                     : at::mm(x2, wt);
+  cpu::bias_activation_(z, std::nullopt, act);
   return z;
 }
 
@@ -79,16 +78,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward_cpu(
   const auto opts = x.options();
   const int64_t cap_out = weight.size(0), cap_in = weight.size(1);
   at::Tensor grad_x, grad_w, grad_b;
-  // The activation's derivative and, in the same pass, the bias gradient's active block.
-  at::Tensor bias_block;
-  if (output_mask[2]) {
-    grad_b = active_out == cap_out ? at::empty({cap_out}, opts) : at::zeros({cap_out}, opts);
-    bias_block = grad_b.narrow(0, 0, active_out);
-  }
+  // The activation's derivative in one vectorised pass. The bias gradient stays ATen's
+  // sum: the autograd kernel's in-place path (csrc/autograd/linear.cpp) sums with it too,
+  // and both paths must give the same bits (cpu::activation_backward can fuse the column
+  // sums into its pass, once both use it).
   const at::Tensor g = cpu::activation_backward(
       as_matrix(grad_out, rows, active_out).contiguous(),
       backward_needs(act) != ActivationSaves::Nothing ? as_matrix(*saved, rows, active_out).contiguous() : at::Tensor(),
-      act, output_mask[2] ? &bias_block : nullptr);
+      act, nullptr);
   if (output_mask[0]) {
     grad_x = at::mm(g, block_of(weight, active_out, active_in));
     if (x.dim() != 2) grad_x = grad_x.view(x.sizes());
@@ -107,7 +104,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward_cpu(
     if (active_in < cap_in) grad_w.narrow(0, 0, active_out).narrow(1, active_in, cap_in - active_in).zero_();
     if (active_out < cap_out) grad_w.narrow(0, active_out, cap_out - active_out).zero_();
   }
-  if (!output_mask[2]) grad_b = at::empty({0}, opts);
+  if (!output_mask[2]) {
+    grad_b = at::empty({0}, opts);
+  } else if (active_out == cap_out) {
+    grad_b = at::sum(g, {0});
+  } else {
+    grad_b = at::empty({cap_out}, opts);
+    at::Tensor block = grad_b.narrow(0, 0, active_out);
+    at::sum_out(block, g, {0});
+    grad_b.narrow(0, active_out, cap_out - active_out).zero_();
+  }
   return {grad_x, grad_w, grad_b};
 }
 
