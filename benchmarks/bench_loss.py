@@ -6,10 +6,13 @@ plus the analytic KL, then ``.mean()`` over the batch and ``backward()``. The fu
 is ``growdense.ops.negative_elbo`` (the same quantity, one pass over the logits forward
 and one backward). Sizes are the study's: batch 128, D = 784 pixels, Z = 20 latents,
 L = 20 samples (and L = 1), with float32 and bfloat16 logits. Calls are interleaved and
-each figure is a median.
+each figure is a median. The fused op is measured with each compilation of the CPU
+kernels this CPU runs (``growdense.ops.cpu_capabilities()``: default, avx2, avx512 or
+sve256), each against the same formula in the same rounds.
 
     python benchmarks/bench_loss.py                 # all cores
     python benchmarks/bench_loss.py --threads 1
+    python benchmarks/bench_loss.py --capabilities avx2
     python benchmarks/bench_loss.py --quick
 """
 
@@ -27,7 +30,7 @@ import common  # noqa: E402
 
 import growdense.ops  # noqa: E402
 
-GOAL = 4.0  # fused forward + backward at least 4x faster than the formula (L = 20)
+GOAL = 2.0  # fused forward + backward at least 2x faster than the formula, on every CPU path
 
 
 def formula(logits, x, mu, logvar):
@@ -50,7 +53,17 @@ def make_case(L: int, B: int, D: int, Z: int, dtype: torch.dtype, device: str, s
 
         return step
 
-    return {"fused": run(growdense.ops.negative_elbo), "formula": run(formula)}
+    def with_capability(name, step):
+        def call():
+            growdense.ops._set_cpu_capability(name)
+            step()
+
+        return call
+
+    def fused():
+        return run(growdense.ops.negative_elbo)
+
+    return with_capability, fused, run(formula)
 
 
 def main(argv=None) -> int:
@@ -58,35 +71,47 @@ def main(argv=None) -> int:
     common.add_common_args(parser)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--reps", type=int, default=30)
+    parser.add_argument("--capabilities", nargs="+", default=None,
+                        help="CPU kernels to measure (default: every one this CPU runs)")
     args = parser.parse_args(argv)
     device = args.device
     info = common.setup(args.threads, device)
     B, D, Z = (16, 784, 20) if args.quick else (args.batch_size, 784, 20)
     reps = 5 if args.quick else args.reps
+    caps = args.capabilities or growdense.ops.cpu_capabilities()
+    chosen = growdense.ops.cpu_capability()
+    info["cpu_kernels_chosen"] = chosen
     rows, results = [], []
     for L in (20, 1):
         for dtype in (torch.float32, torch.bfloat16):
-            fns = make_case(L, B, D, Z, dtype, device, args.seed)
+            with_capability, fused, ref_step = make_case(L, B, D, Z, dtype, device, args.seed)
+            fns = {"formula": ref_step}
+            fns.update({cap: with_capability(cap, fused()) for cap in caps})
             samples = common.time_interleaved(fns, device=device, warmup=3, reps=reps)
-            fused, ref = common.median(samples["fused"]), common.median(samples["formula"])
-            ratio = common.paired_ratio(samples["formula"], samples["fused"])
+            ref = common.median(samples["formula"])
             name = str(dtype).replace("torch.", "")
-            results.append({"L": L, "logits_dtype": name, "fused_median_s": fused, "formula_median_s": ref,
-                            "speedup": ratio, "fused_iqr_rel": common.spread(samples["fused"]),
-                            "formula_iqr_rel": common.spread(samples["formula"])})
-            rows.append([L, name, common.fmt_time(ref), common.fmt_time(fused), f"**{ratio:.2f}x**"])
+            for cap in caps:
+                t = common.median(samples[cap])
+                ratio = common.paired_ratio(samples["formula"], samples[cap])
+                results.append({"cpu_kernels": cap, "L": L, "logits_dtype": name, "fused_median_s": t,
+                                "formula_median_s": ref, "speedup": ratio,
+                                "fused_iqr_rel": common.spread(samples[cap]),
+                                "formula_iqr_rel": common.spread(samples["formula"])})
+                rows.append([cap + (" (chosen)" if cap == chosen else ""), L, name, common.fmt_time(ref),
+                             common.fmt_time(t), f"**{ratio:.2f}x**"])
+    growdense.ops._set_cpu_capability(chosen)
     common.finish(info)
-    headline = [r for r in results if r["L"] == 20]
-    met = all(r["speedup"] >= GOAL for r in headline)
+    met = all(r["speedup"] >= GOAL for r in results)
     common.report(
-        "bench_loss", args, info, ["L", "logits", "PyTorch formula", "fused op", "speed-up"], rows,
+        "bench_loss", args, info, ["CPU kernels", "L", "logits", "PyTorch formula", "fused op", "speed-up"], rows,
         [f"Negative ELBO per image, mean over the batch, forward + backward: batch {B}, D = {D}, Z = {Z}; "
          f"{reps} interleaved rounds after 3 warm-up rounds, medians; speed-up = median over rounds of "
-         "formula / fused."],
+         "formula / fused. Each compilation of growdense's CPU kernels this CPU runs is measured in the "
+         "same rounds (ATen's own kernels, which the formula uses, stay at their choice)."],
         {"sizes": {"batch": B, "pixels": D, "latent": Z}, "results": results,
-         "goal": f"fused >= {GOAL}x formula at L = 20", "goal_met": bool(met)},
-        after=[f"Goal: fused >= {GOAL}x the formula at L = 20: "
-               + ", ".join(f"{r['logits_dtype']} {r['speedup']:.2f}x" for r in headline)
+         "goal": f"fused >= {GOAL}x formula on every CPU path, L = 20 and 1", "goal_met": bool(met)},
+        after=[f"Goal: fused >= {GOAL}x the formula on every CPU path: "
+               + ", ".join(f"{r['cpu_kernels']} L={r['L']} {r['logits_dtype']} {r['speedup']:.2f}x" for r in results)
                + f": {'met' if met else 'MISSED'}."],
         tag=f"{torch.get_num_threads()}threads",
     )

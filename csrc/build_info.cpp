@@ -10,6 +10,8 @@ PYBIND11_MODULE(_C, m) {
   m.attr("with_cuda") = static_cast<bool>(GROWDENSE_WITH_CUDA_BOOL);
   m.attr("cuda_version") = GROWDENSE_CUDA_VERSION;
   m.attr("cuda_archs") = GROWDENSE_CUDA_ARCHS;
+  // The CPU capabilities the kernels were compiled for (space separated).
+  m.attr("cpu_capabilities") = GROWDENSE_CPU_CAPABILITIES;
 #if defined(__clang__)
   m.attr("compiler") = "clang " __clang_version__;
 #elif defined(__GNUC__)

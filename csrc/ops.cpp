@@ -5,6 +5,7 @@
 
 #include <string>
 
+#include "cpu/capability.h"
 #include "gemm_path.h"
 
 namespace growdense {
@@ -13,6 +14,17 @@ namespace {
 std::string set_cuda_gemm_path(c10::string_view path) {
   return gemm_path_name(set_gemm_path(parse_gemm_path(std::string_view(path.data(), path.size()), "path")));
 }
+
+std::string join_capabilities(const std::vector<cpu::Capability>& caps) {
+  std::string out;
+  for (cpu::Capability c : caps) out += (out.empty() ? "" : " ") + std::string(cpu::capability_name(c));
+  return out;
+}
+
+std::string cpu_capability() { return cpu::capability_name(cpu::active_capability()); }
+std::string cpu_capabilities_supported() { return join_capabilities(cpu::supported_capabilities()); }
+std::string cpu_capabilities_compiled() { return join_capabilities(cpu::compiled_capabilities()); }
+std::string set_cpu_capability(c10::string_view name) { return cpu::set_capability(std::string(name)); }
 
 }  // namespace
 
@@ -52,6 +64,13 @@ TORCH_LIBRARY(growdense, m) {
   // The GEMM path of the CUDA linear ops ("auto", "fused" or "blas"; see gemm_path.h);
   // returns the previous one. No effect without the CUDA kernels.
   m.def("_set_cuda_gemm_path(str path) -> str", &set_cuda_gemm_path);
+  // The CPU kernels' capability (csrc/cpu/capability.h): the one in use ("default",
+  // "avx2", "avx512", "sve256"), those this CPU runs and those compiled in (space
+  // separated), and a setter returning the previous one (tests and benchmarks).
+  m.def("_cpu_capability() -> str", &cpu_capability);
+  m.def("_cpu_capabilities_supported() -> str", &cpu_capabilities_supported);
+  m.def("_cpu_capabilities_compiled() -> str", &cpu_capabilities_compiled);
+  m.def("_set_cpu_capability(str name) -> str", &set_cpu_capability);
   // Per-image negative ELBO of a Bernoulli decoder and a Gaussian posterior:
   // mean over the L samples of sum_d BCE(sigmoid(logits[l, b, d]), target[b, d]) plus
   // KL(N(mu[b], exp(logvar[b])) || N(0, I)). logits (L, B, D); target (B, D), mu and

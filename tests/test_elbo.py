@@ -180,8 +180,9 @@ def test_under_autocast_the_loss_is_float32_from_bfloat16_logits():
 
 
 def test_baseline_cpu_kernel_matches_too():
-    # The kernels are compiled for AVX-512 and for the baseline CPU; ATEN_CPU_CAPABILITY
-    # (read once per process) selects the baseline one here.
+    # The kernels are compiled once per CPU capability (tests/test_cpu_kernels.py covers
+    # each); ATEN_CPU_CAPABILITY (read once per process) lowers growdense's choice with
+    # ATen's, selecting the baseline compilation here.
     code = (
         "import torch, growdense.ops as ops\n"
         "import torch.nn.functional as F\n"
@@ -223,3 +224,110 @@ def test_cuda_kernels_match_the_float64_formula(shape, dtype):
     for name, a, b in zip(("logits", "target", "mu", "logvar"), got, want):
         rel = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-10}.get(dtype, 1e-5) if name == "logits" else 1e-5
         torch.testing.assert_close(a.double().cpu(), b, rtol=rel, atol=1e-6 * b.abs().max().item() + 1e-30, msg=name)
+
+
+# ---- second derivatives (a gradient penalty through the loss) ---------------------------
+
+
+def test_gradgradcheck_float64():
+    inputs = make(3, 4, 9, Z=5, dtype=torch.float64, scale=2.0)
+    inputs = [t.detach().double().requires_grad_() for t in inputs]
+    assert torch.autograd.gradgradcheck(torch.ops.growdense.negative_elbo, inputs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gradient_penalty_matches_the_formula(dtype):
+    # d/d(inputs) of |d loss / d(logits, mu, logvar)|^2, through create_graph=True: the
+    # fused op's second derivatives against the formula's, both by autograd.
+    logits, x, mu, logvar = (t.detach().to(dtype).requires_grad_() for t in make(2, 3, 11, Z=4, scale=2.0))
+
+    def penalty(fn, tensors):
+        out = fn(*tensors).sum()
+        grads = torch.autograd.grad(out, (tensors[0], tensors[2], tensors[3]), create_graph=True)
+        return sum(g.square().sum() for g in grads)
+
+    got = torch.autograd.grad(penalty(ops.negative_elbo, (logits, x, mu, logvar)), (logits, x, mu, logvar))
+    leaves = [t.detach().double().requires_grad_() for t in (logits, x, mu, logvar)]
+    want = torch.autograd.grad(penalty(formula, leaves), leaves)
+    for name, a, b in zip(("logits", "target", "mu", "logvar"), got, want):
+        assert a is not None and b.abs().max() > 0, name
+        # float32: sigmoid and exp within a few ulp, products of them: 1e-5 relative
+        tol = 1e-5 if dtype == torch.float32 else 1e-10
+        torch.testing.assert_close(a.double(), b, rtol=tol, atol=tol * b.abs().max().item(), msg=name)
+
+
+# ---- torch.func transforms ---------------------------------------------------------------
+
+
+def test_torch_func_grad_and_vmap_of_the_op():
+    logits, x, mu, logvar = (t.detach() for t in make(3, 5, 17, Z=4))
+    per_sample = torch.func.vmap(
+        torch.func.grad(lambda l, t, m, v: ops.negative_elbo(l[:, None], t[None], m[None], v[None]).sum(),
+                        argnums=(0, 2, 3)),
+        in_dims=(1, 0, 0, 0),
+    )(logits, x, mu, logvar)
+    leaves = [t.double().requires_grad_() for t in (logits, mu, logvar)]
+    want = torch.autograd.grad(formula(leaves[0], x, leaves[1], leaves[2]).sum(), leaves)
+    # Images are independent: sample b's gradient is row b of the batch gradient.
+    got = (per_sample[0].transpose(0, 1), per_sample[1], per_sample[2])
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-6)  # float32 vs float64
+
+
+def test_per_sample_gradients_of_the_vae_loss():
+    from torch.func import functional_call, grad, vmap
+
+    from growdense.models import VAE
+
+    torch.manual_seed(0)
+    model = VAE(8, 6, capacity=(16, 8), latent=3, decoder=(5, 7), image_size=12)
+    B, L = 4, 2
+    x = torch.rand(B, 12)
+    eps = torch.randn(B, L, 1, 3)  # each image's noise, so that both sides see the same
+
+    class LossOf(torch.nn.Module):
+        def __init__(self, vae):
+            super().__init__()
+            self.vae = vae
+
+        def forward(self, x, eps):
+            self.vae.sample_latents = lambda mu, logvar, samples, generator=None: mu + torch.exp(0.5 * logvar) * eps
+            try:
+                return self.vae.loss(x, L)
+            finally:
+                del self.vae.sample_latents
+
+    wrapper = LossOf(model)
+    params = {k: v.detach() for k, v in wrapper.named_parameters()}
+    per_sample = vmap(grad(lambda p, xi, ei: functional_call(wrapper, p, (xi[None], ei))), in_dims=(None, 0, 0))(
+        params, x, eps
+    )
+    for b in range(B):
+        mu, logvar = model.encode(x[b : b + 1])
+        z = mu + torch.exp(0.5 * logvar) * eps[b]
+        logits = model.decode_logits(z.reshape(L, 3)).reshape(L, 1, 12)
+        loss = formula(logits, x[b : b + 1], mu, logvar).mean()
+        names = [n for n, p in model.named_parameters()]
+        want = torch.autograd.grad(loss, [p for n, p in model.named_parameters()])
+        for name, w in zip(names, want):
+            # float32 forward and backward of a small network: 1e-5 relative
+            torch.testing.assert_close(per_sample["vae." + name][b], w, rtol=1e-5, atol=1e-6, msg=name)
+
+
+# ---- infinite logits ---------------------------------------------------------------------
+
+
+def test_infinite_logits_give_what_torch_gives():
+    inf = float("inf")
+    for v, t in ((inf, 0.0), (inf, 0.5), (inf, 1.0), (-inf, 0.0), (-inf, 1.0), (-inf, 0.5)):
+        logits = torch.tensor([[[v, 1.5]]], requires_grad=True)
+        x = torch.tensor([[t, 1.0]])
+        zeros = torch.zeros(1, 1)
+        out = ops.negative_elbo(logits, x, zeros, zeros)
+        want = F.binary_cross_entropy_with_logits(logits, x.expand_as(logits), reduction="none").sum(-1).mean(0)
+        torch.testing.assert_close(out, want, equal_nan=True, rtol=1e-6, atol=0, msg=f"{v}, {t}")
+        (grad,) = torch.autograd.grad(out.sum(), logits)
+        (want_grad,) = torch.autograd.grad(want.sum(), logits)
+        torch.testing.assert_close(grad, want_grad, equal_nan=True, rtol=1e-6, atol=0, msg=f"{v}, {t}")
+    # +inf with target 0 is inf, as torch gives, not NaN
+    assert ops.negative_elbo(torch.tensor([[[inf]]]), torch.zeros(1, 1), torch.zeros(1, 1), torch.zeros(1, 1)).item() == inf

@@ -1,40 +1,18 @@
 // CPU kernels of growdense::negative_elbo and growdense::negative_elbo_backward: the
-// vectorised loops of elbo_kernel.h, compiled for AVX-512 (elbo_avx512.cpp, used when
-// the CPU has it and ATen's own kernels use it: ATEN_CPU_CAPABILITY lowers both) and
-// for the baseline (here).
-#include <ATen/Version.h>
+// vectorised loops of vec/elbo_kernel.h, in the compilation for this CPU (capability.h).
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
-#include "cpu/elbo_kernel.h"
+#include "cpu/capability.h"
+#include "elbo_args.h"
 
 namespace growdense {
-namespace elbo_cpu {
-
-bool avx512_compiled();
-void forward_avx512(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& mu,
-                    const at::Tensor& logvar, at::Tensor& out, const ElboSizes& s);
-void backward_avx512(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& target, const at::Tensor& mu,
-                     const at::Tensor& logvar, at::Tensor& grad_logits, at::Tensor& grad_target, at::Tensor& grad_mu,
-                     at::Tensor& grad_logvar, const ElboSizes& s);
-
-}  // namespace elbo_cpu
-
 namespace {
 
-bool use_avx512() {
-  static const bool use = [] {
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-    if (!elbo_cpu::avx512_compiled()) return false;
-    __builtin_cpu_init();
-    const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                     __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-    return has && at::get_cpu_capability().rfind("AVX512", 0) == 0;
-#else
-    return false;
-#endif
-  }();
-  return use;
+cpu::ElboArgs elbo_args(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& mu,
+                        const at::Tensor& logvar, const ElboSizes& s) {
+  return {logits.scalar_type(), logits.const_data_ptr(), target.const_data_ptr(), mu.const_data_ptr(),
+          logvar.const_data_ptr(), s.samples, s.batch, s.pixels, s.latent};
 }
 
 at::Tensor negative_elbo_cpu(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& mu,
@@ -42,11 +20,7 @@ at::Tensor negative_elbo_cpu(const at::Tensor& logits, const at::Tensor& target,
   const ElboSizes s = check_elbo_args(logits, target, mu, logvar);
   const at::Tensor l = logits.contiguous(), x = target.contiguous(), m = mu.contiguous(), v = logvar.contiguous();
   at::Tensor out = at::empty({s.batch}, target.options());
-  if (use_avx512()) {
-    elbo_cpu::forward_avx512(l, x, m, v, out, s);
-  } else {
-    elbo_forward_dispatch(l, x, m, v, out, s);
-  }
+  cpu::kernels().elbo_forward(elbo_args(l, x, m, v, s), out.mutable_data_ptr());
   return out;
 }
 
@@ -57,22 +31,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> negative_elbo_backwar
   check_elbo_grad(grad, logits, s);
   const at::Tensor g = grad.contiguous(), l = logits.contiguous(), x = target.contiguous(), m = mu.contiguous(),
                    v = logvar.contiguous();
-  at::Tensor gl = output_mask[0] ? at::empty(logits.sizes(), logits.options()) : at::Tensor();
-  at::Tensor gt = output_mask[1] ? at::empty(target.sizes(), target.options()) : at::Tensor();
-  at::Tensor gm = output_mask[2] ? at::empty(mu.sizes(), mu.options()) : at::Tensor();
-  at::Tensor gv = output_mask[3] ? at::empty(logvar.sizes(), logvar.options()) : at::Tensor();
-  if (use_avx512()) {
-    elbo_cpu::backward_avx512(g, l, x, m, v, gl, gt, gm, gv, s);
-  } else {
-    elbo_backward_dispatch(g, l, x, m, v, gl, gt, gm, gv, s);
-  }
-  const auto empty = [&](at::Tensor& t) {
-    if (!t.defined()) t = at::empty({0}, target.options());
+  const auto made = [](bool wanted, const at::Tensor& like) {
+    return wanted ? at::empty(like.sizes(), like.options()) : at::empty({0}, like.options());
   };
-  if (!gl.defined()) gl = at::empty({0}, logits.options());
-  empty(gt);
-  empty(gm);
-  empty(gv);
+  at::Tensor gl = made(output_mask[0], logits), gt = made(output_mask[1], target), gm = made(output_mask[2], mu),
+             gv = made(output_mask[3], logvar);
+  const auto ptr = [](bool wanted, at::Tensor& t) { return wanted ? t.mutable_data_ptr() : nullptr; };
+  const cpu::ElboGrads grads{g.const_data_ptr(), ptr(output_mask[0], gl), ptr(output_mask[1], gt),
+                             ptr(output_mask[2], gm), ptr(output_mask[3], gv)};
+  cpu::kernels().elbo_backward(elbo_args(l, x, m, v, s), grads);
   return {gl, gt, gm, gv};
 }
 

@@ -1,12 +1,13 @@
 // Fast CPU kernels: ATen's GEMM called on the active block as a strided view of the
 // capacity buffer (its leading dimension is the capacity, so nothing is copied out),
-// with the bias fused into the GEMM (addmm) and the activation applied in place by
-// ATen's vectorised kernels (activation_aten.h).
+// with the bias fused into the GEMM (addmm) and the element-wise epilogues of
+// cpu/epilogue.h (the activation after the forward's GEMM, its derivative before the
+// backward's), vectorised for the CPU's capability.
 //
-// The backward (float32, no activation or ReLU) reads grad_out once for the ReLU mask
-// and the bias gradient together (one pass over rows split between the threads), and
-// adds the gradients into given `.grad`s: besides the two GEMMs it makes one pass over
-// grad_out and allocates nothing of its size when there is no mask to apply.
+// The float32 backward without activation or with ReLU reads grad_out once for the ReLU
+// mask and the bias gradient together (one pass over rows split between the threads),
+// and adds the gradients into given `.grad`s: besides the two GEMMs it makes one pass
+// over grad_out and allocates nothing of its size when there is no mask to apply.
 #include <ATen/Parallel.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
@@ -21,6 +22,7 @@
 #include "activation_aten.h"
 #include "args.h"
 #include "cpu/linear_cpu.h"
+#include "cpu/epilogue.h"
 
 namespace growdense {
 namespace cpu {
@@ -190,22 +192,25 @@ std::vector<int64_t> with_last(at::IntArrayRef sizes, int64_t last) {
   return out;
 }
 
-// z = x W_block^T + b_block as a (rows, active_out) matrix.
+// act(x W_block^T + b_block) as a (rows, active_out) matrix: the bias fused into the GEMM
+// (addmm: bit-identical to nn.Linear, which a GEMM followed by a bias pass is not), then
+// the activation in one vectorised pass.
 at::Tensor pre_activation(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                          int64_t rows, int64_t active_in, int64_t active_out) {
+                          int64_t rows, int64_t active_in, int64_t active_out, Activation act) {
   const at::Tensor x2 = as_matrix(x, rows, active_in);
   const at::Tensor wt = block_of(weight, active_out, active_in).t();
-  return bias.has_value()
-             ? at::addmm(bias->size(0) == active_out ? *bias : bias->narrow(0, 0, active_out), x2, wt)
-             : at::mm(x2, wt);
+  at::Tensor z = bias.has_value()
+                     ? at::addmm(bias->size(0) == active_out ? *bias : bias->narrow(0, 0, active_out), x2, wt)
+                     : at::mm(x2, wt);
+  cpu::bias_activation_(z, std::nullopt, act);
+  return z;
 }
 
 at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                       int64_t active_in, int64_t active_out, c10::string_view activation) {
   const Activation act = parse_activation(activation);
   const int64_t rows = check_linear_args(x, weight, bias, active_in, active_out);
-  at::Tensor y = pre_activation(x, weight, bias, rows, active_in, active_out);
-  aten_activation_(act, y);
+  at::Tensor y = pre_activation(x, weight, bias, rows, active_in, active_out, act);
   return x.dim() == 2 ? y : y.view(with_last(x.sizes(), active_out));
 }
 
@@ -214,12 +219,10 @@ std::tuple<at::Tensor, at::Tensor> linear_forward_cpu(const at::Tensor& x, const
                                                       int64_t active_out, c10::string_view activation) {
   const Activation act = parse_activation(activation);
   const int64_t rows = check_linear_args(x, weight, bias, active_in, active_out);
-  at::Tensor z = pre_activation(x, weight, bias, rows, active_in, active_out);
+  const bool saves_z = backward_needs(act) == ActivationSaves::PreActivation;
+  at::Tensor z = pre_activation(x, weight, bias, rows, active_in, active_out, saves_z ? Activation::None : act);
   if (x.dim() != 2) z = z.view(with_last(x.sizes(), active_out));
-  if (backward_needs(act) != ActivationSaves::PreActivation) {
-    aten_activation_(act, z);
-    return {z, at::empty({0}, x.options())};
-  }
+  if (!saves_z) return {z, at::empty({0}, x.options())};
   return {aten_activation(act, z), z};
 }
 
@@ -241,13 +244,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward_cpu(
     none(gb);
     return {gx, gw, gb};
   }
-  at::Tensor g = as_matrix(grad_out, rows, active_out);
-  if (backward_needs(act) != ActivationSaves::Nothing) {
-    g = aten_activation_backward(act, g, as_matrix(*saved, rows, active_out));
-  }
   const auto opts = x.options();
   const int64_t cap_out = weight.size(0), cap_in = weight.size(1);
   at::Tensor grad_x, grad_w, grad_b;
+  // Other dtypes and activations: the activation's derivative in one vectorised pass, the
+  // bias gradient by ATen's sum, as the autograd kernel's in-place path
+  // (csrc/autograd/linear.cpp) computes it, so that both paths give the same bits.
+  const at::Tensor g = cpu::activation_backward(
+      as_matrix(grad_out, rows, active_out).contiguous(),
+      backward_needs(act) != ActivationSaves::Nothing ? as_matrix(*saved, rows, active_out).contiguous() : at::Tensor(),
+      act, nullptr);
   if (output_mask[0]) {
     grad_x = at::mm(g, block_of(weight, active_out, active_in));
     if (x.dim() != 2) grad_x = grad_x.view(x.sizes());

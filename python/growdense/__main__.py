@@ -23,8 +23,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "info":
         import growdense
+        from growdense import ops
 
-        print(json.dumps(growdense.build_info(), indent=2))
+        info = growdense.build_info()
+        # The CPU kernels in use (GROWDENSE_CPU_CAPABILITY forces one of the available).
+        info["cpu_kernels"] = ops.cpu_capability()
+        info["cpu_kernels_available"] = ops.cpu_capabilities()
+        info["cpu_kernels_compiled"] = ops.cpu_capabilities(compiled=True)
+        print(json.dumps(info, indent=2))
     elif args.command == "reproduce":
         from .experiments.cli import run_from_args
 

@@ -166,7 +166,20 @@ for _name in ("linear", "linear_reference"):
 # CUDA in csrc/cuda/elbo.cu, autograd in csrc/cpu/elbo_autograd.cpp, autocast in
 # csrc/cpu/autocast.cpp.
 
-__all__ += ["negative_elbo"]
+__all__ += ["negative_elbo", "composite_negative_elbo", "cpu_capability", "cpu_capabilities"]
+
+
+def composite_negative_elbo(logits: Tensor, target: Tensor, mu: Tensor, logvar: Tensor) -> Tensor:
+    """:func:`negative_elbo` written with PyTorch ops (the formula it fuses).
+
+    What ``torch.func`` transforms (``grad``, ``vmap``, ``jacrev``, ...) run instead of the
+    fused op, whose C++ autograd kernel they cannot use; differentiable to any order.
+    Computed in the logits' accumulation type, as the fused op is.
+    """
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    v, x, mu, logvar = logits.to(acc), target.to(acc), mu.to(acc), logvar.to(acc)
+    nll = F.binary_cross_entropy_with_logits(v, x.expand_as(v), reduction="none").sum(-1).mean(0)
+    return nll - 0.5 * (1.0 + logvar - mu.square() - logvar.exp()).sum(-1)
 
 
 def negative_elbo(logits: Tensor, target: Tensor, mu: Tensor, logvar: Tensor) -> Tensor:
@@ -176,10 +189,53 @@ def negative_elbo(logits: Tensor, target: Tensor, mu: Tensor, logvar: Tensor) ->
     for ``logits`` (L, B, D) (float32, bfloat16, float16 or float64), ``target`` (B, D)
     and ``mu``, ``logvar`` (B, Z). Reads the logits once forward and once backward,
     accumulating in float32; ``target``, ``mu`` and ``logvar`` are converted to that
-    accumulation type first. Differentiable in all four.
+    accumulation type first. Differentiable in all four, to any order (a backward with
+    ``create_graph=True`` is itself differentiable). Infinite logits give what
+    ``F.binary_cross_entropy_with_logits`` gives. Under ``torch.func`` transforms it
+    computes :func:`composite_negative_elbo`.
     """
+    if _functorch_active():
+        return composite_negative_elbo(logits, target, mu, logvar)
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     return torch.ops.growdense.negative_elbo(logits, target.to(acc), mu.to(acc), logvar.to(acc))
+
+
+# ---- which compilation of the CPU kernels runs ---------------------------------------
+# The hand-written CPU kernels (the fused loss, the linear op's epilogues) are compiled
+# once per CPU capability and one is chosen at import: the best this CPU runs and ATen
+# itself uses (ATEN_CPU_CAPABILITY lowers both), or the one the environment variable
+# GROWDENSE_CPU_CAPABILITY names (default, avx2, avx512, sve256).
+
+CPU_CAPABILITY_ENV = "GROWDENSE_CPU_CAPABILITY"
+
+
+def cpu_capability() -> str:
+    """The CPU kernels in use: ``"default"``, ``"avx2"``, ``"avx512"`` or ``"sve256"``."""
+    return torch.ops.growdense._cpu_capability()
+
+
+def cpu_capabilities(compiled: bool = False) -> list[str]:
+    """The CPU kernels this CPU can run (``compiled=True``: all those this build contains)."""
+    names = (
+        torch.ops.growdense._cpu_capabilities_compiled()
+        if compiled
+        else torch.ops.growdense._cpu_capabilities_supported()
+    )
+    return names.split()
+
+
+def _set_cpu_capability(name: str) -> str:
+    """Use the CPU kernels ``name`` from now on (tests, benchmarks); returns the previous name.
+
+    Raises, changing nothing, when this build or this CPU lacks them.
+    """
+    return torch.ops.growdense._set_cpu_capability(name)
+
+
+try:  # choose now, so that a bad GROWDENSE_CPU_CAPABILITY fails at import, clearly
+    cpu_capability()
+except (RuntimeError, ValueError) as _error:
+    raise ImportError(str(_error).split("\nException raised from")[0]) from None
 
 
 def _elbo_check_fake(logits, target, mu, logvar) -> None:

@@ -1,0 +1,85 @@
+// The hand-written CPU kernels, compiled once per CPU capability and chosen at run time.
+//
+// csrc/cpu/vec/kernels.cpp is written once over at::vec::Vectorized and compiled several
+// times (CMakeLists.txt, as ATen compiles its native/cpu/ kernels): for the baseline
+// ("default": SSE2 on x86-64, NEON on aarch64), AVX2 and AVX-512 on x86-64, SVE with
+// 256-bit vectors on aarch64. Each compilation lands in its own namespace
+// (growdense::cpu::<CAPABILITY>) and fills one KernelTable; capability.cpp picks the
+// table at the first call: the best one the CPU runs and ATen itself uses (so
+// ATEN_CPU_CAPABILITY lowers both), unless GROWDENSE_CPU_CAPABILITY names one.
+//
+// The kernels take raw pointers and sizes, no at::Tensor: the capability-compiled code
+// then shares no inline tensor code with the rest of the library.
+#pragma once
+
+#include <c10/core/ScalarType.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "activation.h"
+
+namespace growdense::cpu {
+
+enum class Capability : uint8_t { Default, Avx2, Avx512, Sve256, Count };
+
+// "default", "avx2", "avx512", "sve256".
+const char* capability_name(Capability cap);
+
+// ---- the kernels --------------------------------------------------------------------
+
+// negative_elbo: logits (L, B, D) of `dtype`; target (B, D), mu and logvar (B, Z) in its
+// accumulation type (float for the 16-bit types); all contiguous.
+struct ElboArgs {
+  c10::ScalarType dtype;
+  const void* logits;
+  const void* target;
+  const void* mu;
+  const void* logvar;
+  int64_t samples, batch, pixels, latent;  // L, B, D, Z
+};
+// The gradients to write (nullptr: not asked for), given `grad` (B,) of the loss.
+struct ElboGrads {
+  const void* grad;
+  void* logits;  // (L, B, D) of dtype
+  void* target;  // (B, D), accumulation type
+  void* mu;      // (B, Z)
+  void* logvar;  // (B, Z)
+};
+
+// The linear op's element-wise epilogues on a (rows, cols) matrix of `dtype` whose rows are
+// `ld` elements apart.
+struct EpilogueArgs {
+  c10::ScalarType dtype;
+  Activation act;
+  int64_t rows, cols;
+};
+
+struct KernelTable {
+  // out (B,) in the accumulation type
+  void (*elbo_forward)(const ElboArgs& args, void* out);
+  void (*elbo_backward)(const ElboArgs& args, const ElboGrads& grads);
+  // y[r, c] = act(y[r, c] + bias[c]) in place (bias may be nullptr); y's rows ld_y apart.
+  void (*bias_activation)(const EpilogueArgs& args, void* y, int64_t ld_y, const void* bias);
+  // out = grad * act'(saved) (saved: the output for relu, the pre-activation for gelu and
+  // silu, unused for none; all three (rows, cols) with rows `cols` apart), and, when
+  // grad_bias is not nullptr, grad_bias[c] = sum_r out[r, c] (cols elements of dtype).
+  void (*activation_backward)(const EpilogueArgs& args, const void* grad, const void* saved, void* out,
+                              void* grad_bias);
+};
+
+// The capabilities compiled into this library, in increasing order.
+std::vector<Capability> compiled_capabilities();
+// Those of them this CPU runs.
+std::vector<Capability> supported_capabilities();
+// The capability in use (chosen at the first call; see above). Throws when
+// GROWDENSE_CPU_CAPABILITY names one this CPU lacks or that is unknown.
+Capability active_capability();
+// Uses `name` from now on (for tests and benchmarks); returns the previous one's name.
+// Throws, changing nothing, when the name is unknown or the CPU lacks it.
+std::string set_capability(const std::string& name);
+// The active capability's kernels.
+const KernelTable& kernels();
+
+}  // namespace growdense::cpu
