@@ -331,6 +331,18 @@ class _GrowModule(nn.Module):
         """Set width ``width`` to ``new``: grow (new slices set by ``init``) or shrink (what leaves is zeroed).
 
         The Parameters keep their storage. Gradients outside the active part stay zero.
+
+        This and the module's own ``grow*``/``shrink*`` methods change the module only
+        (its tensors and their gradients), as :class:`~growdense.GrowLinear`'s
+        ``grow_out``/``shrink_out`` do: an optimizer's state for these Parameters is left
+        as it was. In a model that trains, grow and shrink the width through a
+        :class:`~growdense.Wiring` built with the optimizer (``Wiring(optimizer)``; a
+        residual stream is one width over every module that reads, writes or rides it),
+        which edits the Parameters, their gradients and the optimizer state together. Done
+        here instead, with an optimizer that holds state, a removed slice keeps its moments
+        (a torch optimizer stepping the whole tensor then moves the zeroed weights again;
+        a regrown slice starts from the old moments) and new slices get no fresh state or
+        step count of their own.
         """
         new = self._check_resize(width, new, init)
         old = self.width(width)
