@@ -88,8 +88,10 @@ def zero_grad_(params, set_to_none: bool = True) -> None:
 
 
 #: The optimizer-state key holding, per dimension of a Parameter, the step count at which
-#: each row (and column) last became active: ``[[row births], [column births]]`` (one list
-#: for a bias). An element's age is ``state["step"] - max(row birth, column birth)``.
+#: each index along it last became active: ``[[row births], [column births]]`` for a
+#: matrix, one list for a bias, one per dimension of any other tensor (an attention's
+#: ``(1, 1, heads * head_dim)`` ``bias_k``: three). An element's age is ``state["step"]``
+#: minus the latest birth of its indices (``max(row birth, column birth)`` for a matrix).
 #: Absent: every element is as old as the Parameter's state. Written by
 #: :func:`growdense.optim_state.mark_born_` (a :class:`~growdense.Wiring` growing under
 #: ``optimizer_state="keep"``).
