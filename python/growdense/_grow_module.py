@@ -196,15 +196,17 @@ class _GrowModule(nn.Module):
         return int(getattr(self, _PREFIX + self._own_width(width)))
 
     def set_active_width_(self, width: str, units: int) -> None:
-        """Set the active count of module-local ``width`` (bookkeeping only: no tensor writes)."""
+        """Set the active count of module-local ``width`` (bookkeeping only: no tensor writes).
+
+        The Wiring moves and fills every declared tensor itself (a norm's ramp included)
+        after this call, so nothing is zeroed here: zeroing the leaving units first would
+        lose those that a ``keep="norm"`` shrink moves into the kept places.
+        """
         own = self._own_width(width)
         units = check_int("units", units)
         if not 0 <= units <= self._capacities[own]:
             raise ValueError(f"{width}={units} is outside 0..{self._capacities[own]}")
-        old = int(getattr(self, _PREFIX + own))
         setattr(self, _PREFIX + own, units)
-        if units < old:
-            self._after_shrink(own, units, old)
 
     # ---- the layout ------------------------------------------------------------
     def _layout(self) -> Layout:  # pragma: no cover - every subclass implements it
