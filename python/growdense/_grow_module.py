@@ -196,15 +196,17 @@ class _GrowModule(nn.Module):
         return int(getattr(self, _PREFIX + self._own_width(width)))
 
     def set_active_width_(self, width: str, units: int) -> None:
-        """Set the active count of module-local ``width`` (bookkeeping only: no tensor writes)."""
+        """Set the active count of module-local ``width`` (bookkeeping only: no tensor writes).
+
+        The Wiring moves and fills every declared tensor itself (a norm's ramp included)
+        after this call, so nothing is zeroed here: zeroing the leaving units first would
+        lose those that a ``keep="norm"`` shrink moves into the kept places.
+        """
         own = self._own_width(width)
         units = check_int("units", units)
         if not 0 <= units <= self._capacities[own]:
             raise ValueError(f"{width}={units} is outside 0..{self._capacities[own]}")
-        old = int(getattr(self, _PREFIX + own))
         setattr(self, _PREFIX + own, units)
-        if units < old:
-            self._after_shrink(own, units, old)
 
     # ---- the layout ------------------------------------------------------------
     def _layout(self) -> Layout:  # pragma: no cover - every subclass implements it
@@ -331,6 +333,18 @@ class _GrowModule(nn.Module):
         """Set width ``width`` to ``new``: grow (new slices set by ``init``) or shrink (what leaves is zeroed).
 
         The Parameters keep their storage. Gradients outside the active part stay zero.
+
+        This and the module's own ``grow*``/``shrink*`` methods change the module only
+        (its tensors and their gradients), as :class:`~growdense.GrowLinear`'s
+        ``grow_out``/``shrink_out`` do: an optimizer's state for these Parameters is left
+        as it was. In a model that trains, grow and shrink the width through a
+        :class:`~growdense.Wiring` built with the optimizer (``Wiring(optimizer)``; a
+        residual stream is one width over every module that reads, writes or rides it),
+        which edits the Parameters, their gradients and the optimizer state together. Done
+        here instead, with an optimizer that holds state, a removed slice keeps its moments
+        (a torch optimizer stepping the whole tensor then moves the zeroed weights again;
+        a regrown slice starts from the old moments) and new slices get no fresh state or
+        step count of their own.
         """
         new = self._check_resize(width, new, init)
         old = self.width(width)

@@ -280,6 +280,7 @@ class GrowMultiheadAttention(_GrowModule):
         biases (and bias_k/bias_v slices) zero. ``init`` sets their columns of ``out_proj``: ``"he"`` draws them
         He-normal (fan_in: the new inner width); ``"zero_out"`` (or ``"zero"``) leaves them
         zero, so the output is exactly unchanged.
+        Changes this module only, not an optimizer's state (see :meth:`resize`).
         """
         n = check_growth(n)
         self.resize("heads", self.num_heads + n, init, generator=generator)
@@ -292,16 +293,23 @@ class GrowMultiheadAttention(_GrowModule):
         width); ``"zero_out"`` leaves the new input columns zero (the old outputs stay
         exactly as they were, whatever the new features hold) and draws the new rows;
         ``"zero"`` leaves both zero. New biases are zero.
+        Changes this module only, not an optimizer's state (see :meth:`resize`).
         """
         n = check_growth(n)
         self.resize("embed_dim", self.embed_dim + n, init, generator=generator)
 
     def shrink_heads(self, to: int) -> None:
-        """Keep the first ``to`` heads; zero the others' slices (weights, biases, gradients)."""
+        """Keep the first ``to`` heads; zero the others' slices (weights, biases, gradients).
+
+        Changes this module only, not an optimizer's state (see :meth:`resize`).
+        """
         self._shrink("heads", to)
 
     def shrink_embed_dim(self, to: int) -> None:
-        """Keep the first ``to`` model-width features; zero the others' slices (weights, biases, gradients)."""
+        """Keep the first ``to`` model-width features; zero the others' slices (weights, biases, gradients).
+
+        Changes this module only, not an optimizer's state (see :meth:`resize`).
+        """
         self._shrink("embed_dim", to)
 
     def _shrink(self, width: str, to: int) -> None:

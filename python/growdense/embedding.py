@@ -143,13 +143,16 @@ class GrowEmbedding(_GrowModule):
         ``init``: ``"he"`` (or ``"default"``) draws the new columns from N(0, 1) as
         ``nn.Embedding`` initialises (an embedding has no fan-in to scale by); ``"zero_out"``
         (or ``"zero"``) leaves them zero (every token's embedding is unchanged, zero in the new dimensions).
-        The padding row stays zero.
+        The padding row stays zero. Changes this module only, not an optimizer's state (see :meth:`resize`).
         """
         n = check_growth(n)
         self.resize("embedding_dim", self.embedding_dim + n, init, generator=generator)
 
     def shrink(self, to: int) -> None:
-        """Keep the first ``to`` embedding dimensions; zero the others (weight and gradient)."""
+        """Keep the first ``to`` embedding dimensions; zero the others (weight and gradient).
+
+        Changes this module only, not an optimizer's state (see :meth:`resize`).
+        """
         to = check_int("to", to)
         if to > self.embedding_dim:
             raise ValueError(f"cannot shrink embedding_dim from {self.embedding_dim} to {to}; use grow to widen")

@@ -125,6 +125,14 @@ class GrowLinear(nn.Module):
     shrinking never reallocate: the Parameters stay the same objects and an optimizer
     built on them keeps working.
 
+    The layer's own ``grow_out``/``grow_in``/``shrink_out``/``shrink_in`` change the layer
+    only (weights, bias, their gradients), not an optimizer's state for them. In a model
+    that trains, change its widths through a :class:`~growdense.Wiring` built with the
+    optimizer, which edits the Parameters, their gradients and the optimizer state
+    together (without it, a removed slice keeps its moments: a torch optimizer stepping
+    the whole tensor moves the zeroed weights again, a regrown slice starts from the old
+    moments). The other growable modules' methods behave the same way.
+
     With the capacities equal to the sizes it is a drop-in for :class:`torch.nn.Linear`
     (same initialisation, same output, loads its ``state_dict``), optionally with a
     fused activation.
@@ -357,6 +365,7 @@ class GrowLinear(nn.Module):
 
         ``init`` sets the new rows: ``"he"`` draws He-normal incoming weights (fan_in =
         ``in_features``); ``"zero"`` leaves them zero (for a caller that writes them itself).
+        Changes this layer only, not an optimizer's state (see the class docstring).
         """
         if init not in INPUT_INITS:
             raise ValueError(f"unknown init {init!r} for new output rows; expected one of {INPUT_INITS}")
@@ -373,6 +382,7 @@ class GrowLinear(nn.Module):
         ``init`` sets the new columns: ``"he"`` draws He-normal values with fan_in the new
         ``in_features`` (as the study did); ``"zero"`` leaves them zero, so the layer's
         output is exactly unchanged for any value of the new inputs.
+        Changes this layer only, not an optimizer's state (see the class docstring).
         """
         if init not in INPUT_INITS:
             raise ValueError(f"unknown init {init!r} for new input columns; expected one of {INPUT_INITS}")
@@ -384,7 +394,10 @@ class GrowLinear(nn.Module):
 
     @torch.no_grad()
     def shrink_out(self, to: int) -> None:
-        """Keep the first ``to`` output neurons; zero the others (weights, bias, gradients)."""
+        """Keep the first ``to`` output neurons; zero the others (weights, bias, gradients).
+
+        Changes this layer only, not an optimizer's state (see the class docstring).
+        """
         to = self._check_shrink("out_features", to, self._active_out)
         for tensor in self._with_grads():
             tensor[to : self._active_out].zero_()
@@ -392,7 +405,10 @@ class GrowLinear(nn.Module):
 
     @torch.no_grad()
     def shrink_in(self, to: int) -> None:
-        """Keep the first ``to`` input features; zero the other columns (weights, gradients)."""
+        """Keep the first ``to`` input features; zero the other columns (weights, gradients).
+
+        Changes this layer only, not an optimizer's state (see the class docstring).
+        """
         to = self._check_shrink("in_features", to, self._active_in)
         for tensor in (self.weight, self.weight.grad):
             if tensor is not None:

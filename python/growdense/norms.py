@@ -169,6 +169,7 @@ class _GrowNorm(_GrowModule):
         ``init``: ``"he"`` or ``"default"`` let them enter at once; ``"zero_out"`` ramps them
         in over ``ramp_steps`` calls of :meth:`ramp_step`, so that the output is exactly
         unchanged at the growth (see the module docstring).
+        Changes this module only, not an optimizer's state (see :meth:`resize`).
         """
         n = check_growth(n)
         if init == "zero_out":
@@ -181,7 +182,10 @@ class _GrowNorm(_GrowModule):
             self._start_ramp(start, start + n, ramp_steps)
 
     def shrink(self, to: int) -> None:
-        """Keep the first ``to`` features; zero the others (weight, bias, gradients)."""
+        """Keep the first ``to`` features; zero the others (weight, bias, gradients).
+
+        Changes this module only, not an optimizer's state (see :meth:`resize`).
+        """
         to = check_int("to", to)
         if to > self.features:
             raise ValueError(f"cannot shrink features from {self.features} to {to}; use grow to widen")

@@ -37,6 +37,7 @@ optimizer (which ignores :data:`BIRTH_KEY`) and the other way round.
 
 from __future__ import annotations
 
+import itertools
 from typing import Optional
 
 import torch
@@ -87,8 +88,10 @@ def zero_grad_(params, set_to_none: bool = True) -> None:
 
 
 #: The optimizer-state key holding, per dimension of a Parameter, the step count at which
-#: each row (and column) last became active: ``[[row births], [column births]]`` (one list
-#: for a bias). An element's age is ``state["step"] - max(row birth, column birth)``.
+#: each index along it last became active: ``[[row births], [column births]]`` for a
+#: matrix, one list for a bias, one per dimension of any other tensor (an attention's
+#: ``(1, 1, heads * head_dim)`` ``bias_k``: three). An element's age is ``state["step"]``
+#: minus the latest birth of its indices (``max(row birth, column birth)`` for a matrix).
 #: Absent: every element is as old as the Parameter's state. Written by
 #: :func:`growdense.optim_state.mark_born_` (a :class:`~growdense.Wiring` growing under
 #: ``optimizer_state="keep"``).
@@ -112,31 +115,37 @@ def _runs(indices: list[int]) -> list[slice]:
 
 
 def cohorts(active: tuple[int, ...], births: list[list[int]]) -> list[tuple[tuple[slice, ...], int]]:
-    """Split the active block into rectangles of elements born at the same step.
+    """Split the active block into boxes of elements born at the same step.
 
     ``active`` is the block's size per dimension (it starts at index 0), ``births`` the
-    per-dimension birth steps (:data:`BIRTH_KEY`). Returns ``(index, birth)`` pairs: the
-    rectangles cover the block exactly once. Rows and columns born in order give one
-    rectangle per distinct birth (two for a matrix grown along both dimensions); a
-    permutation that scatters neurons of different ages gives one per run.
+    per-dimension birth steps (:data:`BIRTH_KEY`), one list per dimension of the tensor
+    (a width may ride any of them: the heads of an attention's ``bias_k`` ride its third).
+    Returns ``(index, birth)`` pairs: the boxes cover the block exactly once. An element
+    is born at the latest birth of its indices; the elements born at ``b`` are split by the
+    first dimension whose index is born at ``b`` (the dimensions before it born earlier,
+    those after it no later), so dimensions born in order give one box per distinct birth
+    (two for a matrix grown along both dimensions); a permutation that scatters neurons of
+    different ages gives one per run.
     """
-    if len(active) == 1:
-        rows = births[0][: active[0]]
-        return [
-            ((run,), b)
-            for b in sorted(set(rows))
-            for run in _runs([i for i, r in enumerate(rows) if r == b])
-        ]
-    rows, cols = births[0][: active[0]], births[1][: active[1]]
-    out = []
-    for b in sorted(set(rows) | set(cols)):
-        # Element (i, j) was born at max(rows[i], cols[j]).
-        for row_set, col_set in (
-            ([i for i, r in enumerate(rows) if r == b], [j for j, c in enumerate(cols) if c <= b]),
-            ([i for i, r in enumerate(rows) if r < b], [j for j, c in enumerate(cols) if c == b]),
-        ):
-            if row_set and col_set:
-                out.extend(((r, c), b) for r in _runs(row_set) for c in _runs(col_set))
+    if len(active) != len(births):
+        raise ValueError(f"cohorts: {len(active)} active sizes but births for {len(births)} dimensions")
+    axes = [list(b[:n]) for b, n in zip(births, active)]
+    out: list[tuple[tuple[slice, ...], int]] = []
+    for b in sorted(set().union(*map(set, axes))):
+        for first in range(len(axes)):
+            runs = []
+            for d, axis in enumerate(axes):
+                if d < first:
+                    keep = [i for i, r in enumerate(axis) if r < b]
+                elif d == first:
+                    keep = [i for i, r in enumerate(axis) if r == b]
+                else:
+                    keep = [i for i, r in enumerate(axis) if r <= b]
+                if not keep:
+                    break
+                runs.append(_runs(keep))
+            else:
+                out.extend((index, b) for index in itertools.product(*runs))
     return out
 
 
