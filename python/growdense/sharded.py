@@ -215,12 +215,15 @@ def normal_(
     n = max(0, rows[1] - rows[0])
     scratch = torch.zeros((n, *tensor.shape[1:]), dtype=tensor.dtype, device=local(tensor).device)
     kernel(scratch, (slice(0, n),) + index[1:], std, generator)
-    lo, hi = local_ranges(tensor)[0]
-    a, b = max(rows[0], lo), min(rows[0] + n, hi)
-    if b <= a:
-        return
-    target = part(tensor, (slice(a, b),) + index[1:])
-    target.copy_(scratch[(slice(a - rows[0], b - rows[0]),) + index[1:]])
+    source, target = [], []
+    for d, ((lo, hi), s) in enumerate(zip(local_ranges(tensor), index)):
+        start, stop, _ = s.indices(tensor.shape[d])
+        a, b = max(start, lo), min(stop, hi)
+        if b <= a:
+            return  # this rank holds none of the block
+        target.append(slice(a - lo, b - lo))
+        source.append(slice(a - rows[0], b - rows[0]) if d == 0 else slice(a, b))
+    local(tensor)[tuple(target)].copy_(scratch[tuple(source)])
 
 
 @torch.no_grad()
