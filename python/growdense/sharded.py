@@ -431,17 +431,23 @@ def agree(
     ``call``: the change's arguments (``{"n": 3, "init": "he"}``), ``widths``: the
     wiring's widths and capacities before it, ``generator``: the growth's generator, whose
     state must match too (the ranks draw the whole new slice each, and keep their rows).
-    One ``all_gather_object`` per mesh dimension; called before anything changes, so a
+    One ``all_gather`` of a 20-byte digest per mesh dimension (and an ``all_gather_object``
+    to name the difference when there is one); called before anything changes, so a
     refused change changes nothing on any rank.
     """
     import torch.distributed as dist
 
     mine = {"call": call, "widths": widths, "generator": _generator_digest(generator), "problem": problem}
+    digest = torch.tensor(list(hashlib.sha1(repr(mine).encode()).digest()), dtype=torch.uint8, device=local(example).device)
     mesh = example.device_mesh  # type: ignore[attr-defined]
     for mesh_dim in range(mesh.ndim):
         group = mesh.get_group(mesh_dim)
+        digests = [torch.empty_like(digest) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(digests, digest, group=group)  # one small collective when the ranks agree
+        if all(torch.equal(d, digest) for d in digests):
+            continue
         everyone: list = [None] * dist.get_world_size(group)
-        dist.all_gather_object(everyone, mine, group=group)
+        dist.all_gather_object(everyone, mine, group=group)  # they do not: say how
         for rank, theirs in enumerate(everyone):
             if theirs["problem"] is not None:
                 raise NotImplementedError(
