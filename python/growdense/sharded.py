@@ -388,6 +388,9 @@ def agree_wiring(wiring, what: str, call: dict, generator: Optional[torch.Genera
     """
     from . import protocol
 
+    members = [(m, spec, t) for h in wiring._hidden.values() for m in h.members for spec, t in protocol.members_of(m.module)]
+    if not any(is_sharded(t) for _, _, t in members):  # FSDP2 shards every Parameter: none is, nothing to agree on
+        return
     tensors = []
     for hidden in wiring._hidden.values():
         for m in hidden.members:
