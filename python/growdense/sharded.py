@@ -57,9 +57,13 @@ __all__ = [
     "normal_",
     "fill_",
     "move_units_",
+    "move_elements_",
     "unit_norms",
+    "producer_norms",
     "check_supported",
+    "any_sharded",
     "agree",
+    "agree_wiring",
     "gathered",
     "SLICE_LOCAL_INITS",
 ]
