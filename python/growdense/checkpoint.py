@@ -434,3 +434,9 @@ def _check_wiring(payload: Mapping[str, Any], model: nn.Module, wiring: Wiring) 
                 f"after loading, the wiring's width {name!r} would be {width}, not the saved {saved_widths[name]}; "
                 f"does the wiring refer to this model's layers?"
             )
+
+
+# Sharded (FSDP2) models through torch.distributed.checkpoint: see growdense.sharded_checkpoint.
+from .sharded_checkpoint import load_sharded_checkpoint, save_sharded_checkpoint  # noqa: E402
+
+__all__ += ["save_sharded_checkpoint", "load_sharded_checkpoint"]

@@ -8,7 +8,7 @@ from typing import Any, Mapping, Optional
 import torch
 from torch import Tensor, nn
 
-from . import ops, protocol
+from . import ops, protocol, sharded
 from ._checks import check_int
 
 try:
@@ -372,7 +372,8 @@ class GrowLinear(nn.Module):
         n = self._check_grow("out_features", n, self._active_out, self.capacity_out)
         start, stop = self._active_out, self._active_out + n
         if init == "he":
-            ops.normal_block_(self.weight, (start, stop), (0, self._active_in), he_std(self._active_in), generator)
+            index = (slice(start, stop), slice(0, self._active_in))  # sharded.normal_: a DTensor's local rows too
+            sharded.normal_(_normal_kernel, self.weight, index, he_std(self._active_in), generator)
         self._active_out = stop
 
     @torch.no_grad()
@@ -389,7 +390,8 @@ class GrowLinear(nn.Module):
         n = self._check_grow("in_features", n, self._active_in, self.capacity_in)
         start, stop = self._active_in, self._active_in + n
         if init == "he":
-            ops.normal_block_(self.weight, (0, self._active_out), (start, stop), he_std(stop), generator)
+            index = (slice(0, self._active_out), slice(start, stop))
+            sharded.normal_(_normal_kernel, self.weight, index, he_std(stop), generator)
         self._active_in = stop
 
     @torch.no_grad()
@@ -400,7 +402,7 @@ class GrowLinear(nn.Module):
         """
         to = self._check_shrink("out_features", to, self._active_out)
         for tensor in self._with_grads():
-            tensor[to : self._active_out].zero_()
+            sharded.narrow(tensor, 0, to, self._active_out - to).zero_()
         self._active_out = to
 
     @torch.no_grad()
@@ -412,7 +414,7 @@ class GrowLinear(nn.Module):
         to = self._check_shrink("in_features", to, self._active_in)
         for tensor in (self.weight, self.weight.grad):
             if tensor is not None:
-                tensor[:, to : self._active_in].zero_()
+                sharded.narrow(tensor, 1, to, self._active_in - to).zero_()
         self._active_in = to
 
     def _with_grads(self) -> list[Tensor]:
@@ -496,9 +498,9 @@ class GrowLinear(nn.Module):
             for tensor in (param, param.grad):
                 if tensor is None:
                     continue
-                tensor[active_out:].zero_()
+                sharded.narrow(tensor, 0, active_out, tensor.shape[0] - active_out).zero_()  # DTensors: local rows
                 if name == "weight":
-                    tensor[:active_out, active_in:].zero_()
+                    sharded.part(tensor, (slice(0, active_out), slice(active_in, None))).zero_()
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs

@@ -44,7 +44,7 @@ import torch
 from torch import Tensor
 from torch.optim.adam import adam as _adam_functional
 
-from . import _torch_internals
+from . import _torch_internals, sharded
 from .layers import active_block
 
 __all__ = ["Adam", "AdamW", "RAdam", "Adamax", "Adagrad", "zero_grad_", "BIRTH_KEY", "cohorts"]
@@ -84,7 +84,7 @@ def zero_grad_(params, set_to_none: bool = True) -> None:
         if block is None:
             grad.zero_()
         else:
-            grad[block].zero_()
+            sharded.part(grad, block).zero_()  # a DTensor (FSDP2): the rows this rank holds
 
 
 #: The optimizer-state key holding, per dimension of a Parameter, the step count at which
@@ -191,7 +191,7 @@ class _ActiveBlockSteps:
             block = _partial_block(p)
             if births is None:
                 if block is None or fused:  # the fused kernels want whole tensors
-                    views = [sources]
+                    views = [tuple(sharded.local(t) for t in sources)]  # DTensors: their local shards
                 else:
                     views = self._block_views(p, block, None, sources)[1]
                 for lst, v in zip(new, views[0]):
@@ -229,7 +229,7 @@ class _ActiveBlockSteps:
         last gradient it saw until the Parameter's next step, as ``zero_grad`` here does.
         """
         cache = self.__dict__.setdefault("_growdense_views", {})
-        ptr = p.data_ptr()  # `param.data = ...` keeps the Parameter but changes its storage
+        ptr = sharded.local(p).data_ptr()  # `param.data = ...` keeps the Parameter but changes its storage
         entry = cache.get(id(p))
         if (
             entry is not None
@@ -245,7 +245,7 @@ class _ActiveBlockSteps:
         else:
             active = tuple(s.stop for s in block) if block is not None else tuple(p.shape)
             rects = cohorts(active, births)
-        views = [tuple(t[index] for t in sources) for index, _ in rects]
+        views = [tuple(sharded.part(t, index) for t in sources) for index, _ in rects]  # DTensors: local rows
         cache[id(p)] = (block, births, ptr, sources, rects, views)
         return rects, views
 

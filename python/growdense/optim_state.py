@@ -56,6 +56,8 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Union
 import torch
 from torch import Tensor
 
+from . import sharded
+
 __all__ = [
     "POLICIES",
     "STEP_COUNTS",
@@ -379,7 +381,7 @@ def zero_state_(
     if param is None or stop <= start:
         return
     for tensor in state_tensors(optimizer, param):
-        tensor.narrow(dim, start, stop - start).zero_()
+        sharded.narrow(tensor, dim, start, stop - start).zero_()
 
 
 def _fresh_value(optimizer: torch.optim.Optimizer, param: Tensor, key: str) -> Optional[complex]:
@@ -404,7 +406,7 @@ def fresh_state_(
         return
     for key, tensor in _keyed_state_tensors(optimizer, param):
         value = _fresh_value(optimizer, param, key)  # type: ignore[arg-type]
-        part = tensor.narrow(dim, start, stop - start)
+        part = sharded.narrow(tensor, dim, start, stop - start)  # a DTensor: the rows this rank holds
         if value is None:
             part.zero_()
         else:

@@ -74,7 +74,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from . import protocol
+from . import protocol, sharded
 from ._checks import check_int, check_nonnegative_real
 from .init_strategies import GROW_INITS, check_init, grow_neurons_
 
@@ -143,6 +143,9 @@ def unit_norms(hidden) -> Tensor:
     The producers' tensors without a declared fill (biases have one) count; a unit of
     several elements counts all of them.
     """
+    norms = sharded.producer_norms(hidden)  # None unless a producer is a DTensor (FSDP2)
+    if norms is not None:
+        return norms
     parts = []
     for m in hidden.members:
         if protocol.PRODUCER not in m.roles:

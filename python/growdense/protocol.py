@@ -63,6 +63,8 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Protocol, Sequenc
 import torch
 from torch import Tensor, nn
 
+from . import sharded
+
 __all__ = [
     "PRODUCER",
     "CONSUMER",
@@ -349,7 +351,7 @@ def element_index(axis: Axis, cap: int, units: Tensor) -> Tensor:
 def zero_units_(tensor: Tensor, axis: Axis, cap: int, start: int, stop: int, value: Any = 0) -> None:
     """Set units ``[start, stop)`` along ``axis`` of ``tensor`` to ``value`` (0: zero)."""
     for first, length in element_ranges(axis, cap, start, stop):
-        part = tensor.narrow(axis.dim, first, length)
+        part = sharded.narrow(tensor, axis.dim, first, length)  # a DTensor: the rows this rank holds
         if value == 0:
             part.zero_()
         else:
@@ -359,6 +361,9 @@ def zero_units_(tensor: Tensor, axis: Axis, cap: int, start: int, stop: int, val
 @torch.no_grad()
 def permute_units_(tensor: Tensor, axis: Axis, cap: int, perm: Tensor) -> None:
     """In place along ``axis``: new unit ``i`` is old unit ``perm[i]``, for ``i < len(perm)``."""
+    if sharded.is_sharded(tensor):
+        sharded.move_units_(tensor, axis, cap, perm, torch.arange(perm.numel(), device=perm.device))
+        return
     perm = perm.to(tensor.device)
     dst = element_index(axis, cap, torch.arange(perm.numel(), device=tensor.device))
     src = element_index(axis, cap, perm)
@@ -373,6 +378,9 @@ def permute_units_(tensor: Tensor, axis: Axis, cap: int, perm: Tensor) -> None:
 def move_units_(tensor: Tensor, axis: Axis, cap: int, src: Tensor, dst: Tensor) -> None:
     """In place along ``axis``: unit ``dst[i]`` gets old unit ``src[i]`` (the two sets disjoint)."""
     if src.numel() == 0:
+        return
+    if sharded.is_sharded(tensor):
+        sharded.move_units_(tensor, axis, cap, src, dst)
         return
     src, dst = src.to(tensor.device), dst.to(tensor.device)
     tensor.index_copy_(axis.dim, element_index(axis, cap, dst), tensor.index_select(axis.dim, element_index(axis, cap, src)))
@@ -546,11 +554,11 @@ class Slice:
         """Fill the new units with N(0, std^2) through the declared kernel (else :func:`normal_`)."""
         kernel = self.spec.normal or normal_
         for index in self.index:
-            kernel(self.tensor, index, std, generator)
+            sharded.normal_(kernel, self.tensor, index, std, generator)  # a DTensor: same draws, local rows
 
     def fill_(self, value: float) -> None:
         for index in self.index:
-            self.tensor[index].fill_(value)
+            sharded.fill_(self.tensor, index, value)
 
     def declared(self, init: str) -> Any:
         """What the declaration gives this slice under ``init`` (see :meth:`TensorSpec.declared`)."""

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from . import init_strategies as _builtin_inits  # noqa: F401  (registers "he", "zero_out", "split")
-from . import optim_state, protocol
+from . import optim_state, protocol, sharded
 from ._checks import check_int
 from .policies import KEEP_CHOICES, Keep, check_generator, check_split_noise
 from .policies import kept_indices, permutation
@@ -502,6 +502,8 @@ class Wiring:
         (new neurons get fresh element-wise state but their Parameter's step count); see
         :mod:`growdense.optim_state`.
         """
+        call = {"name": name, "n": n, "init": init, "split_noise": split_noise, "optimizer_state": optimizer_state}
+        sharded.agree_wiring(self, "grow", dict(call, options=sorted(init_options)), generator)  # FSDP2: every rank alike
         plan = self._plan_grow(
             name, n, init, generator, dict(init_options, split_noise=split_noise), optimizer_state, stacklevel=3
         )
@@ -588,6 +590,7 @@ class Wiring:
         restarts as newly built; otherwise the kept neurons' state continues and the
         removed slices' state becomes the optimizer's fresh values.
         """
+        sharded.agree_wiring(self, "shrink", {"name": name, "to": to, "keep": keep, "optimizer_state": optimizer_state})
         policy = self._policy(optimizer_state)
         kept = self._kept(name, to, keep)
         to = check_int("to", to)
@@ -621,6 +624,7 @@ class Wiring:
         """
         if isinstance(perm, str):
             raise TypeError(f"permute() needs a sequence of indices, got the string {perm!r}")
+        sharded.agree_wiring(self, "permute", {"name": name, "perm": perm})
         indices = self._kept(name, self.width(name), perm)
         hidden = self._get(name)
         self._check_writable(name, hidden)
@@ -712,6 +716,8 @@ class Wiring:
             return
         for layer in hidden.layers():
             for _, tensor in protocol.members_of(layer):
+                if sharded.is_sharded(tensor):  # each rank holds its own rows, drawn from the synced generator
+                    continue
                 dist.broadcast(tensor.data, src=self.broadcast_from, group=self.process_group)
 
 
@@ -773,7 +779,8 @@ class _GrowPlan:
     def apply(self) -> None:
         self.raise_widths()
         try:
-            self.strategy.apply_(self.change, **self.options)  # type: ignore[attr-defined]
+            with sharded.gathered(self.change) as whole:  # DTensors: strategies that index freely see gathered copies
+                self.strategy.apply_(whole, **self.options)  # type: ignore[attr-defined]
         except BaseException:  # a strategy that runs user code (a closure) may fail: change nothing
             self.undo()
             raise
