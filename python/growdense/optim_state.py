@@ -72,7 +72,9 @@ __all__ = [
     "zero_state_",
     "fresh_state_",
     "fresh_state_tensors",
+    "counts_births",
     "mark_born_",
+    "mark_born_ranges_",
     "has_births",
     "move_births_",
     "permute_state_",
@@ -411,6 +413,12 @@ def fresh_state_(
             part.fill_(value)
 
 
+def counts_births(optimizer: Optional[torch.optim.Optimizer]) -> bool:
+    """Whether ``optimizer`` counts each element's age (rules with ``step="element"``): whether
+    :func:`mark_born_` records anything for it."""
+    return optimizer is not None and optimizer_rules(optimizer).step_of(optimizer) == "element"
+
+
 def mark_born_(
     optimizer: Optional[torch.optim.Optimizer],
     param: Optional[Tensor],
@@ -427,7 +435,22 @@ def mark_born_(
     ``policy="keep_global_step"``) they count as old as the Parameter. Other optimizers
     are left alone.
     """
-    if param is None or stop <= start or optimizer is None or optimizer_rules(optimizer).step_of(optimizer) != "element":
+    if param is None or stop <= start:
+        return
+    mark_born_ranges_(optimizer, param, dim, ((start, stop - start),), policy)
+
+
+def mark_born_ranges_(
+    optimizer: Optional[torch.optim.Optimizer],
+    param: Optional[Tensor],
+    dim: int,
+    ranges: Iterable[tuple[int, int]],
+    policy: str,
+) -> None:
+    """:func:`mark_born_` for several ``(first index, length)`` ranges along ``dim`` at once
+    (what :func:`growdense.protocol.element_ranges` gives: a growth's units in every block)."""
+    spans = [(first, first + length) for first, length in ranges if length > 0]
+    if param is None or not spans or optimizer is None or optimizer_rules(optimizer).step_of(optimizer) != "element":
         return
     state = optimizer.state.get(param)
     if not state or "step" not in state:
@@ -442,7 +465,8 @@ def mark_born_(
     else:
         birth = 0
     births = [list(b) for b in births]  # a new object: the view cache compares births by identity
-    births[dim][start:stop] = [birth] * (stop - start)
+    for start, stop in spans:
+        births[dim][start:stop] = [birth] * (stop - start)
     if all(b == 0 for axis in births for b in axis):
         del state[_BIRTH_KEY]
     else:
