@@ -352,22 +352,34 @@ def state_tensors(optimizer: Optional[torch.optim.Optimizer], param: Tensor) -> 
         yield tensor
 
 
-def _keyed_state_tensors(optimizer: Optional[torch.optim.Optimizer], param: Tensor) -> Iterator[tuple[str, Tensor]]:
+def _keyed_state_tensors(optimizer: Optional[torch.optim.Optimizer], param: Tensor) -> list[tuple[str, Tensor]]:
+    """``(key, tensor)`` for every state tensor of ``param`` shaped like it and not declared fixed."""
     if optimizer is None:
-        return
+        return []
     state = optimizer.state.get(param)
     if not state:
-        return
+        return []
     fixed = optimizer_rules(optimizer).fixed
-    for key, value in state.items():
-        if isinstance(value, Tensor) and value.shape == param.shape and value.dim() > 0 and key not in fixed:
-            yield key, value
+    shape = param.shape
+    return [
+        (key, value)
+        for key, value in state.items()
+        if isinstance(value, Tensor) and value.dim() > 0 and value.shape == shape and key not in fixed
+    ]
 
 
 def fresh_state_tensors(optimizer: Optional[torch.optim.Optimizer], param: Tensor) -> list[tuple[Tensor, Any]]:
     """``(state tensor, its fresh value)`` for every element-wise state tensor of ``param`` (see :func:`fresh_state_`)."""
+    keyed = _keyed_state_tensors(optimizer, param)
+    if not keyed:
+        return []
+    declared = optimizer_rules(optimizer).state  # type: ignore[arg-type]
     out = []
-    for key, tensor in _keyed_state_tensors(optimizer, param):
+    for key, tensor in keyed:
+        constant = declared.get(key, 0.0)
+        if type(constant) in (int, float) and constant == 0:  # the common case: no lookup of the group
+            out.append((tensor, 0))
+            continue
         value = _fresh_value(optimizer, param, key)  # type: ignore[arg-type]
         out.append((tensor, 0 if value is None else value))
     return out

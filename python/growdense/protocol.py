@@ -279,6 +279,10 @@ class Growable(Protocol):
 
 def call_on_grow_(module: nn.Module, width: str, start: int, stop: int, init: str, options: Mapping[str, Any]) -> None:
     """Call ``module.on_grow_`` if it has one (see :class:`Growable`)."""
+    cls = type(module)
+    plain = getattr(cls, "__getattr__", None) is nn.Module.__getattr__
+    if plain and not hasattr(cls, "on_grow_") and "on_grow_" not in module.__dict__:
+        return  # (asked of the class: a failed lookup through nn.Module.__getattr__ costs an exception)
     hook = getattr(module, "on_grow_", None)
     if hook is not None:
         hook(width, start, stop, init, **options)

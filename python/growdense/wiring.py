@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
@@ -529,50 +529,31 @@ class Wiring:
                 slices.append(Slice(m, spec, axis, tensor, start, stop, tuple(extent), cap))
         return Change(name, start, stop, hidden.members, tuple(slices), generator, init)
 
-    def _written(self, hidden: _Hidden, event: Optional[_Event] = None) -> list[tuple[str, Tensor]]:
-        """Every tensor a change of ``hidden`` writes, with a description: data, gradients, optimizer state."""
+    def _check_writable(self, name: str, hidden: _Hidden, event: Optional[_Event] = None) -> None:
+        """Raise unless every tensor the change writes (data, gradients, optimizer state) can be
+        written in place (nothing changed yet). Each tensor is checked once per call."""
         event = _Event() if event is None else event
-        out = []
+        checked = event.writable
+        inference_mode = torch.is_inference_mode_enabled()
+        optimizer = self.optimizer
         for m in hidden.members:
             for spec, tensor in event.members_of(m.module):
                 if spec.axis(m.width) is None:
                     continue
-                what = f"{type(m.module).__name__}.{spec.name}"
-                out.append((what, tensor))
+                written: list[tuple[Optional[str], Tensor]] = [(None, tensor)]
                 grad = getattr(tensor, "grad", None) if isinstance(tensor, nn.Parameter) else None
                 if grad is not None:
-                    out.append((f"{what}.grad", grad))
-                for key, state in optim_state._keyed_state_tensors(self.optimizer, tensor):
-                    out.append((f"the optimizer's {key!r} of {what}", state))
-        return out
-
-    def _check_writable(self, name: str, hidden: _Hidden, event: Optional[_Event] = None) -> None:
-        """Raise unless every tensor the change writes can be written in place (nothing changed yet)."""
-        checked = event.writable if event is not None else set()
-        for what, t in self._written(hidden, event):
-            if id(t) in checked:
-                continue
-            problem = None
-            if t.is_inference() and not torch.is_inference_mode_enabled():
-                problem = (
-                    "is an inference tensor (made under torch.inference_mode()), which cannot be written in place "
-                    "outside it; build the model outside inference_mode, or clone its tensors into new Parameters"
-                )
-            elif t.layout != torch.strided:
-                problem = f"has layout {t.layout}; growdense writes dense (strided) tensors only"
-            elif not t.dtype.is_floating_point:
-                problem = (
-                    f"has dtype {t.dtype}; growdense grows and shrinks real floating-point tensors only: "
-                    f"convert the layer (e.g. layer.float())"
-                )
-            elif t.numel() > 1 and any(st == 0 and sz > 1 for st, sz in zip(t.stride(), t.shape)):
-                problem = (
-                    "has elements sharing memory (an expanded tensor), which cannot be written in place; "
-                    "give it its own storage (e.g. .clone())"
-                )
-            if problem is not None:
-                raise RuntimeError(f"cannot resize {name!r}: {what} {problem}. Nothing was changed")
-            checked.add(id(t))
+                    written.append((".grad", grad))
+                written += optim_state._keyed_state_tensors(optimizer, tensor)
+                for what, t in written:
+                    if id(t) in checked:
+                        continue
+                    problem = _write_problem(t, inference_mode)
+                    if problem is not None:
+                        raise RuntimeError(
+                            f"cannot resize {name!r}: {_describe(m.module, spec, what)} {problem}. Nothing was changed"
+                        )
+                    checked.add(id(t))
 
     def check_shrink(self, name: str, to: int, keep: Keep = "first", optimizer_state: Optional[str] = None) -> None:
         """Raise (and change nothing) unless ``shrink(name, to, keep=keep, optimizer_state=...)`` is valid."""
@@ -654,6 +635,8 @@ class Wiring:
         plans = [p for p in plans if p.change.n > 0]
         if not plans:
             return
+        for plan in plans:
+            plan.note_versions(self.optimizer)
         done = []
         try:
             for plan in plans:
@@ -702,6 +685,7 @@ class Wiring:
         for plan in plans:
             if plan.change.n == 0:
                 continue
+            plan.note_versions(self.optimizer)
             plan.apply()
             self._fresh_new_slices(plan)
             self._broadcast(plan.hidden)
@@ -831,6 +815,10 @@ class Wiring:
         Every tensor riding the width is one of the change's slices (its axis and capacity
         with it). Under ``"reset"`` the whole optimizer restarts; otherwise the new units'
         element-wise state gets the optimizer's fresh values and their births are marked.
+        The new units were outside the active part, where gradients and optimizer state are
+        zero (the invariant): a tensor that nothing wrote during the growth (its version
+        unchanged: the built-in strategies write only the data) is not written again, except
+        with a fresh value other than zero (Adagrad's, Rprop's).
         """
         change, policy = plan.change, plan.policy
         optimizer = self.optimizer
@@ -843,15 +831,17 @@ class Wiring:
             ranges = protocol.element_ranges(s.axis, s.capacity, change.start, change.stop)
             dim = s.axis.dim
             grad = param.grad
-            if grad is not None:
+            if grad is not None and not plan.untouched(grad):
                 for first, length in ranges:
                     grad.narrow(dim, first, length).zero_()
             if keep_state:
                 for state, value in optim_state.fresh_state_tensors(optimizer, param):
+                    if value == 0 and plan.untouched(state):
+                        continue
                     for first, length in ranges:
                         part = state.narrow(dim, first, length)
                         part.zero_() if value == 0 else part.fill_(value)
-                if births:
+                if births and (policy == "keep" or optim_state.has_births(optimizer, param)):
                     optim_state.mark_born_ranges_(optimizer, param, dim, ranges, policy)
         if policy == "reset":
             optim_state.reset_(optimizer)
@@ -869,6 +859,38 @@ class Wiring:
 
 
 ROLES_ = (PRODUCER, CONSUMER, RIDER)
+
+
+def _describe(module: nn.Module, spec: protocol.TensorSpec, what: Optional[str]) -> str:
+    """How a written tensor is named in messages: the data, ``.grad``, or an optimizer state's key."""
+    name = f"{type(module).__name__}.{spec.name}"
+    if what is None:
+        return name
+    if what == ".grad":
+        return f"{name}.grad"
+    return f"the optimizer's {what!r} of {name}"
+
+
+def _write_problem(t: Tensor, inference_mode: bool) -> Optional[str]:
+    """Why ``t`` cannot be written in place (``None``: it can); ``inference_mode``: whether it is enabled."""
+    if t.is_inference() and not inference_mode:
+        return (
+            "is an inference tensor (made under torch.inference_mode()), which cannot be written in place "
+            "outside it; build the model outside inference_mode, or clone its tensors into new Parameters"
+        )
+    if t.layout != torch.strided:
+        return f"has layout {t.layout}; growdense writes dense (strided) tensors only"
+    if not t.dtype.is_floating_point:
+        return (
+            f"has dtype {t.dtype}; growdense grows and shrinks real floating-point tensors only: "
+            f"convert the layer (e.g. layer.float())"
+        )
+    if 0 in t.stride() and t.numel() > 1 and any(st == 0 and sz > 1 for st, sz in zip(t.stride(), t.shape)):
+        return (
+            "has elements sharing memory (an expanded tensor), which cannot be written in place; "
+            "give it its own storage (e.g. .clone())"
+        )
+    return None
 
 
 def _feature_name(m: Member) -> str:
@@ -897,6 +919,28 @@ class _GrowPlan:
     strategy: object
     options: dict
     policy: str
+    #: ``id -> (tensor, version)`` of the gradients and optimizer state riding the change,
+    #: before it (:meth:`note_versions`): what :meth:`untouched` compares against.
+    versions: dict = field(default_factory=dict)
+
+    def note_versions(self, optimizer: Optional[torch.optim.Optimizer]) -> None:
+        """Record the version of every gradient and optimizer-state tensor riding the change (before it)."""
+        versions = {}
+        for s in self.change.slices:
+            t = s.tensor
+            if not isinstance(t, nn.Parameter):
+                continue
+            grad = t.grad
+            if grad is not None:
+                versions[id(grad)] = (grad, grad._version)
+            for _, state in optim_state._keyed_state_tensors(optimizer, t):
+                versions[id(state)] = (state, state._version)
+        self.versions = versions
+
+    def untouched(self, tensor: Tensor) -> bool:
+        """Whether ``tensor`` is one noted by :meth:`note_versions` and nothing wrote it since."""
+        entry = self.versions.get(id(tensor))
+        return entry is not None and entry[0] is tensor and entry[1] == tensor._version
 
     def raise_widths(self) -> None:
         """Make the new units active and write the declared fills (the strategy writes the rest)."""
