@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
@@ -60,10 +60,11 @@ class _Event:
     """What one call of a :class:`Wiring` reads again and again, read once.
 
     Each module's declared tensors (:func:`growdense.protocol.members_of`), each
-    (module, width)'s capacity, and which layers and tensors were already checked. Valid
-    for one call only: between calls a module may replace its tensors. Keys are the ids
-    of objects the wiring holds, alive for the whole call. Gradients and optimizer state
-    are not cached: a strategy's closure may create them.
+    (module, width)'s capacity, which layers were checked, and every tensor found writable
+    with its version then (before anything changed: :meth:`untouched`). Valid for one call
+    only: between calls a module may replace its tensors. Keys are the ids of objects the
+    wiring holds, alive for the whole call. Gradients and optimizer state are read again
+    where they are written: a strategy's closure may create them.
     """
 
     __slots__ = ("_tensors", "_caps", "resizable", "writable")
@@ -72,7 +73,13 @@ class _Event:
         self._tensors: dict[int, list[tuple[protocol.TensorSpec, Tensor]]] = {}
         self._caps: dict[tuple[int, str], int] = {}
         self.resizable: set[int] = set()  # ids of layers found sharing no Parameter
-        self.writable: set[int] = set()  # ids of tensors found writable in place
+        self.writable: dict[int, tuple[Tensor, int]] = {}  # id -> (tensor, its version when checked)
+
+    def untouched(self, tensor: Tensor) -> bool:
+        """Whether ``tensor`` was checked writable in this call and nothing wrote it since
+        (``Tensor._version``, autograd's count of in-place writes, unchanged)."""
+        entry = self.writable.get(id(tensor))
+        return entry is not None and entry[0] is tensor and entry[1] == tensor._version
 
     def members_of(self, module: nn.Module) -> list[tuple[protocol.TensorSpec, Tensor]]:
         found = self._tensors.get(id(module))
@@ -531,7 +538,8 @@ class Wiring:
 
     def _check_writable(self, name: str, hidden: _Hidden, event: Optional[_Event] = None) -> None:
         """Raise unless every tensor the change writes (data, gradients, optimizer state) can be
-        written in place (nothing changed yet). Each tensor is checked once per call."""
+        written in place (nothing changed yet). Each tensor is checked once per call and noted
+        in ``event`` with its version (see :meth:`_Event.untouched`)."""
         event = _Event() if event is None else event
         checked = event.writable
         inference_mode = torch.is_inference_mode_enabled()
@@ -553,7 +561,7 @@ class Wiring:
                         raise RuntimeError(
                             f"cannot resize {name!r}: {_describe(m.module, spec, what)} {problem}. Nothing was changed"
                         )
-                    checked.add(id(t))
+                    checked[id(t)] = (t, t._version)
 
     def check_shrink(self, name: str, to: int, keep: Keep = "first", optimizer_state: Optional[str] = None) -> None:
         """Raise (and change nothing) unless ``shrink(name, to, keep=keep, optimizer_state=...)`` is valid."""
@@ -615,12 +623,12 @@ class Wiring:
 
         For most strategies this is ``grow(name, n, ...)`` for each name in order (the
         same writes and random draws), planned in one pass: every width is validated
-        before any changes. A strategy with an ``apply_many_(changes, **options)`` method (``"gradmax"``) grows
-        them at once instead: every width's new units become active together (each width's
-        other dimensions keep their extents from before the event, so the block joining
-        two new sets of units, e.g. new neurons of ``h1`` feeding new neurons of ``h2``,
-        stays zero), then the strategy sets them all, e.g. from one pass of the closure.
-        If the strategy raises, every width is back as it was.
+        before any changes. A strategy with an ``apply_many_(changes, **options)`` method
+        (``"gradmax"``) grows them at once instead: every width's new units become active
+        together (each width's other dimensions keep their extents from before the event,
+        so the block joining two new sets of units, e.g. new neurons of ``h1`` feeding new
+        neurons of ``h2``, stays zero), then the strategy sets them all, e.g. from one pass
+        of the closure. If the strategy raises, every width is back as it was.
         """
         if not isinstance(sizes, Mapping):
             raise TypeError(f"grow_many() needs a mapping {{name: n}}, got {type(sizes).__name__}")
@@ -635,8 +643,6 @@ class Wiring:
         plans = [p for p in plans if p.change.n > 0]
         if not plans:
             return
-        for plan in plans:
-            plan.note_versions(self.optimizer)
         done = []
         try:
             for plan in plans:
@@ -650,7 +656,7 @@ class Wiring:
         for plan in plans:
             plan.finish()
         for plan in plans:
-            self._fresh_new_slices(plan)
+            self._fresh_new_slices(plan, event)
         for plan in plans:
             self._broadcast(plan.hidden)
 
@@ -685,9 +691,8 @@ class Wiring:
         for plan in plans:
             if plan.change.n == 0:
                 continue
-            plan.note_versions(self.optimizer)
             plan.apply()
-            self._fresh_new_slices(plan)
+            self._fresh_new_slices(plan, event)
             self._broadcast(plan.hidden)
 
     @torch.no_grad()
@@ -754,12 +759,7 @@ class Wiring:
     # ---- internals -------------------------------------------------------------------
     def _axes(self, hidden: _Hidden):
         """``(member, spec, axis, tensor, capacity)`` for every tensor riding the width."""
-        for m in hidden.members:
-            cap = protocol.capacity(m.module, m.width)
-            for spec, tensor in protocol.members_of(m.module):
-                axis = spec.axis(m.width)
-                if axis is not None:
-                    yield m, spec, axis, tensor, cap
+        return _Event().axes(hidden)
 
     def _move_and_fill(
         self,
@@ -809,16 +809,16 @@ class Wiring:
             for first, length in protocol.element_ranges(axis, cap, start, stop):
                 optim_state.mark_born_(self.optimizer, tensor, axis.dim, first, first + length, "keep_global_step")
 
-    def _fresh_new_slices(self, plan: "_GrowPlan") -> None:
+    def _fresh_new_slices(self, plan: "_GrowPlan", event: _Event) -> None:
         """After a growth: the new units' gradients zero, the optimizer state as ``plan.policy`` says.
 
         Every tensor riding the width is one of the change's slices (its axis and capacity
         with it). Under ``"reset"`` the whole optimizer restarts; otherwise the new units'
         element-wise state gets the optimizer's fresh values and their births are marked.
         The new units were outside the active part, where gradients and optimizer state are
-        zero (the invariant): a tensor that nothing wrote during the growth (its version
-        unchanged: the built-in strategies write only the data) is not written again, except
-        with a fresh value other than zero (Adagrad's, Rprop's).
+        zero (the invariant): a tensor that nothing wrote since the call was planned
+        (:meth:`_Event.untouched`; the built-in strategies write only the data) is not
+        written again, except with a fresh value other than zero (Adagrad's, Rprop's).
         """
         change, policy = plan.change, plan.policy
         optimizer = self.optimizer
@@ -831,12 +831,12 @@ class Wiring:
             ranges = protocol.element_ranges(s.axis, s.capacity, change.start, change.stop)
             dim = s.axis.dim
             grad = param.grad
-            if grad is not None and not plan.untouched(grad):
+            if grad is not None and not event.untouched(grad):
                 for first, length in ranges:
                     grad.narrow(dim, first, length).zero_()
             if keep_state:
                 for state, value in optim_state.fresh_state_tensors(optimizer, param):
-                    if value == 0 and plan.untouched(state):
+                    if value == 0 and event.untouched(state):
                         continue
                     for first, length in ranges:
                         part = state.narrow(dim, first, length)
@@ -919,28 +919,6 @@ class _GrowPlan:
     strategy: object
     options: dict
     policy: str
-    #: ``id -> (tensor, version)`` of the gradients and optimizer state riding the change,
-    #: before it (:meth:`note_versions`): what :meth:`untouched` compares against.
-    versions: dict = field(default_factory=dict)
-
-    def note_versions(self, optimizer: Optional[torch.optim.Optimizer]) -> None:
-        """Record the version of every gradient and optimizer-state tensor riding the change (before it)."""
-        versions = {}
-        for s in self.change.slices:
-            t = s.tensor
-            if not isinstance(t, nn.Parameter):
-                continue
-            grad = t.grad
-            if grad is not None:
-                versions[id(grad)] = (grad, grad._version)
-            for _, state in optim_state._keyed_state_tensors(optimizer, t):
-                versions[id(state)] = (state, state._version)
-        self.versions = versions
-
-    def untouched(self, tensor: Tensor) -> bool:
-        """Whether ``tensor`` is one noted by :meth:`note_versions` and nothing wrote it since."""
-        entry = self.versions.get(id(tensor))
-        return entry is not None and entry[0] is tensor and entry[1] == tensor._version
 
     def raise_widths(self) -> None:
         """Make the new units active and write the declared fills (the strategy writes the rest)."""
