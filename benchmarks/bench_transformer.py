@@ -169,6 +169,29 @@ def floor_side(s: dict, device: str, generator):
     return floor
 
 
+def same_draws_side(s: dict, device: str, generator):
+    """The draws the growth itself makes, into blocks laid out as the growth's: the same
+    values (N(0, std^2) through ``Tensor.normal_``) into strided views of capacity-sized
+    tensors. A block that is not contiguous (``out_proj`` and ``fc2`` rows of the new
+    residual features span only the active heads / FFN neurons of a wider row) takes torch's
+    element-by-element path, several times slower per value than a contiguous one (the
+    floor's): the least a growth with these random values costs."""
+    d0, D, F0, FF, hd = s["d"], s["D"], s["ff"], s["FF"], s["D"] // s["H"]
+    i0, inner = s["heads"] * hd, s["H"] * hd
+    views = []
+    for _ in range(s["layers"]):
+        qkv = torch.zeros(3 * inner, D, device=device)  # q/k/v rows of the new heads, one block each
+        views += [(qkv[b * inner + i0:(b + 1) * inner], (2.0 / D) ** 0.5) for b in range(3)]
+        views.append((torch.zeros(D, inner, device=device)[d0:, :i0], (2.0 / i0) ** 0.5))  # out_proj rows
+        views.append((torch.zeros(FF, D, device=device)[F0:, :], (2.0 / D) ** 0.5))  # fc1 rows
+        views.append((torch.zeros(D, FF, device=device)[d0:, :F0], (2.0 / F0) ** 0.5))  # fc2 rows
+
+    def draws(_pair) -> None:
+        for view, std in views:
+            view.normal_(0.0, std, generator=generator)
+    return draws
+
+
 def with_wiring(pair):
     """``(model, optimizer, the model's Wiring over the optimizer)``: built once, as a user does."""
     model, opt = pair
@@ -180,8 +203,14 @@ def grow_by_rebuilding(pair, amounts, generator):
     return rebuild_grown(model, opt, *amounts, generator=generator)
 
 
-def time_growth(s: dict, device: str, warmup: int, reps: int, max_seconds: float) -> dict[str, list[float]]:
-    """Interleaved timings of one growth event of every width, each on a fresh deep copy."""
+def time_growth(
+    s: dict, device: str, warmup: int, reps: int, max_seconds: float
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Interleaved timings of one growth event of every width, each on a fresh deep copy.
+
+    Returns the wall-clock samples and, on the CPU, the calling thread's CPU time of the
+    same events (``time.thread_time``: what the event computes, without the time other
+    jobs on a loaded machine take from it; one torch thread, see ``--threads``)."""
     (gm, gopt), (pm, popt) = trained_pair(s, device)
     amounts = growth_amounts(s)
     generator = torch.Generator(device=device).manual_seed(0)
@@ -190,26 +219,29 @@ def time_growth(s: dict, device: str, warmup: int, reps: int, max_seconds: float
         "rebuild": lambda pair: grow_by_rebuilding(pair, amounts, generator),
         "modules' own grow methods": lambda pair: grow_modules_directly(pair, amounts, generator),
         "floor": floor_side(s, device, generator),
+        "same draws": same_draws_side(s, device, generator),
     }
-    templates = {"growdense": (gm, gopt), "rebuild": (pm, popt), "modules' own grow methods": (gm, gopt),
-                 "floor": (None, None)}
+    templates = {"growdense": (gm, gopt), "rebuild": (pm, popt), "modules' own grow methods": (gm, gopt)}
     samples: dict[str, list[float]] = {name: [] for name in sides}
+    cpu: dict[str, list[float]] = {name: [] for name in sides}
     started = time.perf_counter()
     for r in range(warmup + reps):
         for name in (list(sides) if r % 2 == 0 else list(sides)[::-1]):
-            pair = copy.deepcopy(templates[name]) if name != "floor" else None
+            pair = copy.deepcopy(templates[name]) if name in templates else None
             if name == "growdense":
                 pair = with_wiring(pair)
             common.sync(device)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             kept = sides[name](pair)
             common.sync(device)
+            t1, c1 = time.perf_counter(), time.thread_time()
             if r >= warmup:
-                samples[name].append(time.perf_counter() - t0)
+                samples[name].append(t1 - t0)
+                cpu[name].append(c1 - c0)
             del kept, pair
         if r >= warmup + 4 and time.perf_counter() - started > max_seconds:
             break
-    return samples
+    return samples, cpu
 
 
 def tensors_of(pair) -> dict[str, torch.Tensor]:
@@ -316,12 +348,17 @@ def main(argv=None) -> int:
         results[f"step_{label}"] = {**common.summarize(samples),
                                     "ratio": common.paired_ratio(samples["growdense"], samples["plain PyTorch"])}
         print(f"  step at {label} capacity: done", flush=True)
-    samples = time_growth(s, device, warmup, reps, args.max_seconds)
-    results["growth"] = {**common.summarize(samples), "ratio": common.paired_ratio(samples["growdense"],
-                                                                                    samples["rebuild"]),
-                         "ratio_modules_directly": common.paired_ratio(samples["modules' own grow methods"],
-                                                                       samples["rebuild"]),
-                         "ratio_floor": common.paired_ratio(samples["floor"], samples["rebuild"])}
+    samples, cpu = time_growth(s, device, warmup, reps, args.max_seconds)
+
+    def ratios(xs: dict[str, list[float]]) -> dict[str, float]:
+        return {"ratio": common.paired_ratio(xs["growdense"], xs["rebuild"]),
+                "ratio_modules_directly": common.paired_ratio(xs["modules' own grow methods"], xs["rebuild"]),
+                "ratio_floor": common.paired_ratio(xs["floor"], xs["rebuild"]),
+                "ratio_same_draws": common.paired_ratio(xs["same draws"], xs["rebuild"])}
+
+    results["growth"] = {**common.summarize(samples), **ratios(samples)}
+    if device == "cpu":  # the thread's CPU time of the same events (a GPU's work is not in it)
+        results["growth_cpu_time"] = {**common.summarize(cpu), **ratios(cpu)}
     print("  growth event: done", flush=True)
     alloc = growth_allocations(s, device) if device == "cpu" else None
     check = function_check(s, device)
@@ -349,6 +386,15 @@ def main(argv=None) -> int:
                  f"{g['ratio_modules_directly']:.3f}", "-", "-"])
     rows.append([f"(diagnostic) floor: drawing the new rows' He values into existing tensors",
                  common.fmt_time(g["floor"]["median_s"]), "(rebuild, as above)", f"{g['ratio_floor']:.3f}", "-", "-"])
+    rows.append([f"(diagnostic) the same draws into blocks laid out as the growth's (its random values: "
+                 f"non-contiguous blocks draw element by element)", common.fmt_time(g["same draws"]["median_s"]),
+                 "(rebuild, as above)", f"{g['ratio_same_draws']:.3f}", "-", "-"])
+    if "growth_cpu_time" in results:
+        c = results["growth_cpu_time"]
+        rows.append([f"(diagnostic) the growth event in the thread's CPU time (without what other jobs take; "
+                     f"the same draws: {c['ratio_same_draws']:.3f} of rebuilding)",
+                     common.fmt_time(c["growdense"]["median_s"]),
+                     common.fmt_time(c["rebuild"]["median_s"]) + " (rebuild)", f"{c['ratio']:.3f}", "-", "-"])
     if alloc is not None:
         mb = alloc["model_parameter_bytes"]
         a, b = alloc["growdense"], alloc["rebuild"]

@@ -8,7 +8,8 @@ package may reach into torch's private names.
 Underscored names used elsewhere, which are not version-dependent internals: the
 ``nn.Module`` extension points ``_apply`` and ``_load_from_state_dict`` and the
 ``_parameters`` dict (``layers.py``), ``torch._check`` and
-``torch._C._dispatch_has_kernel_for_dispatch_key`` (``ops.py``).
+``torch._C._dispatch_has_kernel_for_dispatch_key`` (``ops.py``), and ``Tensor._version``,
+the counter of in-place writes that autograd keeps (``wiring.py``, ``gradient_growth.py``).
 
 Uses gated here:
 

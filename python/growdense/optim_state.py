@@ -74,7 +74,9 @@ __all__ = [
     "zero_state_",
     "fresh_state_",
     "fresh_state_tensors",
+    "counts_births",
     "mark_born_",
+    "mark_born_ranges_",
     "has_births",
     "move_births_",
     "permute_state_",
@@ -352,22 +354,34 @@ def state_tensors(optimizer: Optional[torch.optim.Optimizer], param: Tensor) -> 
         yield tensor
 
 
-def _keyed_state_tensors(optimizer: Optional[torch.optim.Optimizer], param: Tensor) -> Iterator[tuple[str, Tensor]]:
+def _keyed_state_tensors(optimizer: Optional[torch.optim.Optimizer], param: Tensor) -> list[tuple[str, Tensor]]:
+    """``(key, tensor)`` for every state tensor of ``param`` shaped like it and not declared fixed."""
     if optimizer is None:
-        return
+        return []
     state = optimizer.state.get(param)
     if not state:
-        return
+        return []
     fixed = optimizer_rules(optimizer).fixed
-    for key, value in state.items():
-        if isinstance(value, Tensor) and value.shape == param.shape and value.dim() > 0 and key not in fixed:
-            yield key, value
+    shape = param.shape
+    return [
+        (key, value)
+        for key, value in state.items()
+        if isinstance(value, Tensor) and value.dim() > 0 and value.shape == shape and key not in fixed
+    ]
 
 
 def fresh_state_tensors(optimizer: Optional[torch.optim.Optimizer], param: Tensor) -> list[tuple[Tensor, Any]]:
     """``(state tensor, its fresh value)`` for every element-wise state tensor of ``param`` (see :func:`fresh_state_`)."""
+    keyed = _keyed_state_tensors(optimizer, param)
+    if not keyed:
+        return []
+    declared = optimizer_rules(optimizer).state  # type: ignore[arg-type]
     out = []
-    for key, tensor in _keyed_state_tensors(optimizer, param):
+    for key, tensor in keyed:
+        constant = declared.get(key, 0.0)
+        if type(constant) in (int, float) and constant == 0:  # the common case: no lookup of the group
+            out.append((tensor, 0))
+            continue
         value = _fresh_value(optimizer, param, key)  # type: ignore[arg-type]
         out.append((tensor, 0 if value is None else value))
     return out
@@ -413,6 +427,12 @@ def fresh_state_(
             part.fill_(value)
 
 
+def counts_births(optimizer: Optional[torch.optim.Optimizer]) -> bool:
+    """Whether ``optimizer`` counts each element's age (rules with ``step="element"``): whether
+    :func:`mark_born_` records anything for it."""
+    return optimizer is not None and optimizer_rules(optimizer).step_of(optimizer) == "element"
+
+
 def mark_born_(
     optimizer: Optional[torch.optim.Optimizer],
     param: Optional[Tensor],
@@ -429,7 +449,22 @@ def mark_born_(
     ``policy="keep_global_step"``) they count as old as the Parameter. Other optimizers
     are left alone.
     """
-    if param is None or stop <= start or optimizer is None or optimizer_rules(optimizer).step_of(optimizer) != "element":
+    if param is None or stop <= start:
+        return
+    mark_born_ranges_(optimizer, param, dim, ((start, stop - start),), policy)
+
+
+def mark_born_ranges_(
+    optimizer: Optional[torch.optim.Optimizer],
+    param: Optional[Tensor],
+    dim: int,
+    ranges: Iterable[tuple[int, int]],
+    policy: str,
+) -> None:
+    """:func:`mark_born_` for several ``(first index, length)`` ranges along ``dim`` at once
+    (what :func:`growdense.protocol.element_ranges` gives: a growth's units in every block)."""
+    spans = [(first, first + length) for first, length in ranges if length > 0]
+    if param is None or not spans or optimizer is None or optimizer_rules(optimizer).step_of(optimizer) != "element":
         return
     state = optimizer.state.get(param)
     if not state or "step" not in state:
@@ -444,7 +479,8 @@ def mark_born_(
     else:
         birth = 0
     births = [list(b) for b in births]  # a new object: the view cache compares births by identity
-    births[dim][start:stop] = [birth] * (stop - start)
+    for start, stop in spans:
+        births[dim][start:stop] = [birth] * (stop - start)
     if all(b == 0 for axis in births for b in axis):
         del state[_BIRTH_KEY]
     else:

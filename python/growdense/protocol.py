@@ -213,12 +213,24 @@ class GrowthSpec:
 
     def riding(self, width: str) -> list[tuple[TensorSpec, Axis]]:
         """``(tensor, axis)`` for every tensor with a dimension on module-local ``width``."""
-        return [(t, a) for t in self.tensors for a in t.axes if a.width == width]
+        return list(self._derived(width)[0])
 
     def roles(self, width: str) -> tuple[str, ...]:
         """The roles of module-local ``width``'s tensors, in :data:`ROLES` order (one or several)."""
-        found = {a.role for _, a in self.riding(width)}
-        return tuple(r for r in ROLES if r in found)
+        return self._derived(width)[1]
+
+    def _derived(self, width: str) -> tuple[tuple[tuple[TensorSpec, Axis], ...], tuple[str, ...]]:
+        """``(riding, roles)`` of ``width``, computed once per width (the declaration is frozen)."""
+        cache = self.__dict__.get("_derived_cache")
+        if cache is None:
+            cache = {}
+            object.__setattr__(self, "_derived_cache", cache)
+        found = cache.get(width)
+        if found is None:
+            riding = tuple((t, a) for t in self.tensors for a in t.axes if a.width == width)
+            present = {a.role for _, a in riding}
+            found = cache[width] = (riding, tuple(r for r in ROLES if r in present))
+        return found
 
     def role(self, width: str) -> str:
         """The role of module-local ``width`` when its tensors all play one (else ``ValueError``: see :meth:`roles`)."""
@@ -269,6 +281,10 @@ class Growable(Protocol):
 
 def call_on_grow_(module: nn.Module, width: str, start: int, stop: int, init: str, options: Mapping[str, Any]) -> None:
     """Call ``module.on_grow_`` if it has one (see :class:`Growable`)."""
+    cls = type(module)
+    plain = getattr(cls, "__getattr__", None) is nn.Module.__getattr__
+    if plain and not hasattr(cls, "on_grow_") and "on_grow_" not in module.__dict__:
+        return  # (asked of the class: a failed lookup through nn.Module.__getattr__ costs an exception)
     hook = getattr(module, "on_grow_", None)
     if hook is not None:
         hook(width, start, stop, init, **options)

@@ -56,6 +56,65 @@ def _check_optimizer(optimizer: object) -> Optional[torch.optim.Optimizer]:
     return optimizer
 
 
+class _Event:
+    """What one call of a :class:`Wiring` reads again and again, read once.
+
+    Each module's declared tensors (:func:`growdense.protocol.members_of`), each
+    (module, width)'s capacity, which layers were checked, and every tensor found writable
+    with its version then (before anything changed: :meth:`untouched`). Valid for one call
+    only: between calls a module may replace its tensors. Keys are the ids of objects the
+    wiring holds, alive for the whole call. Gradients and optimizer state are read again
+    where they are written: a strategy's closure may create them.
+    """
+
+    __slots__ = ("_tensors", "_caps", "resizable", "writable")
+
+    def __init__(self) -> None:
+        self._tensors: dict[int, list[tuple[protocol.TensorSpec, Tensor]]] = {}
+        self._caps: dict[tuple[int, str], int] = {}
+        self.resizable: set[int] = set()  # ids of layers found sharing no Parameter
+        self.writable: dict[int, tuple[Tensor, int]] = {}  # id -> (tensor, its version when checked)
+
+    def untouched(self, tensor: Tensor) -> bool:
+        """Whether ``tensor`` was checked writable in this call and nothing wrote it since
+        (``Tensor._version``, autograd's count of in-place writes, unchanged)."""
+        entry = self.writable.get(id(tensor))
+        return entry is not None and entry[0] is tensor and entry[1] == tensor._version
+
+    def members_of(self, module: nn.Module) -> list[tuple[protocol.TensorSpec, Tensor]]:
+        found = self._tensors.get(id(module))
+        if found is None:
+            found = self._tensors[id(module)] = list(protocol.members_of(module))
+        return found
+
+    def capacity(self, module: nn.Module, width: str) -> int:
+        """:func:`growdense.protocol.capacity`, from the cached tensors."""
+        key = (id(module), width)
+        cap = self._caps.get(key)
+        if cap is None:
+            caps = [
+                tensor.shape[a.dim] // (a.unit * a.blocks)
+                for spec, tensor in self.members_of(module)
+                for a in spec.axes
+                if a.width == width
+            ]
+            if not caps:
+                raise ValueError(f"{type(module).__name__} has no tensor on width {width!r}")
+            cap = self._caps[key] = min(caps)
+        return cap
+
+    def axes(self, hidden: "_Hidden"):
+        """``(member, spec, axis, tensor, capacity)`` for every tensor riding the width."""
+        out = []
+        for m in hidden.members:
+            cap = self.capacity(m.module, m.width)
+            for spec, tensor in self.members_of(m.module):
+                axis = spec.axis(m.width)
+                if axis is not None:
+                    out.append((m, spec, axis, tensor, cap))
+        return out
+
+
 class Wiring:
     """Which GrowLinear produces each hidden width and which GrowLinears consume it.
 
@@ -158,12 +217,27 @@ class Wiring:
         (:func:`growdense.optim_state.check_keep`); when neither names a policy, that case
         warns and gives ``"keep_global_step"``.
         """
+        return self._growth_policy(optimizer_state, names, _Event(), stacklevel + 2)
+
+    def _growth_policy(
+        self, optimizer_state: Optional[str], names: Optional[Sequence[str]], event: _Event, stacklevel: int
+    ) -> str:
+        """:meth:`check_optimizer_state`; a warning goes ``stacklevel`` frames up."""
         chosen = optimizer_state if optimizer_state is not None else self.optimizer_state
         policy = optim_state.check_policy("keep" if chosen is None else chosen)
         if policy != "keep":
             return policy
-        layers = [layer for name in (self.names() if names is None else names) for layer in self._get(name).layers()]
-        params = [t for layer in layers for _, t in protocol.members_of(layer) if isinstance(t, nn.Parameter)]
+        hiddens = [self._get(name) for name in (self.names() if names is None else names)]
+        if self.optimizer is None:
+            return policy
+        seen: set[int] = set()
+        params = []
+        for hidden in hiddens:
+            for layer in hidden.layers():
+                if id(layer) in seen:
+                    continue
+                seen.add(id(layer))
+                params += [t for _, t in event.members_of(layer) if isinstance(t, nn.Parameter)]
         problem = optim_state.keep_problem(self.optimizer, params)
         if problem is None:
             return policy
@@ -173,7 +247,7 @@ class Wiring:
             f"{problem}. Growing with optimizer_state='keep_global_step' instead; pass optimizer_state to "
             f"grow(), GrowthSchedule.apply() or Wiring() to choose (and silence this warning)",
             UserWarning,
-            stacklevel=stacklevel + 1,
+            stacklevel=stacklevel,
         )
         return "keep_global_step"
 
@@ -336,10 +410,14 @@ class Wiring:
                 )
         return hidden
 
-    def _check_resizable(self, name: str) -> _Hidden:
+    def _check_resizable(self, name: str, event: Optional[_Event] = None) -> _Hidden:
         """The hidden width, if its layers agree and none shares a Parameter with another layer."""
         hidden = self._check_synced(name)
         for layer in hidden.layers():
+            if event is not None:
+                if id(layer) in event.resizable:
+                    continue
+                event.resizable.add(id(layer))  # only read again after this check passed (or the call raised)
             for pname, param in layer._parameters.items():
                 if param is None:
                     continue
@@ -365,7 +443,7 @@ class Wiring:
     ) -> None:
         """Raise (and change nothing) unless ``grow(name, n, ...)`` with these arguments is valid."""
         self._plan_grow(name, n, init, generator, dict(init_options, split_noise=split_noise), optimizer_state,
-                        stacklevel=4)
+                        _Event(), {}, stacklevel=5)
 
     def check_init(
         self,
@@ -381,9 +459,25 @@ class Wiring:
         check_generator(generator)
         strategy.check(Change("", 0, 0, (), (), generator, strategy.name), split_noise=split_noise, **init_options)
 
-    def _plan_grow(self, name, n, init, generator, options, optimizer_state, *, stacklevel: int) -> "_GrowPlan":
-        """Validate a growth once (counts, capacities, the init and its options, the optimizer, writability)."""
-        hidden = self._check_resizable(name)
+    def _plan_grow(
+        self,
+        name,
+        n,
+        init,
+        generator,
+        options,
+        optimizer_state,
+        event: _Event,
+        after: dict,
+        *,
+        stacklevel: int,
+    ) -> "_GrowPlan":
+        """Validate a growth once (counts, capacities, the init and its options, the optimizer, writability).
+
+        ``after``: ``{(id(module), width): units}``, the counts that earlier growths of the
+        same call will have set (the change's extents are the ones it will meet).
+        """
+        hidden = self._check_resizable(name, event)
         n = check_int("n", n)
         optim_state.check_policy("keep" if optimizer_state is None else optimizer_state)
         if n < 0:
@@ -392,74 +486,82 @@ class Wiring:
         check_split_noise(options.get("split_noise", 1e-2))
         check_generator(generator)
         width = self.width(name)
-        cap = self.capacity(name)
+        cap = min(event.capacity(m.module, m.width) for m in hidden.members)
         if width + n > cap:
             limits = [
-                f"{_role_name(m.role)} {type(m.module).__name__}.{m.width} capacity={protocol.capacity(m.module, m.width)}"
+                f"{_role_name(m.role)} {type(m.module).__name__}.{m.width} capacity={event.capacity(m.module, m.width)}"
                 for m in hidden.members
             ]
             raise ValueError(
                 f"cannot grow {name!r} from {width} to {width + n}: it exceeds the capacity "
                 f"{cap} of its coupled layers ({', '.join(limits)})"
             )
-        change = self._change(name, hidden, width, width + n, generator, strategy.name)
+        change = self._change(name, hidden, width, width + n, generator, strategy.name, event, after)
         strategy.check(change, **options)
-        policy = self.check_optimizer_state(optimizer_state, [name] if n > 0 else [], stacklevel=stacklevel + 1)
+        policy = self._growth_policy(optimizer_state, [name] if n > 0 else [], event, stacklevel + 1)
         if n > 0:
-            self._check_writable(name, hidden)
+            self._check_writable(name, hidden, event)
         return _GrowPlan(hidden, change, strategy, options, policy)
 
-    def _change(self, name: str, hidden: _Hidden, start: int, stop: int, generator, init: str = "") -> Change:
+    def _change(
+        self,
+        name: str,
+        hidden: _Hidden,
+        start: int,
+        stop: int,
+        generator,
+        init: str = "",
+        event: Optional[_Event] = None,
+        after: Optional[dict] = None,
+    ) -> Change:
+        event = _Event() if event is None else event
         slices = []
         for m in hidden.members:
-            units = {m.width: stop}
-            for spec, tensor in protocol.members_of(m.module):
+            module = m.module
+            cap = event.capacity(module, m.width)
+            for spec, tensor in event.members_of(module):
                 axis = spec.axis(m.width)
                 if axis is None:
                     continue
-                extent = protocol.active_extent(m.module, spec, units)
-                slices.append(Slice(m, spec, axis, tensor, start, stop, extent, protocol.capacity(m.module, m.width)))
+                extent = list(tensor.shape)  # protocol.active_extent, at the counts the change will meet
+                for a in spec.axes:
+                    if a.blocks == 1:
+                        if a.width == m.width:
+                            units = stop
+                        else:
+                            units = after.get((id(module), a.width)) if after else None
+                            if units is None:
+                                units = module.active_width(a.width)  # type: ignore[attr-defined]
+                        extent[a.dim] = units * a.unit
+                slices.append(Slice(m, spec, axis, tensor, start, stop, tuple(extent), cap))
         return Change(name, start, stop, hidden.members, tuple(slices), generator, init)
 
-    def _written(self, hidden: _Hidden) -> list[tuple[str, Tensor]]:
-        """Every tensor a change of ``hidden`` writes, with a description: data, gradients, optimizer state."""
-        out = []
+    def _check_writable(self, name: str, hidden: _Hidden, event: Optional[_Event] = None) -> None:
+        """Raise unless every tensor the change writes (data, gradients, optimizer state) can be
+        written in place (nothing changed yet). Each tensor is checked once per call and noted
+        in ``event`` with its version (see :meth:`_Event.untouched`)."""
+        event = _Event() if event is None else event
+        checked = event.writable
+        inference_mode = torch.is_inference_mode_enabled()
+        optimizer = self.optimizer
         for m in hidden.members:
-            for spec, tensor in protocol.members_of(m.module):
+            for spec, tensor in event.members_of(m.module):
                 if spec.axis(m.width) is None:
                     continue
-                what = f"{type(m.module).__name__}.{spec.name}"
-                out.append((what, tensor))
+                written: list[tuple[Optional[str], Tensor]] = [(None, tensor)]
                 grad = getattr(tensor, "grad", None) if isinstance(tensor, nn.Parameter) else None
                 if grad is not None:
-                    out.append((f"{what}.grad", grad))
-                for key, state in optim_state._keyed_state_tensors(self.optimizer, tensor):
-                    out.append((f"the optimizer's {key!r} of {what}", state))
-        return out
-
-    def _check_writable(self, name: str, hidden: _Hidden) -> None:
-        """Raise unless every tensor the change writes can be written in place (nothing changed yet)."""
-        for what, t in self._written(hidden):
-            problem = None
-            if t.is_inference() and not torch.is_inference_mode_enabled():
-                problem = (
-                    "is an inference tensor (made under torch.inference_mode()), which cannot be written in place "
-                    "outside it; build the model outside inference_mode, or clone its tensors into new Parameters"
-                )
-            elif t.layout != torch.strided:
-                problem = f"has layout {t.layout}; growdense writes dense (strided) tensors only"
-            elif not t.dtype.is_floating_point:
-                problem = (
-                    f"has dtype {t.dtype}; growdense grows and shrinks real floating-point tensors only: "
-                    f"convert the layer (e.g. layer.float())"
-                )
-            elif t.numel() > 1 and any(st == 0 and sz > 1 for st, sz in zip(t.stride(), t.shape)):
-                problem = (
-                    "has elements sharing memory (an expanded tensor), which cannot be written in place; "
-                    "give it its own storage (e.g. .clone())"
-                )
-            if problem is not None:
-                raise RuntimeError(f"cannot resize {name!r}: {what} {problem}. Nothing was changed")
+                    written.append((".grad", grad))
+                written += optim_state._keyed_state_tensors(optimizer, tensor)
+                for what, t in written:
+                    if id(t) in checked:
+                        continue
+                    problem = _write_problem(t, inference_mode)
+                    if problem is not None:
+                        raise RuntimeError(
+                            f"cannot resize {name!r}: {_describe(m.module, spec, what)} {problem}. Nothing was changed"
+                        )
+                    checked[id(t)] = (t, t._version)
 
     def check_shrink(self, name: str, to: int, keep: Keep = "first", optimizer_state: Optional[str] = None) -> None:
         """Raise (and change nothing) unless ``shrink(name, to, keep=keep, optimizer_state=...)`` is valid."""
@@ -504,14 +606,9 @@ class Wiring:
         """
         call = {"name": name, "n": n, "init": init, "split_noise": split_noise, "optimizer_state": optimizer_state}
         sharded.agree_wiring(self, "grow", dict(call, options=sorted(init_options)), generator)  # FSDP2: every rank alike
-        plan = self._plan_grow(
-            name, n, init, generator, dict(init_options, split_noise=split_noise), optimizer_state, stacklevel=3
+        self._grow_in_order(
+            {name: n}, init, generator, dict(init_options, split_noise=split_noise), optimizer_state, stacklevel=4
         )
-        if plan.change.n == 0:
-            return
-        plan.apply()
-        self._zero_slices(plan.hidden, plan.change.start, plan.change.stop, plan.policy, born=True)
-        self._broadcast(plan.hidden)
 
     @torch.no_grad()
     def grow_many(
@@ -526,27 +623,28 @@ class Wiring:
     ) -> None:
         """Grow several hidden widths, ``{name: n}``, as one event; validated together first.
 
-        For most strategies this is ``grow(name, n, ...)`` for each name in order. A
-        strategy with an ``apply_many_(changes, **options)`` method (``"gradmax"``) grows
-        them at once instead: every width's new units become active together (each width's
-        other dimensions keep their extents from before the event, so the block joining
-        two new sets of units, e.g. new neurons of ``h1`` feeding new neurons of ``h2``,
-        stays zero), then the strategy sets them all, e.g. from one pass of the closure.
-        If the strategy raises, every width is back as it was.
+        For most strategies this is ``grow(name, n, ...)`` for each name in order (the
+        same writes and random draws), planned in one pass: every width is validated
+        before any changes. A strategy with an ``apply_many_(changes, **options)`` method
+        (``"gradmax"``) grows them at once instead: every width's new units become active
+        together (each width's other dimensions keep their extents from before the event,
+        so the block joining two new sets of units, e.g. new neurons of ``h1`` feeding new
+        neurons of ``h2``, stays zero), then the strategy sets them all, e.g. from one pass
+        of the closure. If the strategy raises, every width is back as it was.
         """
         if not isinstance(sizes, Mapping):
             raise TypeError(f"grow_many() needs a mapping {{name: n}}, got {type(sizes).__name__}")
+        call = {"sizes": sorted(sizes.items()), "init": init, "split_noise": split_noise,
+                "optimizer_state": optimizer_state}
+        sharded.agree_wiring(self, "grow_many", dict(call, options=sorted(init_options)), generator)  # FSDP2
         options = dict(init_options, split_noise=split_noise)
-        plans = [
-            self._plan_grow(name, n, init, generator, options, optimizer_state, stacklevel=3)
-            for name, n in sizes.items()
-        ]
-        together = getattr(plans[0].strategy, "apply_many_", None) if plans else None
-        if together is None or len(plans) == 1:
-            for (name, n), plan in zip(sizes.items(), plans):
-                self.grow(name, n, init=init, generator=generator, split_noise=split_noise,
-                          optimizer_state=plan.policy, **init_options)
+        known = protocol._INITS.get(init) if isinstance(init, str) else None  # an unknown init: refused in the plan
+        together = getattr(known, "apply_many_", None)
+        if together is None or len(sizes) <= 1:
+            self._grow_in_order(sizes, init, generator, options, optimizer_state, stacklevel=4)
             return
+        event = _Event()
+        plans = self._plan_many(sizes, init, generator, options, optimizer_state, event, in_order=False, stacklevel=4)
         plans = [p for p in plans if p.change.n > 0]
         if not plans:
             return
@@ -563,8 +661,43 @@ class Wiring:
         for plan in plans:
             plan.finish()
         for plan in plans:
-            self._zero_slices(plan.hidden, plan.change.start, plan.change.stop, plan.policy, born=True)
+            self._fresh_new_slices(plan, event)
         for plan in plans:
+            self._broadcast(plan.hidden)
+
+    def _plan_many(
+        self, sizes: Mapping[str, int], init, generator, options, optimizer_state, event: _Event, *, in_order: bool,
+        stacklevel: int,
+    ) -> list["_GrowPlan"]:
+        """Validate the growth of every width of ``sizes``, nothing changed yet.
+
+        ``in_order``: the widths grow one after the other, each change planned with the
+        counts the earlier ones will have set (as separate :meth:`grow` calls); otherwise
+        every change keeps the other dimensions' extents from before the call.
+        """
+        after: dict[tuple[int, str], int] = {}
+        plans = []
+        for name, n in sizes.items():
+            plan = self._plan_grow(name, n, init, generator, options, optimizer_state, event, after,
+                                   stacklevel=stacklevel + 1)
+            plans.append(plan)
+            if in_order:
+                for m in plan.hidden.members:
+                    after[(id(m.module), m.width)] = plan.change.stop
+        return plans
+
+    def _grow_in_order(
+        self, sizes: Mapping[str, int], init, generator, options, optimizer_state, *, stacklevel: int
+    ) -> None:
+        """Grow each width of ``sizes`` in order (every one validated first): what :meth:`grow` does for one."""
+        event = _Event()
+        plans = self._plan_many(sizes, init, generator, options, optimizer_state, event, in_order=True,
+                                stacklevel=stacklevel + 1)
+        for plan in plans:
+            if plan.change.n == 0:
+                continue
+            plan.apply()
+            self._fresh_new_slices(plan, event)
             self._broadcast(plan.hidden)
 
     @torch.no_grad()
@@ -633,12 +766,7 @@ class Wiring:
     # ---- internals -------------------------------------------------------------------
     def _axes(self, hidden: _Hidden):
         """``(member, spec, axis, tensor, capacity)`` for every tensor riding the width."""
-        for m in hidden.members:
-            cap = protocol.capacity(m.module, m.width)
-            for spec, tensor in protocol.members_of(m.module):
-                axis = spec.axis(m.width)
-                if axis is not None:
-                    yield m, spec, axis, tensor, cap
+        return _Event().axes(hidden)
 
     def _move_and_fill(
         self,
@@ -688,24 +816,42 @@ class Wiring:
             for first, length in protocol.element_ranges(axis, cap, start, stop):
                 optim_state.mark_born_(self.optimizer, tensor, axis.dim, first, first + length, "keep_global_step")
 
-    def _zero_slices(self, hidden: _Hidden, start: int, stop: int, policy: str, born: bool) -> None:
-        """Zero ``[start, stop)`` of the hidden width in gradients; apply ``policy`` to the optimizer state.
+    def _fresh_new_slices(self, plan: "_GrowPlan", event: _Event) -> None:
+        """After a growth: the new units' gradients zero, the optimizer state as ``plan.policy`` says.
 
-        ``born``: the slice was just added (else: just removed).
+        Every tensor riding the width is one of the change's slices (its axis and capacity
+        with it). Under ``"reset"`` the whole optimizer restarts; otherwise the new units'
+        element-wise state gets the optimizer's fresh values and their births are marked.
+        The new units were outside the active part, where gradients and optimizer state are
+        zero (the invariant): a tensor that nothing wrote since the call was planned
+        (:meth:`_Event.untouched`; the built-in strategies write only the data) is not
+        written again, except with a fresh value other than zero (Adagrad's, Rprop's).
         """
-        for _, _, axis, param, cap in self._axes(hidden):
+        change, policy = plan.change, plan.policy
+        optimizer = self.optimizer
+        keep_state = policy != "reset" and optimizer is not None
+        births = keep_state and optim_state.counts_births(optimizer)
+        for s in change.slices:
+            param = s.tensor
             if not isinstance(param, nn.Parameter):
                 continue
-            if param.grad is not None:
-                protocol.zero_units_(param.grad, axis, cap, start, stop)
-            if policy != "reset":
-                for first, length in protocol.element_ranges(axis, cap, start, stop):
-                    optim_state.fresh_state_(self.optimizer, param, axis.dim, first, first + length)
-                    optim_state.mark_born_(
-                        self.optimizer, param, axis.dim, first, first + length, policy if born else "keep_global_step"
-                    )
+            ranges = protocol.element_ranges(s.axis, s.capacity, change.start, change.stop)
+            dim = s.axis.dim
+            grad = param.grad
+            if grad is not None and not event.untouched(grad):
+                for first, length in ranges:
+                    grad.narrow(dim, first, length).zero_()
+            if keep_state:
+                for state, value in optim_state.fresh_state_tensors(optimizer, param):
+                    if value == 0 and event.untouched(state):
+                        continue
+                    for first, length in ranges:
+                        part = state.narrow(dim, first, length)
+                        part.zero_() if value == 0 else part.fill_(value)
+                if births and (policy == "keep" or optim_state.has_births(optimizer, param)):
+                    optim_state.mark_born_ranges_(optimizer, param, dim, ranges, policy)
         if policy == "reset":
-            optim_state.reset_(self.optimizer)
+            optim_state.reset_(optimizer)
 
     def _broadcast(self, hidden: _Hidden) -> None:
         if self.broadcast_from is None:
@@ -722,6 +868,38 @@ class Wiring:
 
 
 ROLES_ = (PRODUCER, CONSUMER, RIDER)
+
+
+def _describe(module: nn.Module, spec: protocol.TensorSpec, what: Optional[str]) -> str:
+    """How a written tensor is named in messages: the data, ``.grad``, or an optimizer state's key."""
+    name = f"{type(module).__name__}.{spec.name}"
+    if what is None:
+        return name
+    if what == ".grad":
+        return f"{name}.grad"
+    return f"the optimizer's {what!r} of {name}"
+
+
+def _write_problem(t: Tensor, inference_mode: bool) -> Optional[str]:
+    """Why ``t`` cannot be written in place (``None``: it can); ``inference_mode``: whether it is enabled."""
+    if t.is_inference() and not inference_mode:
+        return (
+            "is an inference tensor (made under torch.inference_mode()), which cannot be written in place "
+            "outside it; build the model outside inference_mode, or clone its tensors into new Parameters"
+        )
+    if t.layout != torch.strided:
+        return f"has layout {t.layout}; growdense writes dense (strided) tensors only"
+    if not t.dtype.is_floating_point:
+        return (
+            f"has dtype {t.dtype}; growdense grows and shrinks real floating-point tensors only: "
+            f"convert the layer (e.g. layer.float())"
+        )
+    if 0 in t.stride() and t.numel() > 1 and any(st == 0 and sz > 1 for st, sz in zip(t.stride(), t.shape)):
+        return (
+            "has elements sharing memory (an expanded tensor), which cannot be written in place; "
+            "give it its own storage (e.g. .clone())"
+        )
+    return None
 
 
 def _feature_name(m: Member) -> str:

@@ -230,15 +230,18 @@ class GPT(nn.Module):
             wiring = self.wiring(optimizer)
         elif optimizer is not None and wiring.optimizer is not optimizer:
             raise ValueError("pass either a wiring or an optimizer: the wiring's optimizer is the one that follows")
-        options = {"init": init, "generator": generator, "optimizer_state": optimizer_state}
-        if d_model:
-            extra = {"ramp_steps": ramp_steps} if init == "zero_out" else {}
-            wiring.grow("residual", d_model, **options, **extra)
+        # One planned call, in the order of separate grow() calls (the same draws): the
+        # residual stream first, then each block's heads and FFN width.
+        sizes = {"residual": d_model} if d_model else {}
         for i in range(len(self.blocks)):
             if heads:
-                wiring.grow(f"heads{i}", heads, **options)
+                sizes[f"heads{i}"] = heads
             if d_ff:
-                wiring.grow(f"ffn{i}", d_ff, **options)
+                sizes[f"ffn{i}"] = d_ff
+        if not sizes:
+            return
+        extra = {"ramp_steps": ramp_steps} if init == "zero_out" and d_model else {}  # for the residual's norms
+        wiring.grow_many(sizes, init=init, generator=generator, optimizer_state=optimizer_state, **extra)
 
     def ramp_step(self) -> None:
         """Advance the norms' ramp of residual features grown with ``init="zero_out"`` (call after each step)."""
