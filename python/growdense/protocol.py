@@ -441,6 +441,10 @@ def move_and_fill_units_(
         zero_units_(tensor, axis, cap, start, stop, value)
         return
     assert src is not None and dst is not None
+    if sharded.is_sharded(tensor):  # a DTensor: rows move across ranks (the reference's sharded path)
+        move_units_(tensor, axis, cap, src, dst)
+        zero_units_(tensor, axis, cap, start, stop, value)
+        return
     src, dst = src.to(tensor.device), dst.to(tensor.device)
     simple = axis.unit == 1 and axis.blocks == 1
     moves = src.numel()
