@@ -59,7 +59,7 @@ def load_images(args) -> tuple[torch.Tensor, str]:
     try:
         from growdense.experiments.data import load_mnist
 
-        train, _ = load_mnist(args.data_dir, train_subset=args.images, test_subset=0, seed=args.seed)
+        train, _ = load_mnist(args.data_dir, train_subset=args.images, test_subset=None, seed=args.seed)  # the test set is not used
         return train, f"MNIST, {len(train)} training images"
     except Exception as error:  # noqa: BLE001 - any failure to read MNIST
         if not args.quick:

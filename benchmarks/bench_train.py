@@ -55,7 +55,7 @@ def load_images(args) -> tuple[torch.Tensor, str]:
     try:
         from growdense.experiments.data import load_mnist
 
-        train, _ = load_mnist(args.data_dir, train_subset=args.train_subset, test_subset=0, seed=args.seed)
+        train, _ = load_mnist(args.data_dir, train_subset=args.train_subset, test_subset=None, seed=args.seed)  # the test set is not used
         return train, f"MNIST training subset of {len(train)} images (seed {args.seed})"
     except Exception as error:  # noqa: BLE001 - any failure to read MNIST: synthetic data instead
         if not args.quick:
