@@ -20,7 +20,12 @@ and reported as medians and the median of the per-round ratios.
   :func:`growdense.models.gpt.rebuild_grown`: a new ``PlainGPT`` of the new size, the
   weights copied, the new slices written, a new AdamW whose moments are the old ones
   zero-padded). Each event runs on a fresh copy (made outside the timing) of a model that
-  has taken two AdamW steps. Goal: at most 1/3.
+  has taken two AdamW steps. Goal: at most 1/3. Diagnostic sides: the same growth through
+  the modules' own grow methods; the floor (the new rows' He values drawn into contiguous
+  tensors); the same draws as the growth's, into blocks laid out as its (a block that is
+  not contiguous draws element by element: the least a growth with these random values
+  costs); and, on the CPU, every side's time in the calling thread's CPU time
+  (``time.thread_time``), which what other jobs on a loaded machine take does not inflate.
 - **allocations of a growth**: the bytes the event allocates on the CPU, from
   ``torch.profiler`` (``profile_memory=True``: every allocation of the CPU allocator, the
   sum and the largest), from ``common.NewBytes`` (new tensors returned by ops), and
