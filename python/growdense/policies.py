@@ -143,19 +143,11 @@ def unit_norms(hidden) -> Tensor:
     The producers' tensors without a declared fill (biases have one) count; a unit of
     several elements counts all of them.
     """
-    norms = sharded.producer_norms(hidden)  # None unless a producer is a DTensor (FSDP2)
+    found = protocol.producer_parts(hidden.members)
+    norms = sharded.unit_norms(found)  # None unless a producer is a DTensor (FSDP2)
     if norms is not None:
         return norms
-    parts = []
-    for m in hidden.members:
-        if protocol.PRODUCER not in m.roles:
-            continue
-        cap = protocol.capacity(m.module, m.width)
-        width = m.module.active_width(m.width)
-        for spec, t in protocol.members_of(m.module):
-            axis = spec.axis(m.width)
-            if axis is not None and axis.role == protocol.PRODUCER and spec.fill is None:
-                parts.append((axis, cap, width, t[tuple(slice(0, e) for e in protocol.active_extent(m.module, spec))]))
+    parts = [(axis, cap, width, t[tuple(slice(0, e) for e in extent)]) for axis, cap, width, t, extent in found]
     if not parts:
         raise ValueError("keep='norm' needs a producer with incoming weights")
     if len(parts) == 1 and parts[0][0].unit == 1 and parts[0][0].blocks == 1 and parts[0][0].dim == 0:

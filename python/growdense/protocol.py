@@ -402,6 +402,22 @@ def move_units_(tensor: Tensor, axis: Axis, cap: int, src: Tensor, dst: Tensor) 
     tensor.index_copy_(axis.dim, element_index(axis, cap, dst), tensor.index_select(axis.dim, element_index(axis, cap, src)))
 
 
+def producer_parts(members) -> list[tuple[Axis, int, int, Tensor, tuple[int, ...]]]:
+    """``(axis, capacity, width, tensor, active extent)`` of every producer tensor without a
+    declared fill (a bias has one) among a width group's ``members``: what a unit's norm reads."""
+    parts = []
+    for m in members:
+        if PRODUCER not in m.roles:
+            continue
+        cap = capacity(m.module, m.width)
+        width = m.module.active_width(m.width)
+        for spec, t in members_of(m.module):
+            axis = spec.axis(m.width)
+            if axis is not None and axis.role == PRODUCER and spec.fill is None:
+                parts.append((axis, cap, width, t, active_extent(m.module, spec)))
+    return parts
+
+
 #: Rows of a tensor handled at once by :func:`move_and_fill_units_` along its last
 #: dimension: about this many bytes, so a block stays in the CPU's L2 cache between its
 #: gather, its scatter and its fill.

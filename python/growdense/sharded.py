@@ -59,7 +59,6 @@ __all__ = [
     "move_units_",
     "move_elements_",
     "unit_norms",
-    "producer_norms",
     "check_supported",
     "any_sharded",
     "agree",
@@ -329,23 +328,6 @@ def unit_norms(parts: list[tuple[Any, int, int, Tensor, tuple[int, ...]]]) -> Op
         total = per_unit if total is None else total + per_unit
     assert total is not None
     return total.sqrt()
-
-
-def producer_norms(hidden) -> Optional[Tensor]:
-    """:func:`growdense.policies.unit_norms` of a width group whose producers are sharded (else ``None``)."""
-    from . import protocol
-
-    parts = []
-    for m in hidden.members:
-        if protocol.PRODUCER not in m.roles:
-            continue
-        cap = protocol.capacity(m.module, m.width)
-        width = m.module.active_width(m.width)
-        for spec, t in protocol.members_of(m.module):
-            axis = spec.axis(m.width)
-            if axis is not None and axis.role == protocol.PRODUCER and spec.fill is None:
-                parts.append((axis, cap, width, t, protocol.active_extent(m.module, spec)))
-    return unit_norms(parts) if parts else None
 
 
 def check_supported(tensors: Iterable[Tensor]) -> None:
