@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The full-scale study, model by model, in the README's order: seed 0's three models, seed
-# 1's, then seed 0's comparisons. A model whose 200 epochs are already in $STUDY_DOCS (the
-# committed export) is skipped, so the script picks up on a machine that has none of the
-# checkpoints; every other model resumes from its per-epoch checkpoint, so the script can be
-# stopped at any point and run again. After each model it refreshes the claims table, the
+# 1's, then seed 0's comparisons, the gradient-guided inits last. A model whose 200 epochs
+# are already in $STUDY_DOCS (the committed export) is skipped, so the script picks up on a
+# machine that has none of the checkpoints; every other model resumes from its per-epoch
+# checkpoint, so the script can be stopped at any point and run again. After each model it refreshes the claims table, the
 # exported data and the figures (claims.md, seed*/ and figures/seed*/ under $STUDY_DOCS, and
 # the claims block of results.md beside it).
 #
@@ -61,4 +61,12 @@ xargs -P "$jobs" -L 1 bash -c 'set -euo pipefail; model "$@"' _ <<'EOF'
 0 approach2-zero_out-first --approach 2 --init zero_out
 0 approach2-he-norm --approach 2 --keep norm
 0 fixed-32x16 --approach fixed --fixed-widths 32x16
+0 approach1-gradmax --approach 1 --init gradmax
+0 approach1-tiny --approach 1 --init tiny
+0 approach2-gradmax-first --approach 2 --init gradmax
+0 approach2-tiny-first --approach 2 --init tiny
+0 approach1-gradmax-keep --approach 1 --init gradmax --optimizer-state keep
+0 approach1-tiny-keep --approach 1 --init tiny --optimizer-state keep
+0 approach2-gradmax-first-keep --approach 2 --init gradmax --optimizer-state keep
+0 approach2-tiny-first-keep --approach 2 --init tiny --optimizer-state keep
 EOF

@@ -563,6 +563,17 @@ COMPARISONS = [
     ("function-preserving init (zero_out) instead of He, Approach 2", "approach2-zero_out-first", APPROACH2),
     ("keep the largest-norm neurons at the cut instead of the first, Approach 2", "approach2-he-norm", APPROACH2),
     ("grown to 256/128 (Approach 1) against staying at 32/16 from scratch", APPROACH1, "fixed-32x16"),
+    ("gradient-guided init (gradmax) instead of He, Approach 1", "approach1-gradmax", APPROACH1),
+    ("gradient-guided init (tiny) instead of He, Approach 1", "approach1-tiny", APPROACH1),
+    ("gradient-guided init (gradmax) instead of He, Approach 2", "approach2-gradmax-first", APPROACH2),
+    ("gradient-guided init (tiny) instead of He, Approach 2", "approach2-tiny-first", APPROACH2),
+    ("grown with gradmax (Approach 1) against Fixed 256/128", "approach1-gradmax", FIXED),
+    ("grown with tiny (Approach 1) against Fixed 256/128", "approach1-tiny", FIXED),
+    ("Adam state kept (keep) instead of reset, gradmax, Approach 1", "approach1-gradmax-keep", "approach1-gradmax"),
+    ("Adam state kept (keep) instead of reset, tiny, Approach 1", "approach1-tiny-keep", "approach1-tiny"),
+    ("Adam state kept (keep) instead of reset, gradmax, Approach 2", "approach2-gradmax-first-keep",
+     "approach2-gradmax-first"),
+    ("Adam state kept (keep) instead of reset, tiny, Approach 2", "approach2-tiny-first-keep", "approach2-tiny-first"),
 ]
 
 
