@@ -14,6 +14,7 @@ sve256), each against the same formula in the same rounds.
     python benchmarks/bench_loss.py --threads 1
     python benchmarks/bench_loss.py --capabilities avx2
     python benchmarks/bench_loss.py --quick
+    ATEN_CPU_CAPABILITY=default python benchmarks/bench_loss.py --threads 1   # both on the baseline
 """
 
 from __future__ import annotations
@@ -81,6 +82,7 @@ def main(argv=None) -> int:
     caps = args.capabilities or growdense.ops.cpu_capabilities()
     chosen = growdense.ops.cpu_capability()
     info["cpu_kernels_chosen"] = chosen
+    info["aten_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
     rows, results = [], []
     for L in (20, 1):
         for dtype in (torch.float32, torch.bfloat16):
@@ -107,7 +109,9 @@ def main(argv=None) -> int:
         [f"Negative ELBO per image, mean over the batch, forward + backward: batch {B}, D = {D}, Z = {Z}; "
          f"{reps} interleaved rounds after 3 warm-up rounds, medians; speed-up = median over rounds of "
          "formula / fused. Each compilation of growdense's CPU kernels this CPU runs is measured in the "
-         "same rounds (ATen's own kernels, which the formula uses, stay at their choice)."],
+         "same rounds (ATen's own kernels, which the formula uses, stay at their choice: "
+         f"{info['aten_cpu_capability']}; set ATEN_CPU_CAPABILITY=default to compare the baseline kernels "
+         "with ATen's baseline)."],
         {"sizes": {"batch": B, "pixels": D, "latent": Z}, "results": results,
          "goal": f"fused >= {GOAL}x formula on every CPU path, L = 20 and 1", "goal_met": bool(met)},
         after=[f"Goal: fused >= {GOAL}x the formula on every CPU path: "

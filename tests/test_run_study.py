@@ -30,6 +30,14 @@ MODELS = {  # the study's order: (seed, model) -> reproduce options
     (0, "approach2-zero_out-first"): "--approach 2 --init zero_out",
     (0, "approach2-he-norm"): "--approach 2 --keep norm",
     (0, "fixed-32x16"): "--approach fixed --fixed-widths 32x16",
+    (0, "approach1-gradmax"): "--approach 1 --init gradmax",
+    (0, "approach1-tiny"): "--approach 1 --init tiny",
+    (0, "approach2-gradmax-first"): "--approach 2 --init gradmax",
+    (0, "approach2-tiny-first"): "--approach 2 --init tiny",
+    (0, "approach1-gradmax-keep"): "--approach 1 --init gradmax --optimizer-state keep",
+    (0, "approach1-tiny-keep"): "--approach 1 --init tiny --optimizer-state keep",
+    (0, "approach2-gradmax-first-keep"): "--approach 2 --init gradmax --optimizer-state keep",
+    (0, "approach2-tiny-first-keep"): "--approach 2 --init tiny --optimizer-state keep",
 }
 
 

@@ -127,6 +127,72 @@ inline float exp_nonpositive(float y) {
 }
 #endif
 
+#if defined(CPU_CAPABILITY_DEFAULT) && !defined(__aarch64__)
+// For float rows (and 16-bit rows widened to float), plain loops rather than at::vec,
+// whose baseline Vectorized goes lane by lane through arrays: GCC's -O3 vectorises these
+// with SSE2 (CMakeLists.txt compiles this capability with -fno-trapping-math, so that the
+// selects become blends). kLanes independent partial sums and products, folded as
+// BceRowSum does.
+#define GROWDENSE_PLAIN_FLOAT_ROWS 1
+namespace plain {
+constexpr int kLanes = 8;
+constexpr int kFold = 64;  // products of kFold factors in [1, 2] cannot overflow
+
+// The sum over a row of bce(v, x) (as BceRowSum), omx = 1 - x.
+inline float bce_row_sum(const float* __restrict v, const float* __restrict omx, int64_t D) {
+  float lin[kLanes] = {}, prod[kLanes];
+  std::fill(prod, prod + kLanes, 1.0f);
+  int count = 0;
+  int64_t d = 0;
+  for (; d + kLanes <= D; d += kLanes) {
+    for (int k = 0; k < kLanes; ++k) {
+      const float a = v[d + k];
+      lin[k] += omx[d + k] * a - std::min(a, 0.0f);
+      prod[k] += prod[k] * exp_nonpositive(-std::fabs(a));
+    }
+    if (++count == kFold) {
+      for (int k = 0; k < kLanes; ++k) {
+        lin[k] += std::log(prod[k]);
+        prod[k] = 1.0f;
+      }
+      count = 0;
+    }
+  }
+  for (int64_t k = 0; k < D - d; ++k) {  // fewer than kLanes: one more factor per lane at most
+    const float a = v[d + k];
+    lin[k] += omx[d + k] * a - std::min(a, 0.0f);
+    prod[k] += prod[k] * exp_nonpositive(-std::fabs(a));
+  }
+  float sum = 0.0f;
+  for (int k = 0; k < kLanes; ++k) sum += lin[k] + std::log(prod[k]);
+  return sum;
+}
+
+// The row as float: itself, or widened into `buffer` (D elements) from a 16-bit type.
+template <typename T>
+inline const float* as_float(const T* row, std::vector<float>& buffer, int64_t D) {
+  if constexpr (std::is_same_v<T, float>) {
+    return row;
+  } else {
+    for (int64_t d = 0; d < D; ++d) buffer[d] = static_cast<float>(row[d]);
+    return buffer.data();
+  }
+}
+
+// out[d] = scale (sigmoid(v[d]) - x[d]), sigmoid as below.
+inline void sigmoid_minus_row(const float* __restrict v, const float* __restrict x, float* __restrict out,
+                              float scale, int64_t D) {
+  for (int64_t d = 0; d < D; ++d) {
+    const float a = v[d];
+    const float e = exp_nonpositive(-std::fabs(a));
+    const float r = 1.0f / (1.0f + e);
+    const float s = a != a ? a : (a < 0.0f ? e * r : r);
+    out[d] = (s - x[d]) * scale;
+  }
+}
+}  // namespace plain
+#endif
+
 // exp(-|v|), in (0, 1].
 template <typename V>
 inline V exp_neg_abs(const V& v) {
@@ -225,12 +291,19 @@ void elbo_forward_impl(const ElboArgs& args, void* out) {
   const int64_t full = D - D % LanesT::kStep;
   at::parallel_for(0, B, grain_for(L * D), [&](int64_t begin, int64_t end) {
     std::vector<A> omx(static_cast<size_t>(D));  // 1 - x of the image, read L times
+    [[maybe_unused]] std::vector<float> widened(std::is_same_v<T, A> ? 0 : static_cast<size_t>(D));
     for (int64_t b = begin; b < end; ++b) {
       const A* x = xp + b * D;
       at::vec::map([](V t) { return V(A(1)) - t; }, omx.data(), x, D);
       double total = 0;  // sum over the L rows of each row's sum
       for (int64_t l = 0; l < L; ++l) {
         const T* row = lp + (l * B + b) * D;
+#ifdef GROWDENSE_PLAIN_FLOAT_ROWS
+        if constexpr (std::is_same_v<A, float>) {
+          total += plain::bce_row_sum(plain::as_float(row, widened, D), omx.data(), D);
+          continue;
+        }
+#endif
         BceRowSum<V> sum;
         for (int64_t d = 0; d < full; d += LanesT::kStep) {
           V v0, v1, o0, o1;
@@ -270,6 +343,8 @@ void elbo_backward_impl(const ElboArgs& args, const ElboGrads& grads) {
   const A inv_l = A(1) / static_cast<A>(L);
   const bool per_pixel = glp != nullptr || gtp != nullptr;
   at::parallel_for(0, B, grain_for(per_pixel ? L * D : Z), [&](int64_t begin, int64_t end) {
+    [[maybe_unused]] std::vector<float> widened(std::is_same_v<T, A> || !per_pixel ? 0 : static_cast<size_t>(D));
+    [[maybe_unused]] std::vector<float> narrowed(widened.size());
     for (int64_t b = begin; b < end; ++b) {
       const A g = gp[b];
       for (int64_t j = b * Z; j < (b + 1) * Z; ++j) {
@@ -285,6 +360,23 @@ void elbo_backward_impl(const ElboArgs& args, const ElboGrads& grads) {
       for (int64_t l = 0; l < L; ++l) {
         const T* row = lp + (l * B + b) * D;
         T* grow = glp ? glp + (l * B + b) * D : nullptr;
+#ifdef GROWDENSE_PLAIN_FLOAT_ROWS
+        if constexpr (std::is_same_v<A, float>) {
+          const float* v = plain::as_float(row, widened, D);
+          if (grow) {
+            if constexpr (std::is_same_v<T, float>) {
+              plain::sigmoid_minus_row(v, x, grow, scale, D);
+            } else {
+              plain::sigmoid_minus_row(v, x, narrowed.data(), scale, D);
+              for (int64_t d = 0; d < D; ++d) grow[d] = static_cast<T>(narrowed[d]);
+            }
+          }
+          if (gt) {
+            for (int64_t d = 0; d < D; ++d) gt[d] += v[d];
+          }
+          continue;
+        }
+#endif
         for (int64_t d = 0; d < D; d += LanesT::kStep) {
           const int64_t n = std::min(LanesT::kStep, D - d);
           V v0, v1;
