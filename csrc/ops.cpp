@@ -61,6 +61,13 @@ TORCH_LIBRARY(growdense, m) {
   m.def(
       "normal_block_(Tensor(a!) self, int row_start, int row_end, int col_start, int col_end, float std, "
       "Generator? generator=None) -> ()");
+  // Adam (AdamW with decoupled_weight_decay) over blocks in place, one pass each: each
+  // block's parameter, gradient and moments (same shape and dtype, at most 2-D, contiguous
+  // columns) and its own step count, already incremented (growdense.optim's fused=True).
+  m.def(
+      "adam_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+      "float[] steps, float lr, float beta1, float beta2, float weight_decay, float eps, bool maximize, "
+      "bool decoupled_weight_decay) -> ()");
   // The GEMM path of the CUDA linear ops ("auto", "fused" or "blas"; see gemm_path.h);
   // returns the previous one. No effect without the CUDA kernels.
   m.def("_set_cuda_gemm_path(str path) -> str", &set_cuda_gemm_path);

@@ -380,7 +380,7 @@ def test_optimizers_that_cannot_be_kept_right_are_refused_when_attached():
         (lambda ps: torch.optim.Adam(ps, lr=LR), "growdense.optim.Adam"),
         (lambda ps: torch.optim.RAdam(ps, lr=LR), "growdense.optim.RAdam"),
         (lambda ps: torch.optim.NAdam(ps, lr=LR), "one step count per parameter"),
-        (lambda ps: optim.Adam(ps, lr=LR, fused=True), "fused=True"),
+        (lambda ps: optim.Adam(ps, lr=LR, fused=True, amsgrad=True), "fused=True"),  # torch's fused kernel
         (lambda ps: torch.optim.SGD(ps, lr=LR, momentum=0.9, dampening=0.1), "dampening"),
         (lambda ps: torch.optim.Adagrad(ps, lr=LR, lr_decay=0.1), "lr_decay"),
         (lambda ps: torch.optim.ASGD(ps, lr=LR), "ASGD keeps eta and mu"),

@@ -56,6 +56,25 @@ struct EpilogueArgs {
   int64_t rows, cols;
 };
 
+// Adam's update of one (rows, cols) block: parameter, gradient and the two moments, all of
+// `dtype`, each with rows `ld_*` elements apart and contiguous columns.
+struct AdamBlock {
+  c10::ScalarType dtype;
+  int64_t rows, cols;
+  void* param;
+  const void* grad;
+  void* exp_avg;
+  void* exp_avg_sq;
+  int64_t ld_param, ld_grad, ld_exp_avg, ld_exp_avg_sq;
+};
+// The block's hyper-parameters, its bias corrections already taken from its step count.
+struct AdamHyper {
+  double lr, beta1, beta2, weight_decay, eps;
+  double step_size;             // lr / (1 - beta1^step)
+  double bias_correction2_sqrt; // sqrt(1 - beta2^step)
+  bool maximize, decoupled;     // decoupled: AdamW's decay of the parameter, else L2 in the gradient
+};
+
 struct KernelTable {
   // out (B,) in the accumulation type
   void (*elbo_forward)(const ElboArgs& args, void* out);
@@ -67,6 +86,7 @@ struct KernelTable {
   // grad_bias is not nullptr, grad_bias[c] = sum_r out[r, c] (cols elements of dtype).
   void (*activation_backward)(const EpilogueArgs& args, const void* grad, const void* saved, void* out,
                               void* grad_bias);
+  void (*adam_block)(const AdamBlock& block, const AdamHyper& hyper);
 };
 
 // The capabilities compiled into this library, in increasing order.

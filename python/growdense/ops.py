@@ -108,6 +108,33 @@ def normal_block_(
     return tensor
 
 
+def adam_step_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    steps: list[float],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+    eps: float,
+    maximize: bool = False,
+    decoupled_weight_decay: bool = False,
+) -> None:
+    """Adam's update of CPU blocks in place, one pass over each (``growdense.optim``'s ``fused=True``).
+
+    Each block is a parameter (or a view of its active block), its gradient and its two
+    moments: same shape and dtype, at most 2-D, contiguous columns; ``steps[i]`` is the
+    block's step count after this step. The order of operations is torch's single-tensor
+    Adam's (AdamW's with ``decoupled_weight_decay``), in the accumulation type.
+    """
+    torch.ops.growdense.adam_step_(params, grads, exp_avgs, exp_avg_sqs, [float(s) for s in steps], float(lr),
+                                   float(beta1), float(beta2), float(weight_decay), float(eps), bool(maximize),
+                                   bool(decoupled_weight_decay))
+
+
 def _out_shape(x: Tensor, active_out: int) -> list:
     return [*x.shape[:-1], active_out]
 
@@ -144,6 +171,7 @@ for _name in ("linear_forward", "linear_forward_reference"):
 for _name in ("linear_backward", "linear_backward_reference"):
     torch.library.register_fake(f"growdense::{_name}")(_linear_backward_fake)
 torch.library.register_fake("growdense::normal_block_")(_normal_block_fake)
+torch.library.register_fake("growdense::adam_step_")(lambda *args: None)
 
 
 # Derivatives: `linear` and `linear_reference` have their autograd kernel in C++

@@ -16,12 +16,19 @@ of a GrowLinear:
 
 - ``step()`` runs torch's own update over views of the active blocks of the Parameters,
   gradients and state (views into the capacity storage, so the update lands in place).
-  With ``fused=True`` it steps over the whole tensors, as torch does.
+- :class:`Adam` and :class:`AdamW` with ``fused=True`` on the CPU step the active blocks
+  with growdense's own kernel (:func:`growdense.ops.adam_step_`): one pass that reads and
+  writes each element of a Parameter, its gradient and its moments once, in the order of
+  operations of torch's single-tensor update (equal to it within an ulp or two in
+  float32; in bfloat16 it rounds once where torch rounds after each operation). On other
+  devices, or with ``amsgrad``, ``capturable``, ``differentiable`` or a ``GradScaler``,
+  ``fused=True`` steps over the whole tensors with torch's fused kernel.
 - Neurons added under ``optimizer_state="keep"`` count their own steps: the state holds,
   under :data:`BIRTH_KEY`, the step at which each row and column became active, and each
   group of elements of one age is stepped with its own step count (Adam's bias
   correction, RAdam's rectification, Adagrad's ``lr_decay``), so a new neuron is updated
-  exactly as by a fresh optimizer started at its birth. Not with ``fused=True``.
+  exactly as by a fresh optimizer started at its birth. Not with torch's fused kernel
+  (``fused=True`` off the CPU).
 - ``zero_grad()`` zeroes the active block of such a Parameter's ``.grad`` and keeps the
   tensor rather than setting it to ``None``: the next backward then adds its gradient
   into that block in place (the GrowLinear op does this whenever ``.grad`` is already
@@ -44,7 +51,7 @@ import torch
 from torch import Tensor
 from torch.optim.adam import adam as _adam_functional
 
-from . import _torch_internals, sharded
+from . import _torch_internals, ops, sharded
 from .layers import active_block
 
 __all__ = ["Adam", "AdamW", "RAdam", "Adamax", "Adagrad", "zero_grad_", "BIRTH_KEY", "cohorts"]
@@ -182,7 +189,7 @@ class _ActiveBlockSteps:
         aligned = [params, grads] + [lst for lst in element_lists if count and len(lst) == count]
         if not any(_partial_block(p) is not None or BIRTH_KEY in self.state[p] for p in params):  # type: ignore[attr-defined]
             return
-        fused = group.get("fused")
+        fused = group.get("fused") and not _steps_blocks_fused(self, group)  # torch's fused kernel
         new: tuple[list, ...] = tuple([] for _ in aligned)
         new_steps: list[Tensor] = []
         for i, p in enumerate(params):
@@ -328,7 +335,95 @@ def _public_step(self, closure=None):
     return loss
 
 
-class Adam(_ActiveBlockSteps, torch.optim.Adam):
+_FUSED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def _steps_blocks_fused(optimizer: torch.optim.Optimizer, group: dict) -> bool:
+    """Whether ``fused=True`` steps this group with growdense's own kernel (see the module's docs)."""
+    if not getattr(type(optimizer), "_fused_blocks", False) or not group.get("fused"):
+        return False
+    if group.get("amsgrad") or group.get("capturable") or group.get("differentiable"):
+        return False
+    if getattr(optimizer, "grad_scale", None) is not None or getattr(optimizer, "found_inf", None) is not None:
+        return False
+    return all(sharded.local(p).device.type == "cpu" and p.dtype in _FUSED_DTYPES for p in group["params"])
+
+
+def _as_block(tensors: tuple[Tensor, ...]) -> Optional[tuple[Tensor, ...]]:
+    """The tensors as blocks the kernel takes (at most 2-D, contiguous columns), else ``None``."""
+    if all(t.dim() <= 2 and (t.dim() == 0 or t.stride(-1) == 1 or t.size(-1) <= 1) for t in tensors):
+        return tensors
+    if all(t.is_contiguous() for t in tensors):
+        return tuple(t.view(-1) for t in tensors)
+    return None
+
+
+class _FusedBlockSteps:
+    """Mixin for Adam and AdamW: ``fused=True`` on the CPU steps the active blocks in one pass each."""
+
+    _fused_blocks = True
+
+    def _torch_step(self, closure=None):
+        step = super().step.__func__  # type: ignore[misc]
+        # torch wraps a class's step with its hooks; this class's own step already ran them
+        return (step.__wrapped__ if getattr(step, "hooked", False) else step)(self, closure)
+
+    def step(self, closure=None):
+        ours = [g for g in self.param_groups if _steps_blocks_fused(self, g)]  # type: ignore[attr-defined]
+        if not ours:
+            return self._torch_step(closure)
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        rest = [g for g in self.param_groups if not any(g is o for o in ours)]  # type: ignore[attr-defined]
+        if rest:
+            groups = self.param_groups  # type: ignore[attr-defined]
+            self.param_groups = rest
+            try:
+                self._torch_step()
+            finally:
+                self.param_groups = groups
+        with torch.no_grad():
+            for group in ours:
+                self._fused_group_step(group)
+        return loss
+
+    def _fused_group_step(self, group: dict) -> None:
+        lists: tuple[list, ...] = ([], [], [], [], [], [])
+        _public_init_group(self, group, *lists)
+        self._to_active_blocks(group, *lists)  # type: ignore[attr-defined]
+        params, grads, exp_avgs, exp_avg_sqs, _, steps = lists
+        if not params:
+            return
+        torch._foreach_add_(steps, 1)
+        blocks: tuple[list, ...] = ([], [], [], [], [])
+        leftover: tuple[list, ...] = ([], [], [], [], [], [])
+        for entry, step in zip(zip(params, grads, exp_avgs, exp_avg_sqs), steps):
+            block = _as_block(entry)
+            if block is None:
+                for lst, t in zip(leftover, (*entry, None, step)):
+                    if t is not None:
+                        lst.append(t)
+                continue
+            for lst, t in zip(blocks, block):
+                lst.append(t)
+            blocks[4].append(step.item())
+        beta1, beta2 = group["betas"]
+        hyper = dict(lr=float(group["lr"]), weight_decay=group["weight_decay"], eps=group["eps"],
+                     maximize=group["maximize"])
+        if blocks[0]:
+            ops.adam_step_(*blocks, beta1=beta1, beta2=beta2,
+                           decoupled_weight_decay=group.get("decoupled_weight_decay", False), **hyper)
+        if leftover[0]:  # strided beyond what the kernel takes: torch's single-tensor update
+            for s in leftover[5]:
+                s -= 1  # it counts the step itself
+            _adam_functional(*leftover, amsgrad=False, has_complex=False, beta1=beta1, beta2=beta2,
+                             foreach=False, capturable=False, differentiable=False, fused=False,
+                             decoupled_weight_decay=group.get("decoupled_weight_decay", False), **hyper)
+
+
+class Adam(_FusedBlockSteps, _ActiveBlockSteps, torch.optim.Adam):
     """``torch.optim.Adam`` that steps over the active blocks of GrowLinear Parameters.
 
     Same arguments, state and results as ``torch.optim.Adam``; see :mod:`growdense.optim`.
@@ -337,7 +432,7 @@ class Adam(_ActiveBlockSteps, torch.optim.Adam):
     _hooked = _steps_by_age = _torch_internals.INIT_GROUP["Adam"]
 
 
-class AdamW(_ActiveBlockSteps, torch.optim.AdamW):
+class AdamW(_FusedBlockSteps, _ActiveBlockSteps, torch.optim.AdamW):
     """``torch.optim.AdamW`` that steps over the active blocks of GrowLinear Parameters.
 
     Same arguments, state and results as ``torch.optim.AdamW``; see :mod:`growdense.optim`.
@@ -348,7 +443,7 @@ class AdamW(_ActiveBlockSteps, torch.optim.AdamW):
 
 if not _torch_internals.INIT_GROUP["Adam"]:
     for _cls in (Adam, AdamW):
-        _cls.step = _public_step  # type: ignore[method-assign]
+        _cls._torch_step = _public_step  # type: ignore[method-assign]
         _cls._steps_by_age = True
 
 
@@ -387,7 +482,7 @@ def _steps_by_age(optimizer: torch.optim.Optimizer) -> str:
 
 
 def _keep_check(optimizer: torch.optim.Optimizer, groups: list) -> Optional[str]:
-    """Whether new neurons get their own step count: not without the private hook, not with ``fused=True``."""
+    """Whether new neurons get their own step count: not without the private hook, not with torch's fused kernel."""
     name = type(optimizer).__name__
     alternatives = "or grow with optimizer_state='reset' (a fresh optimizer) or 'keep_global_step'"
     if not type(optimizer)._steps_by_age:  # type: ignore[attr-defined]
@@ -395,7 +490,7 @@ def _keep_check(optimizer: torch.optim.Optimizer, groups: list) -> Optional[str]
             f"growdense.optim.{name} cannot count each neuron's steps with this torch version "
             f"({torch.__version__}; see growdense._torch_internals), {alternatives}"
         )
-    if any(g.get("fused") for g in groups):
+    if any(g.get("fused") and not _steps_blocks_fused(optimizer, g) for g in groups):
         return (
             f"growdense.optim.{name}(fused=True) cannot give new neurons their own step count under "
             f"optimizer_state='keep': build it with fused=False (the default or foreach=True), {alternatives}"

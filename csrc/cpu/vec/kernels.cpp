@@ -8,6 +8,7 @@
 #endif
 
 #include "cpu/capability.h"
+#include "cpu/vec/adam_kernel.h"
 #include "cpu/vec/elbo_kernel.h"
 #include "cpu/vec/epilogue_kernel.h"
 
@@ -15,7 +16,8 @@ namespace growdense::cpu {
 inline namespace CPU_CAPABILITY {
 
 const KernelTable& kernel_table() {
-  static const KernelTable table{&elbo_forward, &elbo_backward, &bias_activation, &activation_backward};
+  static const KernelTable table{&elbo_forward, &elbo_backward, &bias_activation, &activation_backward,
+                                     &adam_block};
   return table;
 }
 
