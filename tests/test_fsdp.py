@@ -189,6 +189,11 @@ def refusals(rank, out_dir):
         ("generator", lambda: wiring.grow("h1", 2, generator=torch.Generator().manual_seed(rank))),
         ("capacity", lambda: wiring.grow("h1", 100, generator=torch.Generator().manual_seed(1))),
         ("keep", lambda: wiring.shrink("h2", 2, keep=[rank, 2])),
+        # a GrowLinear's own methods, called directly on a sharded layer
+        ("layer n", lambda: model.enc1.grow_out(1 + rank, generator=torch.Generator().manual_seed(1))),
+        ("layer generator", lambda: model.enc2.grow_in(2, generator=torch.Generator().manual_seed(rank))),
+        ("layer shrink", lambda: model.enc2.shrink_out(2 + rank)),
+        ("layer capacity", lambda: model.enc1.grow_out(100)),
     ]
     for label, call in cases:
         try:
@@ -241,6 +246,10 @@ def test_fsdp_disagreement_is_refused_on_every_rank(fsdp_results):
         assert by_label["generator"][0] == "RuntimeError" and "generator states" in by_label["generator"][1]
         assert by_label["capacity"][0] == "ValueError" and "exceeds the capacity" in by_label["capacity"][1]
         assert by_label["keep"][0] == "RuntimeError" and "disagree on the arguments" in by_label["keep"][1]
+        for label in ("layer n", "layer shrink"):
+            assert by_label[label][0] == "RuntimeError" and "disagree on the arguments" in by_label[label][1], label
+        assert by_label["layer generator"][0] == "RuntimeError" and "generator states" in by_label["layer generator"][1]
+        assert by_label["layer capacity"][0] == "ValueError" and "capacity is" in by_label["layer capacity"][1]
 
 
 # ---- sharded checkpoints -------------------------------------------------------------

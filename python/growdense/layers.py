@@ -359,6 +359,24 @@ class GrowLinear(nn.Module):
         self._check_not_shared()
         return to
 
+    def _agree(self, what: str, call: dict, generator: Optional[torch.Generator] = None) -> None:
+        """Under FSDP2 (DTensor Parameters), that every rank makes this change from the same widths.
+
+        A collective (:func:`growdense.sharded.agree`), so it runs before any check that
+        could raise on one rank only: the ranks then raise together, and nothing changes.
+        """
+        if not sharded.is_sharded(self.weight):
+            return
+        problem = None
+        try:
+            sharded.check_supported([t for t in (self.weight, self.bias) if t is not None])
+        except NotImplementedError as error:
+            problem = str(error)
+        widths = {"in_features": (self._active_in, self.capacity_in),
+                  "out_features": (self._active_out, self.capacity_out)}
+        sharded.agree(self.weight, f"{what} of a sharded GrowLinear", {k: repr(v) for k, v in call.items()}, widths,
+                      generator, problem)
+
     @torch.no_grad()
     def grow_out(self, n: int, init: str = "he", *, generator: Optional[torch.Generator] = None) -> None:
         """Add ``n`` output neurons with zero bias.
@@ -367,6 +385,7 @@ class GrowLinear(nn.Module):
         ``in_features``); ``"zero"`` leaves them zero (for a caller that writes them itself).
         Changes this layer only, not an optimizer's state (see the class docstring).
         """
+        self._agree("grow out_features", {"n": n, "init": init}, generator if init == "he" else None)
         if init not in INPUT_INITS:
             raise ValueError(f"unknown init {init!r} for new output rows; expected one of {INPUT_INITS}")
         n = self._check_grow("out_features", n, self._active_out, self.capacity_out)
@@ -385,6 +404,7 @@ class GrowLinear(nn.Module):
         output is exactly unchanged for any value of the new inputs.
         Changes this layer only, not an optimizer's state (see the class docstring).
         """
+        self._agree("grow in_features", {"n": n, "init": init}, generator if init == "he" else None)
         if init not in INPUT_INITS:
             raise ValueError(f"unknown init {init!r} for new input columns; expected one of {INPUT_INITS}")
         n = self._check_grow("in_features", n, self._active_in, self.capacity_in)
@@ -400,6 +420,7 @@ class GrowLinear(nn.Module):
 
         Changes this layer only, not an optimizer's state (see the class docstring).
         """
+        self._agree("shrink out_features", {"to": to})
         to = self._check_shrink("out_features", to, self._active_out)
         for tensor in self._with_grads():
             sharded.narrow(tensor, 0, to, self._active_out - to).zero_()
@@ -411,6 +432,7 @@ class GrowLinear(nn.Module):
 
         Changes this layer only, not an optimizer's state (see the class docstring).
         """
+        self._agree("shrink in_features", {"to": to})
         to = self._check_shrink("in_features", to, self._active_in)
         for tensor in (self.weight, self.weight.grad):
             if tensor is not None:
