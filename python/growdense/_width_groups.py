@@ -671,14 +671,7 @@ def growable_streams(
             replacements[id(modules[act])] = nn.Identity()
 
     # 4. Swap the modules in every parent that holds them (nothing above can fail after this).
-    holders = [
-        (parent, child_name, replacements[id(child)])
-        for parent in model.modules()
-        for child_name, child in parent._modules.items()
-        if child is not None and id(child) in replacements
-    ]
-    for parent, child_name, replacement in holders:
-        parent._modules[child_name] = replacement
+    swap_modules(model, replacements)
     for m in model.modules():  # its nested-tensor fast path reads whole tensors of the first layer
         if isinstance(m, nn.TransformerEncoder) and any(id(mod) in replacements for mod in m.modules()):
             m.use_nested_tensor = False
@@ -688,6 +681,18 @@ def growable_streams(
         warnings.warn(f"growable(): these widths stay fixed:\n  {lines}\n(see wiring.fixed; strict=True raises "
                       f"instead)", UserWarning, stacklevel=3)
     return wiring
+
+
+def swap_modules(model: nn.Module, replacements: dict[int, nn.Module]) -> None:
+    """Put ``replacements[id(child)]`` in the place of ``child`` in every parent of ``model`` that holds it."""
+    holders = [
+        (parent, child_name, replacements[id(child)])
+        for parent in model.modules()
+        for child_name, child in parent._modules.items()
+        if child is not None and id(child) in replacements
+    ]
+    for parent, child_name, replacement in holders:
+        parent._modules[child_name] = replacement
 
 
 def _width_of(module: nn.Module, local: str) -> int:

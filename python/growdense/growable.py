@@ -498,14 +498,7 @@ def growable(
             replacements[id(modules[act])] = nn.Identity()
 
     # 4. Swap the modules in every parent that holds them (nothing above can fail after this).
-    holders = [
-        (parent, child_name, replacements[id(child)])
-        for parent in model.modules()
-        for child_name, child in parent._modules.items()
-        if child is not None and id(child) in replacements
-    ]
-    for parent, child_name, replacement in holders:
-        parent._modules[child_name] = replacement
+    _width_groups.swap_modules(model, replacements)
     return wiring
 
 
