@@ -42,6 +42,23 @@ GrowthFunction = Callable[["pl.Trainer", "pl.LightningModule", int], None]
 Keep = Union[str, Sequence[int], Tensor, Mapping[str, Union[str, Sequence[int], Tensor]]]
 
 
+def _check_strategy(strategy: object) -> None:
+    """Refuse a Lightning strategy whose Parameters growth cannot follow (FSDP1, DeepSpeed), naming the fix."""
+    name = type(strategy).__name__
+    flat = tuple(c for c in (getattr(pl.strategies, n, None) for n in ("FSDPStrategy", "DeepSpeedStrategy")) if c)
+    if not isinstance(strategy, flat):
+        return
+    if "DeepSpeed" in name:
+        what = "DeepSpeed partitions the Parameters into flat buffers"
+    else:
+        what = "strategy='fsdp' is FSDP1 (FullyShardedDataParallel), whose flat parameters growth cannot follow"
+    raise RuntimeError(
+        f"GrowthCallback does not support the {name} strategy: {what}. Use strategy='ddp', or FSDP2: "
+        f"strategy=ModelParallelStrategy(data_parallel_size=<number of processes>, tensor_parallel_size=1) with a "
+        f"configure_model() that calls torch.distributed.fsdp.fully_shard on the growable layers and the model"
+    )
+
+
 class GrowthCallback(pl.Callback):
     """Grow (or shrink) hidden widths at the start of training epochs, inside ``Trainer.fit``.
 
@@ -75,7 +92,16 @@ class GrowthCallback(pl.Callback):
 
     A checkpoint written by Lightning carries the grown widths (in the layers' extra
     state), so ``Trainer.fit(ckpt_path=...)`` resumes with them; an event already applied
-    before a mid-epoch checkpoint is not applied twice.
+    before a mid-epoch checkpoint is not applied twice. The ``generator``'s state is saved
+    with the callback's state and restored on resume, so a resumed run draws what an
+    uninterrupted one would.
+
+    Strategies: one device, ``"ddp"`` (every rank grows at the same epoch, with the same
+    new weights), and FSDP2 through ``ModelParallelStrategy`` (``configure_model`` calls
+    ``fully_shard``; each rank writes the rows it holds; pass a ``generator`` seeded the
+    same on every rank for the values of a single-process growth). FSDP1
+    (``strategy="fsdp"``, ``FSDPStrategy``) and DeepSpeed flatten the Parameters, which
+    growth cannot follow: they are refused before training starts.
     """
 
     def __init__(
@@ -182,6 +208,17 @@ class GrowthCallback(pl.Callback):
         return wiring
 
     # ---- hooks -------------------------------------------------------------------------------
+    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        # Runs before the strategy wraps the model: nothing has changed yet.
+        _check_strategy(trainer.strategy)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {} if self.generator is None else {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self.generator is not None and "generator" in state_dict:
+            self.generator.set_state(state_dict["generator"])
+
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         # Fail before the first step, not at the first growth.
         wiring = self._bind(trainer, pl_module)
