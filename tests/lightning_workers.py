@@ -21,6 +21,7 @@ from torch import nn
 import lightning.pytorch as pl
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 
+import growdense
 from growdense import GrowLinear, GrowthEvent, GrowthSchedule, growable, sharded
 from growdense.lightning import GrowthCallback
 
@@ -60,8 +61,9 @@ def schedule() -> GrowthSchedule:
 class Regressor(pl.LightningModule):
     """16 -> 8 -> 4 -> 3, growable to 32 and 16 (float64); ``shard``: FSDP2 in ``configure_model``."""
 
-    def __init__(self, shard: bool = False) -> None:
+    def __init__(self, shard: bool = False, optimizer: str = "growdense") -> None:
         super().__init__()
+        self.optimizer_kind = optimizer
         torch.manual_seed(0)
         self.net = nn.Sequential(
             nn.Linear(16, 8, dtype=torch.float64), nn.ReLU(),
@@ -99,6 +101,8 @@ class Regressor(pl.LightningModule):
                           [id(p) for p in self.parameters()]))
 
     def configure_optimizers(self):
+        if self.optimizer_kind == "growdense":  # each neuron its own step count: state beyond tensors
+            return growdense.optim.Adam(self.parameters(), lr=1e-2)
         return torch.optim.Adam(self.parameters(), lr=1e-2)
 
 
@@ -133,8 +137,7 @@ def trainer(strategy, out_dir: str, epochs: int, callbacks, devices: int = WORLD
 
 
 def callback(seed: int) -> GrowthCallback:
-    return GrowthCallback(schedule(), init="he", generator=torch.Generator().manual_seed(seed),
-                          optimizer_state="keep_global_step")
+    return GrowthCallback(schedule(), init="he", generator=torch.Generator().manual_seed(seed), optimizer_state="keep")
 
 
 def strategy_of(kind: str):
@@ -144,7 +147,8 @@ def strategy_of(kind: str):
 
 
 def run(rank: int, out_dir: str, kind: str) -> None:
-    """Straight through 4 epochs (checkpoint each epoch), then resumed from epoch 1's checkpoint."""
+    """Straight through 4 epochs (checkpoint each epoch), then resumed from epoch 1's checkpoint
+    (growdense's Adam), then 2 epochs with no growth generator (torch's Adam)."""
     os.environ.update(LOCAL_RANK=str(rank), NODE_RANK="0", WORLD_SIZE=str(WORLD))
     warnings.filterwarnings("ignore", category=UserWarning)  # Lightning's advice on workers and such
     warnings.filterwarnings("ignore", category=FutureWarning)
@@ -184,7 +188,7 @@ def run(rank: int, out_dir: str, kind: str) -> None:
         result["checkpoint"] = torch.load(path, weights_only=False, map_location="cpu")
 
     # 3. No generator: rank 0's new weights are broadcast (DDP), or each rank draws the rows it holds (FSDP2).
-    module = Regressor(shard=kind == "fsdp2")
+    module = Regressor(shard=kind == "fsdp2", optimizer="torch")
     fit = trainer(strategy_of(kind), out_dir, 2, [GrowthCallback(schedule(), optimizer_state="reset")],
                   enable_checkpointing=False)
     fit.fit(module, data(rank))

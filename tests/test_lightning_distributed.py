@@ -15,9 +15,11 @@ checkpoint by a fresh model at the initial widths, once with no generator. Check
   batch): ~1e-16 observed; a wrong growth or a rank with other weights moves values by ~1e-2;
 - the resumed run equals the uninterrupted one bit for bit (same ranks, same operations,
   the callback's generator state restored from the checkpoint), at the grown widths, with
-  Adam's state (its ``step`` counts included) restored;
-- with no generator the ranks still agree (DDP: rank 0's new weights are broadcast; FSDP2:
-  each row has one owner).
+  the optimizer's state restored: growdense's Adam under ``optimizer_state="keep"`` (each
+  neuron's own step count, which Lightning's FSDP2 loader would drop: the callback carries
+  it);
+- with no generator (and torch's Adam) the ranks still agree (DDP: rank 0's new weights
+  are broadcast; FSDP2: each row has one owner).
 
 FSDP1 (``strategy="fsdp"``) is refused by the callback before anything changes.
 Teardown: as test_ddp.py (file store in the test's folder, barrier, collected cycles,
@@ -62,6 +64,10 @@ def tensors(snapshot):
     return {k: v for k, v in snapshot.items() if isinstance(v, torch.Tensor)}
 
 
+def births(snapshot):
+    return {k: v for k, v in snapshot.items() if k.endswith(".birth_steps")}
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_both_ranks_grow_at_the_same_epochs_with_the_same_optimizer(results, kind):
     from lightning_workers import GROWN
@@ -77,6 +83,8 @@ def test_both_ranks_grow_at_the_same_epochs_with_the_same_optimizer(results, kin
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_ranks_match_a_single_process(results, kind):
+    from lightning_workers import STEPS
+
     single = results["single"]
     ranks = [r["straight"] for r in results[kind]]
     mean_loss = [(a + b) / 2 for a, b in zip(ranks[0]["losses"], ranks[1]["losses"])]  # halves of each batch
@@ -87,6 +95,8 @@ def test_ranks_match_a_single_process(results, kind):
         assert torch.equal(ranks[0]["end"][key], ranks[1]["end"][key]), key
         torch.testing.assert_close(ranks[0]["end"][key], value, rtol=TOL, atol=TOL, msg=key)
     assert reference["0.weight"][16:].abs().sum() > 0  # the second growth's neurons were drawn and trained
+    assert births(ranks[0]["end"]) == births(ranks[1]["end"]) == births(single["end"])
+    assert single["end"]["0.weight.birth_steps"][0] == [0] * 8 + [STEPS] * 8 + [2 * STEPS] * 16  # neurons' ages
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -105,6 +115,9 @@ def test_checkpoint_resumes_at_the_grown_widths(results, kind):
         assert [(epoch, widths) for epoch, _, widths, _ in resumed["seen"]] == [(2, GROWN[2]), (3, GROWN[3])]
         for key, value in tensors(straight["end"]).items():  # bit for bit
             assert torch.equal(resumed["end"][key], value), (rank, key)
+        # growdense Adam's per-neuron step counts came back (under FSDP2 through the callback)
+        assert start["0.weight.birth_steps"][0] == [0] * 8 + [STEPS] * 8 + [0] * 16
+        assert births(resumed["end"]) == births(straight["end"])
         assert resumed["losses"] == straight["losses"][2 * STEPS:]
     if kind == "ddp":  # a file written by rank 0: the weights restored are those saved
         saved = results[kind][0]["checkpoint"]

@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from . import optim_state
+from . import optim_state, sharded
 from .policies import KEEP_CHOICES, check_generator, check_init, check_split_noise
 from .gradient_growth import takes_closure
 from .schedule import GrowthSchedule
@@ -219,9 +219,41 @@ class GrowthCallback(pl.Callback):
         if self.generator is not None and "generator" in state_dict:
             self.generator.set_state(state_dict["generator"])
 
+    # Under FSDP2 (ModelParallelStrategy) Lightning reads the optimizer's state into the keys a
+    # fresh optimizer has: entries that appear only as neurons are born (growdense.optim's
+    # per-neuron ``birth_steps``) would be dropped. They are small and the same on every rank:
+    # carried in the checkpoint's metadata, put back at the start of training.
+    _EXTRA = "growdense_optimizer_extra"
+
+    def on_save_checkpoint(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", checkpoint: dict) -> None:
+        optimizer = getattr(self._wiring(pl_module), "optimizer", None)
+        if optimizer is None:
+            return
+        extra = {}
+        for name, param in pl_module.named_parameters():
+            if sharded.is_sharded(param) and param in optimizer.state:
+                plain = {k: v for k, v in optimizer.state[param].items() if not isinstance(v, Tensor)}
+                if plain:
+                    extra[name] = plain
+        if extra:
+            checkpoint[self._EXTRA] = extra
+
+    def on_load_checkpoint(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", checkpoint: dict) -> None:
+        self._loaded_extra = checkpoint.get(self._EXTRA)
+
+    def _restore_extra(self, wiring: Optional[Wiring], pl_module: "pl.LightningModule") -> None:
+        extra, self._loaded_extra = getattr(self, "_loaded_extra", None), None
+        if not extra or wiring is None or wiring.optimizer is None:
+            return
+        params = dict(pl_module.named_parameters())
+        for name, values in extra.items():
+            if name in params:
+                wiring.optimizer.state[params[name]].update(values)
+
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         # Fail before the first step, not at the first growth.
         wiring = self._bind(trainer, pl_module)
+        self._restore_extra(wiring, pl_module)
         if isinstance(self.schedule, GradientTrigger):
             unknown = [name for name in self.schedule.names() if name not in wiring.names()]
             if unknown:
