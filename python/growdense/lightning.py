@@ -94,7 +94,9 @@ class GrowthCallback(pl.Callback):
     state), so ``Trainer.fit(ckpt_path=...)`` resumes with them; an event already applied
     before a mid-epoch checkpoint is not applied twice. The ``generator``'s state is saved
     with the callback's state and restored on resume, so a resumed run draws what an
-    uninterrupted one would.
+    uninterrupted one would. Under FSDP2, Lightning's checkpoint loader reads only the
+    optimizer-state entries a fresh optimizer has; the callback carries the others
+    (:mod:`growdense.optim`'s per-neuron step counts) in the checkpoint and puts them back.
 
     Strategies: one device, ``"ddp"`` (every rank grows at the same epoch, with the same
     new weights), and FSDP2 through ``ModelParallelStrategy`` (``configure_model`` calls
