@@ -41,6 +41,8 @@ from fsdp_helpers import fsdp_available, spawn  # noqa: E402
 pytestmark = [
     pytest.mark.skipif(sys.platform == "win32", reason="the 2-process tests use gloo over a file store on POSIX"),
     pytest.mark.skipif(not fsdp_available(), reason="torch.distributed with gloo and FSDP2 is not available"),
+    pytest.mark.skipif(not hasattr(pl.strategies, "ModelParallelStrategy"),
+                       reason="this Lightning has no ModelParallelStrategy (FSDP2): Lightning >= 2.4 does"),
 ]
 
 KINDS = ("ddp", "fsdp2")
