@@ -220,3 +220,19 @@ def test_the_fallback_warning_names_what_the_callback_can_change(tmp_path):
         __import__("warnings").simplefilter("error", UserWarning)
         callback = GrowthCallback(schedule(), init="zero_out", optimizer_state="reset")
         trainer(tmp_path / "b", 2, callbacks=[callback]).fit(module, data())
+
+
+def test_the_generator_state_rides_in_the_checkpoint(tmp_path):
+    """A resumed run draws what an uninterrupted one would: the callback saves its generator's state."""
+    module = Regressor()
+    generator = torch.Generator().manual_seed(5)
+    checkpoints = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1)
+    callback = GrowthCallback(schedule(), init="he", generator=generator, optimizer_state="reset")
+    trainer(tmp_path, 2, callbacks=[callback, checkpoints]).fit(module, data())
+    (path,) = [p for p in (tmp_path / "ckpt").glob("*.ckpt") if "epoch=1" in p.name]
+    saved = torch.load(path, weights_only=False)["callbacks"]
+    (state,) = [v for k, v in saved.items() if k.startswith("GrowthCallback")]
+    assert torch.equal(state["generator"], generator.get_state())  # after epoch 1's growth drew from it
+    other = GrowthCallback(schedule(), generator=torch.Generator().manual_seed(123))
+    other.load_state_dict(state)
+    assert torch.equal(other.generator.get_state(), generator.get_state())

@@ -138,9 +138,11 @@ class _GrowModule(nn.Module):
         self._register_owners()
 
     def _apply(self, fn, recurse: bool = True):  # .to(), .double() may replace Parameters
-        result = super()._apply(fn, recurse)
-        self._register_owners()
-        return result
+        protocol.forget_owners(self.parameters())  # or swap them in place (DTensors): no weak references then
+        try:
+            return super()._apply(fn, recurse)
+        finally:
+            self._register_owners()
 
     def width(self, name: str) -> int:
         """The active size of width ``name`` (a plain int)."""

@@ -248,9 +248,11 @@ class GrowLinear(nn.Module):
         self._register_owner()
 
     def _apply(self, fn, recurse: bool = True):  # .to(), .cuda(), .double() may replace Parameters
-        result = super()._apply(fn, recurse)
-        self._register_owner()
-        return result
+        protocol.forget_owners(self.parameters())  # or swap them in place (DTensors): no weak references then
+        try:
+            return super()._apply(fn, recurse)
+        finally:
+            self._register_owner()
 
     # ---- widths --------------------------------------------------------------
     @property

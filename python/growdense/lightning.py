@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from . import optim_state
+from . import optim_state, sharded
 from .policies import KEEP_CHOICES, check_generator, check_init, check_split_noise
 from .gradient_growth import takes_closure
 from .schedule import GrowthSchedule
@@ -40,6 +40,23 @@ __all__ = ["GrowthCallback"]
 
 GrowthFunction = Callable[["pl.Trainer", "pl.LightningModule", int], None]
 Keep = Union[str, Sequence[int], Tensor, Mapping[str, Union[str, Sequence[int], Tensor]]]
+
+
+def _check_strategy(strategy: object) -> None:
+    """Refuse a Lightning strategy whose Parameters growth cannot follow (FSDP1, DeepSpeed), naming the fix."""
+    name = type(strategy).__name__
+    flat = tuple(c for c in (getattr(pl.strategies, n, None) for n in ("FSDPStrategy", "DeepSpeedStrategy")) if c)
+    if not isinstance(strategy, flat):
+        return
+    if "DeepSpeed" in name:
+        what = "DeepSpeed partitions the Parameters into flat buffers"
+    else:
+        what = "strategy='fsdp' is FSDP1 (FullyShardedDataParallel), whose flat parameters growth cannot follow"
+    raise RuntimeError(
+        f"GrowthCallback does not support the {name} strategy: {what}. Use strategy='ddp', or FSDP2: "
+        f"strategy=ModelParallelStrategy(data_parallel_size=<number of processes>, tensor_parallel_size=1) with a "
+        f"configure_model() that calls torch.distributed.fsdp.fully_shard on the growable layers and the model"
+    )
 
 
 class GrowthCallback(pl.Callback):
@@ -75,7 +92,18 @@ class GrowthCallback(pl.Callback):
 
     A checkpoint written by Lightning carries the grown widths (in the layers' extra
     state), so ``Trainer.fit(ckpt_path=...)`` resumes with them; an event already applied
-    before a mid-epoch checkpoint is not applied twice.
+    before a mid-epoch checkpoint is not applied twice. The ``generator``'s state is saved
+    with the callback's state and restored on resume, so a resumed run draws what an
+    uninterrupted one would. Under FSDP2, Lightning's checkpoint loader reads only the
+    optimizer-state entries a fresh optimizer has; the callback carries the others
+    (:mod:`growdense.optim`'s per-neuron step counts) in the checkpoint and puts them back.
+
+    Strategies: one device, ``"ddp"`` (every rank grows at the same epoch, with the same
+    new weights), and FSDP2 through ``ModelParallelStrategy`` (``configure_model`` calls
+    ``fully_shard``; each rank writes the rows it holds; pass a ``generator`` seeded the
+    same on every rank for the values of a single-process growth). FSDP1
+    (``strategy="fsdp"``, ``FSDPStrategy``) and DeepSpeed flatten the Parameters, which
+    growth cannot follow: they are refused before training starts.
     """
 
     def __init__(
@@ -182,9 +210,52 @@ class GrowthCallback(pl.Callback):
         return wiring
 
     # ---- hooks -------------------------------------------------------------------------------
+    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        # Runs before the strategy wraps the model: nothing has changed yet.
+        _check_strategy(trainer.strategy)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {} if self.generator is None else {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self.generator is not None and "generator" in state_dict:
+            self.generator.set_state(state_dict["generator"])
+
+    # Under FSDP2 (ModelParallelStrategy) Lightning reads the optimizer's state into the keys a
+    # fresh optimizer has: entries that appear only as neurons are born (growdense.optim's
+    # per-neuron ``birth_steps``) would be dropped. They are small and the same on every rank:
+    # carried in the checkpoint's metadata, put back at the start of training.
+    _EXTRA = "growdense_optimizer_extra"
+
+    def on_save_checkpoint(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", checkpoint: dict) -> None:
+        optimizer = getattr(self._wiring(pl_module), "optimizer", None)
+        if optimizer is None:
+            return
+        extra = {}
+        for name, param in pl_module.named_parameters():
+            if sharded.is_sharded(param) and param in optimizer.state:
+                plain = {k: v for k, v in optimizer.state[param].items() if not isinstance(v, Tensor)}
+                if plain:
+                    extra[name] = plain
+        if extra:
+            checkpoint[self._EXTRA] = extra
+
+    def on_load_checkpoint(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", checkpoint: dict) -> None:
+        self._loaded_extra = checkpoint.get(self._EXTRA)
+
+    def _restore_extra(self, wiring: Optional[Wiring], pl_module: "pl.LightningModule") -> None:
+        extra, self._loaded_extra = getattr(self, "_loaded_extra", None), None
+        if not extra or wiring is None or wiring.optimizer is None:
+            return
+        params = dict(pl_module.named_parameters())
+        for name, values in extra.items():
+            if name in params:
+                wiring.optimizer.state[params[name]].update(values)
+
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         # Fail before the first step, not at the first growth.
         wiring = self._bind(trainer, pl_module)
+        self._restore_extra(wiring, pl_module)
         if isinstance(self.schedule, GradientTrigger):
             unknown = [name for name in self.schedule.names() if name not in wiring.names()]
             if unknown:

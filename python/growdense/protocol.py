@@ -58,7 +58,7 @@ import itertools
 import math
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping, Optional, Protocol, Sequence, Union, runtime_checkable
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Protocol, Sequence, Union, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -709,6 +709,16 @@ def register_owner(param: Tensor, module: nn.Module) -> None:
         return
     modules = tuple(r for r in entry[1] if r() is not None and r() is not module)
     _OWNERS[key] = (entry[0], modules + (weakref.ref(module),))
+
+
+def forget_owners(params: Iterable[Optional[Tensor]]) -> None:
+    """Drop the records of ``params`` (register them again after): ``torch.utils.swap_tensors``
+    refuses a tensor that has weak references, and ``Module._apply`` (``.to()``) swaps the
+    Parameters of a ``fully_shard``'ed module (``DTensor``\\ s) that way."""
+    for param in params:
+        entry = None if param is None else _OWNERS.get(id(param))
+        if entry is not None and entry[0]() is param:
+            del _OWNERS[id(param)]
 
 
 def holders(param: Tensor) -> list[nn.Module]:
