@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from growdense import protocol
+
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_transformer.py"
 
 
@@ -24,8 +26,11 @@ def test_bench_transformer_quick(tmp_path):
         assert results[key]["ratio"] > 0 and math.isfinite(results[key]["ratio"])
     assert len(data["verdicts"]) == 6 and all(isinstance(v["met"], bool) for v in data["verdicts"])
     alloc = data["allocations"]
-    # In place: no allocation, every Parameter and optimizer-state tensor keeps its storage.
-    assert alloc["growdense"]["allocated_bytes"] == 0 and alloc["growdense"]["new_tensor_bytes"] == 0
+    # In place: nothing of the model's size is allocated (only the staging chunks of the
+    # non-contiguous random draws, protocol.DRAW_CHUNK float32 values at most each), and
+    # every Parameter and optimizer-state tensor keeps its storage.
+    assert alloc["growdense"]["largest_allocation"] <= protocol.DRAW_CHUNK * 4
+    assert alloc["growdense"]["allocated_bytes"] < 0.1 * alloc["model_parameter_bytes"]
     assert alloc["growdense"]["same_storage"] == alloc["growdense"]["tensors"] > 0
     # Rebuilding allocates at least a new model (and its optimizer state) and keeps no storage.
     assert alloc["rebuild"]["allocated_bytes"] >= alloc["model_parameter_bytes"]

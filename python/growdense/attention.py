@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from ._checks import check_int
 from ._grow_module import Layout, _GrowModule, _Holder, check_growth
+from .protocol import draw_normal_
 
 __all__ = ["GrowMultiheadAttention"]
 
@@ -254,11 +255,9 @@ class GrowMultiheadAttention(_GrowModule):
                 ("v_proj_weight", self.vdim),
             ):
                 if self._tensor(path) is not None:
-                    self._new_slice(path, width, start, stop).normal_(0.0, _he_std(fan_in), generator=generator)
+                    draw_normal_(self._new_slice(path, width, start, stop), _he_std(fan_in), generator)
             if init == "he":
-                self._new_slice("out_proj.weight", width, start, stop).normal_(
-                    0.0, _he_std(stop * d), generator=generator
-                )
+                draw_normal_(self._new_slice("out_proj.weight", width, start, stop), _he_std(stop * d), generator)
             return
         # embed_dim, kdim, vdim: columns of the projections that read them ...
         if init == "he":
@@ -266,12 +265,10 @@ class GrowMultiheadAttention(_GrowModule):
                        "vdim": ("v_proj_weight",)}[width]
             for path in readers:
                 if self._tensor(path) is not None:
-                    self._new_slice(path, width, start, stop).normal_(0.0, _he_std(stop), generator=generator)
+                    draw_normal_(self._new_slice(path, width, start, stop), _he_std(stop), generator)
         # ... and for embed_dim, rows of out_proj that write it (bias zero).
         if width == "embed_dim" and init != "zero":
-            self._new_slice("out_proj.weight", width, start, stop).normal_(
-                0.0, _he_std(self.num_heads * d), generator=generator
-            )
+            draw_normal_(self._new_slice("out_proj.weight", width, start, stop), _he_std(self.num_heads * d), generator)
 
     def grow_heads(self, n: int, init: str = "he", *, generator: Optional[torch.Generator] = None) -> None:
         """Add ``n`` heads of ``head_dim`` each.

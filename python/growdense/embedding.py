@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from ._checks import check_int
 from ._grow_module import Layout, _GrowModule, check_growth
+from .protocol import draw_normal_
 
 __all__ = ["GrowEmbedding"]
 
@@ -134,7 +135,7 @@ class GrowEmbedding(_GrowModule):
 
     def _init_slice(self, width: str, start: int, stop: int, init: str, generator) -> None:
         if init in ("he", "default"):
-            self._new_slice("weight", width, start, stop).normal_(generator=generator)
+            draw_normal_(self._new_slice("weight", width, start, stop), 1.0, generator)
             self._fill_padding_idx_with_zero()
 
     def grow(self, n: int, init: str = "he", *, generator: Optional[torch.Generator] = None) -> None:

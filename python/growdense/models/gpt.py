@@ -39,6 +39,7 @@ from ..attention import GrowMultiheadAttention
 from ..embedding import GrowEmbedding
 from ..layers import GrowLinear
 from ..norms import GrowLayerNorm
+from ..protocol import draw_normal_
 
 __all__ = ["GPT", "GPTConfig", "PlainGPT", "plain_from_grow", "rebuild_grown"]
 
@@ -420,7 +421,7 @@ def plain_from_grow(model: GPT) -> PlainGPT:
 
 
 def _he(t: Tensor, fan_in: int, generator) -> None:
-    t.normal_(0.0, math.sqrt(2.0 / fan_in), generator=generator)
+    draw_normal_(t, math.sqrt(2.0 / fan_in), generator)
 
 
 @torch.no_grad()
