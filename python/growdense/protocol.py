@@ -512,9 +512,11 @@ def draw_normal_(view: Tensor, std: float, generator: Optional[torch.Generator] 
     value (on the CPU about 15 times slower than a contiguous one), so a non-contiguous
     view (a block of rows narrower than the capacity) is drawn in contiguous chunks of
     whole leading-dimension slices, at most :data:`DRAW_CHUNK` values each, and copied in.
-    ``growdense::normal_block_`` on the CPU draws the same values the same way.
+    ``growdense::normal_block_`` on the CPU draws the same values the same way. A ``DTensor``
+    view is drawn by its own ``normal_`` (a ``Wiring`` draws sharded blocks through
+    :func:`growdense.sharded.normal_` instead, into plain scratch tensors).
     """
-    if view.numel() == 0 or view.dim() == 0 or view.is_contiguous():
+    if view.numel() == 0 or view.dim() == 0 or view.is_contiguous() or sharded.is_sharded(view):
         return view.normal_(0.0, std, generator=generator)
     rows = view.shape[0]
     step = max(1, DRAW_CHUNK // max(1, view[0].numel()))

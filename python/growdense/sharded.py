@@ -337,6 +337,13 @@ def check_supported(tensors: Iterable[Tensor]) -> None:
             local_ranges(t)
 
 
+def _distributed() -> bool:
+    """Whether a default process group exists (without one no tensor can be a sharded ``DTensor``)."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
 def any_sharded(tensors: Iterable[Tensor]) -> Optional[Tensor]:
     """The first ``DTensor`` among ``tensors``, or ``None``."""
     for t in tensors:
@@ -374,6 +381,8 @@ def agree_wiring(wiring, what: str, call: dict, generator: Optional[torch.Genera
     """
     from . import protocol
 
+    if not _distributed():  # a DTensor needs a process group: in one process there is nothing to agree on
+        return
     members = [(m, spec, t) for h in wiring._hidden.values() for m in h.members for spec, t in protocol.members_of(m.module)]
     if not any(is_sharded(t) for _, _, t in members):  # FSDP2 shards every Parameter: none is, nothing to agree on
         return
