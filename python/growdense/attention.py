@@ -346,6 +346,7 @@ class GrowMultiheadAttention(_GrowModule):
         """As :meth:`torch.nn.MultiheadAttention.forward`, over the active heads and widths."""
         if query.is_nested or key.is_nested or value.is_nested:
             raise ValueError("GrowMultiheadAttention does not take nested tensors; pad them and pass key_padding_mask")
+        self_attention = query is key and key is value
         is_batched = query.dim() == 3
         if not torch.compiler.is_compiling():
             self._check_inputs(query, key, value, is_batched, key_padding_mask)
@@ -370,10 +371,17 @@ class GrowMultiheadAttention(_GrowModule):
         B, L = query.shape[0], query.shape[1]
         H, d = self._active_heads, self.head_dim
         inner = H * d
-        wq, wk, wv, bq, bk, bv = self._projections()
-        q = F.linear(query, wq, bq)
-        k = F.linear(key, wk, bk)
-        v = F.linear(value, wv, bv)
+        if self_attention and self._packed and H == self._capacities["heads"]:
+            # Every head active: q, k and v in one GEMM over the packed rows, as nn.MultiheadAttention does.
+            w = self.in_proj_weight
+            if self._active_embed_dim < w.shape[1]:
+                w = w.narrow(1, 0, self._active_embed_dim)
+            q, k, v = F.linear(query, w, self.in_proj_bias).split(inner, dim=-1)
+        else:
+            wq, wk, wv, bq, bk, bv = self._projections()
+            q = F.linear(query, wq, bq)
+            k = F.linear(key, wk, bk)
+            v = F.linear(value, wv, bv)
         S = k.shape[1]
         if attn_mask is not None:
             if attn_mask.dim() == 2:
