@@ -199,6 +199,13 @@ def test_comparisons_are_one_factor_at_a_time_per_seed(tmp_path):
     assert "keep" not in table  # absent models give no row
 
 
+def test_a_comparison_with_other_starting_widths_has_no_epoch_25_difference(tmp_path):
+    # Approach 1 grown with gradmax starts at 32/16, Fixed at 256/128: never one computation.
+    write_run(tmp_path, 0, {"approach1-gradmax": decreasing(160, 108), "fixed": decreasing(150, 100)})
+    table = claims.comparisons_table(claims.load_records([tmp_path]), every=EVERY)
+    assert "(`approach1-gradmax` − `fixed`) | seed 0: +8.00 | - |" in table
+
+
 def test_estimates_are_read_exported_and_tabled(tmp_path):
     write_run(tmp_path / "run", 0, {"fixed": decreasing(150, 100)})
     write_csv(tmp_path / "run" / "estimates.csv",

@@ -577,6 +577,12 @@ COMPARISONS = [
 ]
 
 
+def _same_start(a: RunRecord, b: RunRecord) -> bool:
+    """Whether two runs start at the same widths (so that, from one seed, they are one computation until one changes)."""
+    first_a, first_b = a.history[0], b.history[0]
+    return (int(first_a["h1"]), int(first_a["h2"])) == (int(first_b["h1"]), int(first_b["h2"]))
+
+
 def comparisons_table(records: Sequence[RunRecord], *, every: int = 25) -> str:
     """The final test loss of each comparison's model minus its reference's, per seed (only
     the comparisons with both models present), beside the same difference after epoch
@@ -593,12 +599,13 @@ def comparisons_table(records: Sequence[RunRecord], *, every: int = 25) -> str:
             n = min(len(a.history), len(b.history))
             d = a.history[n - 1]["test_loss"] - b.history[n - 1]["test_loss"]
             final[s] = _fmt(d) + ("" if a.finished and b.finished else f" (at epoch {n}, unfinished)")
-            if n >= every:
+            if n >= every and _same_start(a, b):
                 before[s] = _fmt(a.history[every - 1]["test_loss"] - b.history[every - 1]["test_loss"])
         rows.append([f"{question} (`{model}` − `{ref}`)", _seeds_text(final),
                      _seeds_text(before) if before else "-"])
     header = ["comparison", "model − reference, final test loss (nats)",
-              f"the same after epoch {every}, where both are still one computation (nats)"]
+              f"the same after epoch {every}, where both are still one computation (nats; - where they start "
+              f"at other widths)"]
     return markdown_table(header, rows) if rows else ""
 
 
