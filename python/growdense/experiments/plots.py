@@ -9,11 +9,16 @@ import torch
 
 __all__ = ["write_figures", "training_figures", "image_figures", "reconstructions_figure", "to_pixels"]
 
-_COLORS = {"fixed": "tab:blue", "approach1-he": "tab:red", "approach1-zero_out": "tab:orange",
-           "approach1-split": "tab:brown", "approach2-he-first": "tab:green",
-           "approach2-zero_out-first": "tab:olive", "approach2-he-norm": "tab:purple",
-           "approach2-split-first": "tab:brown", "fixed-32x16": "tab:cyan", "approach1-he-keep": "tab:pink",
-           "approach2-he-first-keep": "tab:gray"}
+# One colour per model within each approach's figure (Approach 1's and Approach 2's models
+# are never drawn together, so the two sets may share colours).
+_COLORS = {"fixed": "tab:blue", "fixed-32x16": "tab:cyan",
+           "approach1-he": "tab:red", "approach1-zero_out": "tab:orange", "approach1-he-keep": "tab:pink",
+           "approach1-split": "tab:olive", "approach1-gradmax": "black", "approach1-tiny": "tab:brown",
+           "approach1-gradmax-keep": "tab:gray", "approach1-tiny-keep": "gold",
+           "approach2-he-first": "tab:green", "approach2-zero_out-first": "tab:olive",
+           "approach2-he-norm": "tab:purple", "approach2-he-first-keep": "tab:gray", "approach2-split-first": "tab:red",
+           "approach2-gradmax-first": "black", "approach2-tiny-first": "tab:brown",
+           "approach2-gradmax-first-keep": "tab:pink", "approach2-tiny-first-keep": "tab:orange"}
 
 
 def _color(name: str) -> str | None:
