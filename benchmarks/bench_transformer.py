@@ -24,8 +24,9 @@ and reported as medians and the median of the per-round ratios.
   the modules' own grow methods; the floor (the new rows' He values drawn into contiguous
   tensors); the same draws as the growth's, into blocks laid out as its (a block that is
   not contiguous is drawn in contiguous chunks and copied in, ``protocol.draw_normal_``:
-  the least a growth with these random values costs); and, on the CPU, every side's time in the calling thread's CPU time
-  (``time.thread_time``), which what other jobs on a loaded machine take does not inflate.
+  the least a growth with these random values costs); and, on the CPU, every side's time
+  in the calling thread's CPU time (``time.thread_time``), which what other jobs on a
+  loaded machine take does not inflate.
 - **allocations of a growth**: the bytes the event allocates on the CPU, from
   ``torch.profiler`` (``profile_memory=True``: every allocation of the CPU allocator, the
   sum and the largest), from ``common.NewBytes`` (new tensors returned by ops), and

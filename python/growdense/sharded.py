@@ -337,11 +337,11 @@ def check_supported(tensors: Iterable[Tensor]) -> None:
             local_ranges(t)
 
 
-def _distributed() -> bool:
-    """Whether a default process group exists (without one no tensor can be a sharded ``DTensor``)."""
+def initialized_dist():
+    """``torch.distributed`` when a default process group exists, else ``None`` (no tensor can then be a ``DTensor``)."""
     import torch.distributed as dist
 
-    return dist.is_available() and dist.is_initialized()
+    return dist if dist.is_available() and dist.is_initialized() else None
 
 
 def any_sharded(tensors: Iterable[Tensor]) -> Optional[Tensor]:
@@ -381,7 +381,7 @@ def agree_wiring(wiring, what: str, call: dict, generator: Optional[torch.Genera
     """
     from . import protocol
 
-    if not _distributed():  # a DTensor needs a process group: in one process there is nothing to agree on
+    if initialized_dist() is None:  # a DTensor needs a process group: in one process there is nothing to agree on
         return
     members = [(m, spec, t) for h in wiring._hidden.values() for m in h.members for spec, t in protocol.members_of(m.module)]
     if not any(is_sharded(t) for _, _, t in members):  # FSDP2 shards every Parameter: none is, nothing to agree on

@@ -43,6 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from .checkpoint import CheckpointError, _check_generators, _check_save_arguments, _check_type, _fsync_dir
+from .sharded import initialized_dist
 from .wiring import Wiring
 
 __all__ = ["save_sharded_checkpoint", "load_sharded_checkpoint"]
@@ -53,20 +54,14 @@ _LATEST = "LATEST"
 _META = "growdense"
 
 
-def _dist():
-    import torch.distributed as dist
-
-    return dist if dist.is_available() and dist.is_initialized() else None
-
-
 def _rank() -> int:
-    dist = _dist()
+    dist = initialized_dist()
     return dist.get_rank() if dist is not None else 0
 
 
 def _same_everywhere(value: Any) -> Any:
     """Rank 0's ``value`` on every rank (one broadcast); ``value`` without a process group."""
-    dist = _dist()
+    dist = initialized_dist()
     if dist is None:
         return value
     box = [value]
@@ -118,7 +113,7 @@ def save_sharded_checkpoint(
         "version": _VERSION,
         "widths": None if wiring is None else wiring.widths(),
         "extra": dict(extra or {}),
-        "world": 1 if _dist() is None else _dist().get_world_size(),
+        "world": 1 if initialized_dist() is None else initialized_dist().get_world_size(),
         "optimizer": optim_state is not None,
     }
     own = {name: g.get_state() for name, g in (generators or {}).items()}
@@ -133,7 +128,7 @@ def save_sharded_checkpoint(
     folder = os.path.join(path, name)
     if rank == 0:
         os.makedirs(folder, exist_ok=False)
-    dist = _dist()
+    dist = initialized_dist()
     if dist is not None:
         dist.barrier()
     with _quiet(dist is None):
@@ -192,7 +187,7 @@ def load_sharded_checkpoint(
     if name is None:
         raise CheckpointError(f"{path!r} holds no growdense sharded checkpoint (no {_LATEST} file)")
     folder = os.path.join(path, name)
-    no_dist = _dist() is None
+    no_dist = initialized_dist() is None
     try:
         metadata = dcp.FileSystemReader(folder).read_metadata()
         if _META not in metadata.state_dict_metadata:

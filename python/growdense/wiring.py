@@ -856,9 +856,8 @@ class Wiring:
     def _broadcast(self, hidden: _Hidden) -> None:
         if self.broadcast_from is None:
             return
-        import torch.distributed as dist
-
-        if not (dist.is_available() and dist.is_initialized()):
+        dist = sharded.initialized_dist()
+        if dist is None:
             return
         for layer in hidden.layers():
             for _, tensor in protocol.members_of(layer):
