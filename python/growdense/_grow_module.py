@@ -97,8 +97,12 @@ class _GrowModule(nn.Module):
 
     # ---- widths ----------------------------------------------------------------
     def __setattr__(self, name: str, value: Any) -> None:
-        if name.startswith(_PREFIX) and isinstance(value, int) and type(value) is not _Width:
-            value = _Width(int(value))
+        if name.startswith(_PREFIX) and isinstance(value, int):
+            if type(value) is not _Width:
+                value = _Width(int(value))
+            if name in self.__dict__:  # a plain attribute already: nn.Module's checks have nothing to do
+                object.__setattr__(self, name, value)
+                return
         super().__setattr__(name, value)
         if isinstance(value, _Holder):
             self._adopt(value)

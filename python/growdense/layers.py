@@ -296,8 +296,12 @@ class GrowLinear(nn.Module):
 
     # ---- forward -------------------------------------------------------------
     def __setattr__(self, name: str, value: Any) -> None:
-        if name in _WIDTH_ATTRS and type(value) is not _Width and isinstance(value, int):
-            value = _Width(int(value))  # DynamicInt's arithmetic returns DynamicInt
+        if name in _WIDTH_ATTRS and isinstance(value, int):
+            if type(value) is not _Width:
+                value = _Width(int(value))  # DynamicInt's arithmetic returns DynamicInt
+            if name in self.__dict__:  # a plain attribute already: nn.Module's checks have nothing to do
+                object.__setattr__(self, name, value)
+                return
         super().__setattr__(name, value)
 
     def forward(self, input: Tensor) -> Tensor:

@@ -370,9 +370,14 @@ def _keyed_state_tensors(optimizer: Optional[torch.optim.Optimizer], param: Tens
     ]
 
 
-def fresh_state_tensors(optimizer: Optional[torch.optim.Optimizer], param: Tensor) -> list[tuple[Tensor, Any]]:
-    """``(state tensor, its fresh value)`` for every element-wise state tensor of ``param`` (see :func:`fresh_state_`)."""
-    keyed = _keyed_state_tensors(optimizer, param)
+def fresh_state_tensors(
+    optimizer: Optional[torch.optim.Optimizer], param: Tensor, keyed: Optional[list[tuple[str, Tensor]]] = None
+) -> list[tuple[Tensor, Any]]:
+    """``(state tensor, its fresh value)`` for every element-wise state tensor of ``param`` (see :func:`fresh_state_`).
+
+    ``keyed``: what :func:`_keyed_state_tensors` gives for ``param``, when the caller has it."""
+    if keyed is None:
+        keyed = _keyed_state_tensors(optimizer, param)
     if not keyed:
         return []
     declared = optimizer_rules(optimizer).state  # type: ignore[arg-type]

@@ -764,6 +764,16 @@ def holders(param: Tensor) -> list[nn.Module]:
     return out
 
 
+def other_holders(param: Tensor, module: nn.Module) -> list[nn.Module]:
+    """The live growable modules other than ``module`` that hold ``param`` now."""
+    entry = _OWNERS.get(id(param))
+    if entry is None or entry[0]() is not param:
+        return []
+    if len(entry[1]) == 1 and entry[1][0]() is module:
+        return []
+    return [h for h in holders(param) if h is not module]
+
+
 def _holds(module: nn.Module, param: Tensor) -> bool:
     """Whether ``module`` holds ``param`` now: as its own Parameter or as a declared tensor (a dotted path)."""
     if any(p is param for p in module._parameters.values()):

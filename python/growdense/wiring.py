@@ -67,13 +67,36 @@ class _Event:
     where they are written: a strategy's closure may create them.
     """
 
-    __slots__ = ("_tensors", "_caps", "resizable", "writable")
+    __slots__ = ("_tensors", "_riding", "_caps", "_states", "resizable", "writable")
 
     def __init__(self) -> None:
         self._tensors: dict[int, list[tuple[protocol.TensorSpec, Tensor]]] = {}
+        self._riding: dict[tuple[int, str], list[tuple[protocol.TensorSpec, protocol.Axis, Tensor]]] = {}
         self._caps: dict[tuple[int, str], int] = {}
+        self._states: dict[int, tuple[Any, int, list, Optional[list]]] = {}
         self.resizable: set[int] = set()  # ids of layers found sharing no Parameter
         self.writable: dict[int, tuple[Tensor, int]] = {}  # id -> (tensor, its version when checked)
+
+    def _state_entry(self, optimizer: Optional[torch.optim.Optimizer], param: Tensor) -> list:
+        """``[keyed state tensors, fresh values or None]`` of ``param``, read again if its state
+        dict was replaced or changed size since (a strategy's closure may create state)."""
+        state = optimizer.state.get(param) if optimizer is not None else None
+        entry = self._states.get(id(param))
+        if entry is None or entry[0] is not state or entry[1] != (len(state) if state else 0):
+            keyed = optim_state._keyed_state_tensors(optimizer, param)
+            entry = self._states[id(param)] = [state, len(state) if state else 0, keyed, None]
+        return entry
+
+    def state_tensors(self, optimizer: Optional[torch.optim.Optimizer], param: Tensor) -> list[tuple[str, Tensor]]:
+        """:func:`growdense.optim_state._keyed_state_tensors`, read once per call."""
+        return self._state_entry(optimizer, param)[2]
+
+    def fresh_state(self, optimizer: Optional[torch.optim.Optimizer], param: Tensor) -> list[tuple[Tensor, Any]]:
+        """:func:`growdense.optim_state.fresh_state_tensors`, read once per call."""
+        entry = self._state_entry(optimizer, param)
+        if entry[3] is None:
+            entry[3] = optim_state.fresh_state_tensors(optimizer, param, entry[2])
+        return entry[3]
 
     def untouched(self, tensor: Tensor) -> bool:
         """Whether ``tensor`` was checked writable in this call and nothing wrote it since
@@ -85,6 +108,19 @@ class _Event:
         found = self._tensors.get(id(module))
         if found is None:
             found = self._tensors[id(module)] = list(protocol.members_of(module))
+        return found
+
+    def riding(self, module: nn.Module, width: str) -> list[tuple[protocol.TensorSpec, protocol.Axis, Tensor]]:
+        """``(spec, axis, tensor)`` for each of the module's declared tensors riding module-local ``width``."""
+        key = (id(module), width)
+        found = self._riding.get(key)
+        if found is None:
+            found = self._riding[key] = [
+                (spec, axis, tensor)
+                for spec, tensor in self.members_of(module)
+                for axis in (spec.axis(width),)
+                if axis is not None
+            ]
         return found
 
     def capacity(self, module: nn.Module, width: str) -> int:
@@ -108,10 +144,8 @@ class _Event:
         out = []
         for m in hidden.members:
             cap = self.capacity(m.module, m.width)
-            for spec, tensor in self.members_of(m.module):
-                axis = spec.axis(m.width)
-                if axis is not None:
-                    out.append((m, spec, axis, tensor, cap))
+            for spec, axis, tensor in self.riding(m.module, m.width):
+                out.append((m, spec, axis, tensor, cap))
         return out
 
 
@@ -421,7 +455,7 @@ class Wiring:
             for pname, param in layer._parameters.items():
                 if param is None:
                     continue
-                others = [h for h in protocol.holders(param) if h is not layer]
+                others = protocol.other_holders(param, layer)
                 if others:
                     raise RuntimeError(
                         f"this {type(layer).__name__} shares its {pname} with another {type(others[0]).__name__}; "
@@ -519,10 +553,7 @@ class Wiring:
         for m in hidden.members:
             module = m.module
             cap = event.capacity(module, m.width)
-            for spec, tensor in event.members_of(module):
-                axis = spec.axis(m.width)
-                if axis is None:
-                    continue
+            for spec, axis, tensor in event.riding(module, m.width):
                 extent = list(tensor.shape)  # protocol.active_extent, at the counts the change will meet
                 for a in spec.axes:
                     if a.blocks == 1:
@@ -545,14 +576,15 @@ class Wiring:
         inference_mode = torch.is_inference_mode_enabled()
         optimizer = self.optimizer
         for m in hidden.members:
-            for spec, tensor in event.members_of(m.module):
-                if spec.axis(m.width) is None:
+            for spec, _, tensor in event.riding(m.module, m.width):
+                if id(tensor) in checked:  # its gradient and state too: checked with it in this call
                     continue
                 written: list[tuple[Optional[str], Tensor]] = [(None, tensor)]
-                grad = getattr(tensor, "grad", None) if isinstance(tensor, nn.Parameter) else None
-                if grad is not None:
-                    written.append((".grad", grad))
-                written += optim_state._keyed_state_tensors(optimizer, tensor)
+                if isinstance(tensor, nn.Parameter):
+                    grad = tensor.grad
+                    if grad is not None:
+                        written.append((".grad", grad))
+                    written += event.state_tensors(optimizer, tensor)
                 for what, t in written:
                     if id(t) in checked:
                         continue
@@ -842,7 +874,7 @@ class Wiring:
                 for first, length in ranges:
                     grad.narrow(dim, first, length).zero_()
             if keep_state:
-                for state, value in optim_state.fresh_state_tensors(optimizer, param):
+                for state, value in event.fresh_state(optimizer, param):
                     if value == 0 and event.untouched(state):
                         continue
                     for first, length in ranges:
@@ -881,6 +913,8 @@ def _describe(module: nn.Module, spec: protocol.TensorSpec, what: Optional[str])
 
 def _write_problem(t: Tensor, inference_mode: bool) -> Optional[str]:
     """Why ``t`` cannot be written in place (``None``: it can); ``inference_mode``: whether it is enabled."""
+    if t.layout == torch.strided and t.dtype.is_floating_point and not t.is_inference() and t.is_contiguous():
+        return None  # the common case, in four cheap questions
     if t.is_inference() and not inference_mode:
         return (
             "is an inference tensor (made under torch.inference_mode()), which cannot be written in place "
