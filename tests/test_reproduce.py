@@ -97,7 +97,8 @@ def test_zero_out_growth_preserves_the_function(ci_run):
 def test_quick_preset_and_overrides():
     import argparse
 
-    from growdense.experiments.reproduce import ReproduceConfig, add_arguments, config_from_args, run_specs
+    from growdense.experiments.cli import add_arguments, config_from_args
+    from growdense.experiments.reproduce import ReproduceConfig, run_specs
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
@@ -297,7 +298,8 @@ def test_resume_with_other_options_changes_nothing(tmp_path, capsys):
 def test_fixed_widths_and_optimizer_state_comparisons():
     import argparse
 
-    from growdense.experiments.reproduce import add_arguments, config_from_args, run_specs
+    from growdense.experiments.cli import add_arguments, config_from_args
+    from growdense.experiments.reproduce import run_specs
     from growdense.experiments.training import build_run
 
     parser = argparse.ArgumentParser()

@@ -20,14 +20,12 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from .cli import add_arguments, config_from_args, main, run_from_args
 from .config import PRESETS, ReproduceConfig, RunSpec, check_config, check_writable, make_schedule, resolve_device, run_specs
 from .evaluation import evaluate_run, evaluation_steps
 from .output import write_csv, write_json
 from .training import check_checkpoints, train_run
 
-__all__ = ["ReproduceConfig", "RunSpec", "PRESETS", "run_specs", "make_schedule", "train_run", "reproduce",
-           "add_arguments", "config_from_args", "main", "run_from_args"]
+__all__ = ["ReproduceConfig", "RunSpec", "PRESETS", "run_specs", "make_schedule", "train_run", "reproduce"]
 
 
 def reproduce(cfg: ReproduceConfig, argv: Optional[Sequence[str]] = None, *, resume: bool = False) -> Path:
@@ -153,6 +151,6 @@ def reproduce(cfg: ReproduceConfig, argv: Optional[Sequence[str]] = None, *, res
 
 
 if __name__ == "__main__":
-    import sys
+    from growdense.experiments.cli import main
 
     sys.exit(main())
