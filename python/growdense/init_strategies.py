@@ -18,7 +18,7 @@ from . import protocol
 from ._checks import check_nonnegative_real
 from .protocol import CONSUMER, PRODUCER, RIDER, Change, Slice, element_index
 
-__all__ = ["GROW_INITS", "HeInit", "ZeroOutInit", "SplitInit", "check_init", "check_options", "grow_neurons_"]
+__all__ = ["GROW_INITS", "HeInit", "ZeroOutInit", "SplitInit", "check_init", "check_options"]
 
 
 def _he_std(fan_in: int) -> float:
@@ -163,12 +163,3 @@ GROW_INITS = ("he", "zero_out", "split")
 def check_init(init: object) -> None:
     """Raise ``ValueError`` unless ``init`` names a registered strategy."""
     protocol.init_strategy(init)
-
-
-def grow_neurons_(producer, consumers, n: int, init: str = "he", *, generator=None, split_noise: float = 1e-2) -> None:
-    """Grow the hidden width between ``producer`` and ``consumers`` by ``n`` (no optimizer): see ``Wiring.grow``."""
-    from .wiring import Wiring
-
-    wiring = Wiring()
-    wiring.add("hidden", producer, list(consumers))
-    wiring.grow("hidden", n, init=init, generator=generator, split_noise=split_noise)

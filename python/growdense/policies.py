@@ -76,9 +76,9 @@ from torch import Tensor
 
 from . import protocol, sharded
 from ._checks import check_int, check_nonnegative_real
-from .init_strategies import GROW_INITS, check_init, grow_neurons_
+from .init_strategies import GROW_INITS, check_init
 
-__all__ = ["GROW_INITS", "KEEP_CHOICES", "Keep", "check_init", "check_split_noise", "grow_neurons_", "kept_indices", "permutation"]
+__all__ = ["GROW_INITS", "KEEP_CHOICES", "Keep", "check_init", "check_split_noise", "kept_indices", "permutation"]
 
 KEEP_CHOICES = ("first", "norm")
 Keep = Union[str, Sequence[int], Tensor]
