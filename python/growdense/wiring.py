@@ -73,7 +73,7 @@ class _Event:
         self._tensors: dict[int, list[tuple[protocol.TensorSpec, Tensor]]] = {}
         self._riding: dict[tuple[int, str], list[tuple[protocol.TensorSpec, protocol.Axis, Tensor]]] = {}
         self._caps: dict[tuple[int, str], int] = {}
-        self._states: dict[int, tuple[Any, int, list, Optional[list]]] = {}
+        self._states: dict[int, list] = {}  # id(param) -> [its state dict, its size, keyed tensors, fresh values]
         self.resizable: set[int] = set()  # ids of layers found sharing no Parameter
         self.writable: dict[int, tuple[Tensor, int]] = {}  # id -> (tensor, its version when checked)
 
