@@ -69,10 +69,15 @@ GOAL_F32 = 1e-6
 GOAL_F64 = 1e-12
 
 
-def sizes(quick: bool) -> dict:
+def sizes(quick: bool, width_scale: int = 1) -> dict:
+    """The example model's sizes; ``width_scale`` multiplies its model and FFN widths (the heads' size with them)."""
     if quick:
-        return dict(vocab=32, block=16, batch=4, layers=1, d=16, heads=2, ff=32, D=32, H=4, FF=64)
-    return dict(vocab=96, block=64, batch=16, layers=2, d=64, heads=2, ff=256, D=128, H=4, FF=512)
+        s = dict(vocab=32, block=16, batch=4, layers=1, d=16, heads=2, ff=32, D=32, H=4, FF=64)
+    else:
+        s = dict(vocab=96, block=64, batch=16, layers=2, d=64, heads=2, ff=256, D=128, H=4, FF=512)
+    for key in ("d", "ff", "D", "FF"):
+        s[key] *= width_scale
+    return s
 
 
 def make_gpt(s: dict, half: bool, device: str, dtype=torch.float32, seed: int = 0) -> GPT:
@@ -343,15 +348,21 @@ def main(argv=None) -> int:
     common.add_common_args(parser)
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--max-seconds", type=float, default=60.0, help="per comparison")
+    parser.add_argument("--width-scale", type=int, default=1,
+                        help="multiply the model's widths (d_model, d_ff; the heads' size with them) by this; "
+                             "the goals are set for 1")
+    parser.add_argument("--growth-only", action="store_true", help="time the growth event only (no training steps)")
     args = parser.parse_args(argv)
+    if args.width_scale < 1:
+        parser.error(f"--width-scale must be >= 1, got {args.width_scale}")
     info = common.setup(args.threads, args.device)
-    s = sizes(args.quick)
+    s = sizes(args.quick, args.width_scale)
     reps = 5 if args.quick else args.reps
     warmup = 1 if args.quick else 3
     device = args.device
 
     results = {}
-    for label, half in (("half", True), ("full", False)):
+    for label, half in () if args.growth_only else (("half", True), ("full", False)):
         samples = common.time_interleaved(step_pair(s, half, device), device=device, warmup=warmup, reps=reps,
                                           max_seconds=args.max_seconds)
         results[f"step_{label}"] = {**common.summarize(samples),
@@ -381,7 +392,7 @@ def main(argv=None) -> int:
         rows.append([what, a, b, ratio, goal, "yes" if met else "no"])
         verdicts.append({"measure": what, "goal": goal, "met": met})
 
-    for label, w, goal in (("half", half_w, GOAL_HALF), ("full", full_w, GOAL_FULL)):
+    for label, w, goal in () if args.growth_only else (("half", half_w, GOAL_HALF), ("full", full_w, GOAL_FULL)):
         r = results[f"step_{label}"]
         row(f"training step at {w} (capacity {full_w})", common.fmt_time(r["growdense"]["median_s"]),
             common.fmt_time(r["plain PyTorch"]["median_s"]) + f" (PlainGPT {w})", f"{r['ratio']:.3f}",
