@@ -64,6 +64,7 @@ import torch
 from torch import Tensor, nn
 
 from . import sharded
+from ._units import element_index, element_ranges
 
 __all__ = [
     "PRODUCER",
@@ -349,19 +350,6 @@ def active_extent(module: nn.Module, spec: TensorSpec, units: Optional[Mapping[s
             n = units[axis.width] if units and axis.width in units else module.active_width(axis.width)  # type: ignore[attr-defined]
             extent[axis.dim] = n * axis.unit
     return tuple(extent)
-
-
-def element_ranges(axis: Axis, cap: int, start: int, stop: int) -> list[tuple[int, int]]:
-    """``(first element, length)`` of units ``[start, stop)`` in each block along ``axis.dim``."""
-    return [((b * cap + start) * axis.unit, (stop - start) * axis.unit) for b in range(axis.blocks)] if stop > start else []
-
-
-def element_index(axis: Axis, cap: int, units: Tensor) -> Tensor:
-    """The element indices along ``axis.dim`` of ``units`` (a 1-D long tensor), every block."""
-    within = (units[:, None] * axis.unit + torch.arange(axis.unit, device=units.device)).flatten()
-    if axis.blocks == 1:
-        return within
-    return torch.cat([within + b * cap * axis.unit for b in range(axis.blocks)])
 
 
 @torch.no_grad()

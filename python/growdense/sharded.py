@@ -48,6 +48,8 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 import torch
 from torch import Tensor
 
+from ._units import element_index
+
 __all__ = [
     "is_sharded",
     "local",
@@ -62,7 +64,6 @@ __all__ = [
     "check_supported",
     "any_sharded",
     "agree",
-    "agree_wiring",
     "gathered",
     "SLICE_LOCAL_INITS",
 ]
@@ -273,8 +274,6 @@ def move_elements_(tensor: Tensor, dim: int, src: Tensor, dst: Tensor) -> None:
 
 def move_units_(tensor: Tensor, axis, cap: int, src: Tensor, dst: Tensor) -> None:
     """:func:`growdense.protocol.move_units_` for a ``DTensor``: unit ``dst[i]`` gets old unit ``src[i]``."""
-    from .protocol import element_index
-
     move_elements_(tensor, axis.dim, element_index(axis, cap, src), element_index(axis, cap, dst))
 
 
@@ -290,8 +289,6 @@ def unit_norms(parts: list[tuple[Any, int, int, Tensor, tuple[int, ...]]]) -> Op
     the rank holding it, as in one process.
     """
     import torch.distributed as dist
-
-    from .protocol import element_index
 
     if not any(is_sharded(t) for *_, t, _ in parts):
         return None
@@ -369,53 +366,6 @@ def _plain(value: Any) -> Any:
     return repr(value)
 
 
-def agree_wiring(wiring, what: str, call: dict, generator: Optional[torch.Generator] = None) -> None:
-    """Before ``wiring`` changes a width: if its tensors are ``DTensor``\\ s, check every rank makes the same change.
-
-    Nothing happens (no communication) when none of the wiring's tensors is a ``DTensor``.
-    Otherwise every rank of the mesh must call with the same arguments, from the same
-    widths and capacities, with generators in the same state; each rank's layouts must
-    be ones growdense writes (:func:`check_supported`). Any difference raises on every
-    rank, before anything changes. With ``wiring.broadcast_from`` set, the generator is
-    first set to that rank's state on every rank (so that every rank draws its values).
-    """
-    from . import protocol
-
-    if initialized_dist() is None:  # a DTensor needs a process group: in one process there is nothing to agree on
-        return
-    members = [(m, spec, t) for h in wiring._hidden.values() for m in h.members for spec, t in protocol.members_of(m.module)]
-    if not any(is_sharded(t) for _, _, t in members):  # FSDP2 shards every Parameter: none is, nothing to agree on
-        return
-    tensors = []
-    for hidden in wiring._hidden.values():
-        for m in hidden.members:
-            for spec, t in protocol.members_of(m.module):
-                if spec.axis(m.width) is not None:
-                    tensors.append(t)
-                    grad = getattr(t, "grad", None)
-                    if grad is not None:
-                        tensors.append(grad)
-                    optimizer = wiring.optimizer
-                    if optimizer is not None:
-                        tensors += [v for v in optimizer.state.get(t, {}).values() if isinstance(v, Tensor)]
-    example = any_sharded(tensors)
-    if example is None:
-        return
-    if wiring.broadcast_from is not None and generator is not None:
-        import torch.distributed as dist
-
-        state = [generator.get_state()]
-        dist.broadcast_object_list(state, src=wiring.broadcast_from, group=wiring.process_group)
-        generator.set_state(state[0])
-    problem = None
-    try:
-        check_supported(tensors)
-    except NotImplementedError as error:
-        problem = str(error)
-    widths = {name: (wiring.width(name), wiring.capacity(name)) for name in wiring.names()}
-    agree(example, what, {k: _plain(v) for k, v in call.items()}, widths, generator, problem)
-
-
 def agree(
     example: Tensor,
     what: str,
@@ -426,7 +376,8 @@ def agree(
 ) -> None:
     """Raise on every rank unless every rank of ``example``'s mesh makes the same change from the same widths.
 
-    ``call``: the change's arguments (``{"n": 3, "init": "he"}``), ``widths``: the
+    ``call``: the change's arguments (``{"n": 3, "init": "he"}``; tensors and sequences are
+    compared by value, other objects by ``repr``), ``widths``: the
     wiring's widths and capacities before it, ``generator``: the growth's generator, whose
     state must match too (the ranks draw the whole new slice each, and keep their rows).
     One ``all_gather`` of a 20-byte digest per mesh dimension (and an ``all_gather_object``
@@ -435,7 +386,8 @@ def agree(
     """
     import torch.distributed as dist
 
-    mine = {"call": call, "widths": widths, "generator": _generator_digest(generator), "problem": problem}
+    mine = {"call": {k: _plain(v) for k, v in call.items()}, "widths": widths, "generator": _generator_digest(generator),
+            "problem": problem}
     digest = torch.tensor(list(hashlib.sha1(repr(mine).encode()).digest()), dtype=torch.uint8, device=local(example).device)
     mesh = example.device_mesh  # type: ignore[attr-defined]
     for mesh_dim in range(mesh.ndim):

@@ -637,7 +637,7 @@ class Wiring:
         :mod:`growdense.optim_state`.
         """
         call = {"name": name, "n": n, "init": init, "split_noise": split_noise, "optimizer_state": optimizer_state}
-        sharded.agree_wiring(self, "grow", dict(call, options=sorted(init_options)), generator)  # FSDP2: every rank alike
+        self._agree("grow", dict(call, options=sorted(init_options)), generator)  # FSDP2: every rank alike
         self._grow_in_order(
             {name: n}, init, generator, dict(init_options, split_noise=split_noise), optimizer_state, stacklevel=4
         )
@@ -668,7 +668,7 @@ class Wiring:
             raise TypeError(f"grow_many() needs a mapping {{name: n}}, got {type(sizes).__name__}")
         call = {"sizes": sorted(sizes.items()), "init": init, "split_noise": split_noise,
                 "optimizer_state": optimizer_state}
-        sharded.agree_wiring(self, "grow_many", dict(call, options=sorted(init_options)), generator)  # FSDP2
+        self._agree("grow_many", dict(call, options=sorted(init_options)), generator)  # FSDP2
         options = dict(init_options, split_noise=split_noise)
         known = protocol._INITS.get(init) if isinstance(init, str) else None  # an unknown init: refused in the plan
         together = getattr(known, "apply_many_", None)
@@ -755,7 +755,7 @@ class Wiring:
         restarts as newly built; otherwise the kept neurons' state continues and the
         removed slices' state becomes the optimizer's fresh values.
         """
-        sharded.agree_wiring(self, "shrink", {"name": name, "to": to, "keep": keep, "optimizer_state": optimizer_state})
+        self._agree("shrink", {"name": name, "to": to, "keep": keep, "optimizer_state": optimizer_state})
         policy = self._policy(optimizer_state)
         kept = self._kept(name, to, keep)
         to = check_int("to", to)
@@ -789,13 +789,57 @@ class Wiring:
         """
         if isinstance(perm, str):
             raise TypeError(f"permute() needs a sequence of indices, got the string {perm!r}")
-        sharded.agree_wiring(self, "permute", {"name": name, "perm": perm})
+        self._agree("permute", {"name": name, "perm": perm})
         indices = self._kept(name, self.width(name), perm)
         hidden = self._get(name)
         self._check_writable(name, hidden)
         self._move_and_fill(hidden, (indices, torch.arange(indices.numel(), device=indices.device)), 0, 0)
 
     # ---- internals -------------------------------------------------------------------
+    def _agree(self, what: str, call: dict, generator: Optional[torch.Generator] = None) -> None:
+        """Before this wiring changes a width: if its tensors are ``DTensor``\\ s, check every rank makes the same change.
+
+        Nothing happens (no communication) when none of the wiring's tensors is a ``DTensor``.
+        Otherwise every rank of the mesh must call with the same arguments, from the same
+        widths and capacities, with generators in the same state; each rank's layouts must
+        be ones growdense writes (:func:`growdense.sharded.check_supported`). Any difference raises on every
+        rank, before anything changes. With :attr:`broadcast_from` set, the generator is
+        first set to that rank's state on every rank (so that every rank draws its values).
+        """
+        if sharded.initialized_dist() is None:  # a DTensor needs a process group: one process agrees with itself
+            return
+        members = [t for h in self._hidden.values() for m in h.members for _, t in protocol.members_of(m.module)]
+        if not any(sharded.is_sharded(t) for t in members):  # FSDP2 shards every Parameter: none is, nothing to agree on
+            return
+        tensors = []
+        for hidden in self._hidden.values():
+            for m in hidden.members:
+                for spec, t in protocol.members_of(m.module):
+                    if spec.axis(m.width) is not None:
+                        tensors.append(t)
+                        grad = getattr(t, "grad", None)
+                        if grad is not None:
+                            tensors.append(grad)
+                        optimizer = self.optimizer
+                        if optimizer is not None:
+                            tensors += [v for v in optimizer.state.get(t, {}).values() if isinstance(v, Tensor)]
+        example = sharded.any_sharded(tensors)
+        if example is None:
+            return
+        if self.broadcast_from is not None and generator is not None:
+            import torch.distributed as dist
+
+            state = [generator.get_state()]
+            dist.broadcast_object_list(state, src=self.broadcast_from, group=self.process_group)
+            generator.set_state(state[0])
+        problem = None
+        try:
+            sharded.check_supported(tensors)
+        except NotImplementedError as error:
+            problem = str(error)
+        widths = {name: (self.width(name), self.capacity(name)) for name in self.names()}
+        sharded.agree(example, what, call, widths, generator, problem)
+
     def _axes(self, hidden: _Hidden):
         """``(member, spec, axis, tensor, capacity)`` for every tensor riding the width."""
         return _Event().axes(hidden)

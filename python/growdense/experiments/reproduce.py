@@ -148,9 +148,3 @@ def reproduce(cfg: ReproduceConfig, argv: Optional[Sequence[str]] = None, *, res
     report.write_tables(out, results, cfg)
     report.write_summary(out, meta, results, evaluations, cfg)
     return out
-
-
-if __name__ == "__main__":
-    from growdense.experiments.cli import main
-
-    sys.exit(main())
