@@ -44,7 +44,6 @@ features)`` do.
 
 from __future__ import annotations
 
-import math
 import operator
 import warnings
 from dataclasses import dataclass, field
@@ -268,8 +267,8 @@ class _Analysis:
 
 
 # ---- tracing -------------------------------------------------------------------------
-from .growable import (  # noqa: E402  (growable imports this module lazily)
-    _ADDITIONS, _BINARY_FUNCTIONS, _BINARY_METHODS, _CONCATENATIONS, _ELEMENTWISE_FUNCTIONS,
+from ._conversion import (  # noqa: E402
+    _BINARY_FUNCTIONS, _BINARY_METHODS, _CONCATENATIONS, _ELEMENTWISE_FUNCTIONS,
     _ELEMENTWISE_METHODS, _ELEMENTWISE_MODULES, _RESHAPES, NotGrowableError, _capacities, _fusions, _op_name,
 )
 
