@@ -42,7 +42,7 @@ from typing import Any, Mapping, Optional
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import CheckpointError, _check_generators, _check_save_arguments, _check_type, _fsync_dir
+from ._checkpoint_checks import CheckpointError, _check_generators, _check_save_arguments, _check_type, _fsync_dir
 from .sharded import initialized_dist
 from .wiring import Wiring
 
