@@ -298,12 +298,12 @@ def keep_problem(optimizer: Optional[torch.optim.Optimizer], params: Iterable[Op
         hint = ""
         base = next((c for c in cls.__mro__ if c.__module__.startswith("torch.optim")), None)
         if base is not None and base is not torch.optim.Optimizer:
-            from . import optim
-
-            ours = getattr(optim, base.__name__, None)
-            if isinstance(ours, type) and issubclass(ours, base) and not issubclass(cls, ours):
+            # a registered twin of the torch class (growdense.optim's): same name, derived from it
+            ours = next((c for c in _RULES if c is not base and c.__name__ == base.__name__ and issubclass(c, base)),
+                        None)
+            if ours is not None and not issubclass(cls, ours):
                 also = "" if base is cls else f" (or derive {cls.__name__} from it)"
-                hint = f" use growdense.optim.{base.__name__}{also} (same arguments and state_dict),"
+                hint = f" use {_display_name(ours)}{also} (same arguments and state_dict),"
         per = "per parameter" if step == "parameter" else "for all its parameters"
         return (
             f"{_display_name(cls)} keeps one step count {per}, so new neurons would get the old step's bias "
