@@ -203,6 +203,34 @@ def test_zero_out_ramp_is_exact_at_growth_continuous_and_ends_at_the_plain_norm(
     torch.testing.assert_close(m(x), twin(x), **TOL)
 
 
+@pytest.mark.parametrize("grow_cls", [GrowLayerNorm, GrowRMSNorm])
+def test_a_norm_whose_every_active_feature_ramps_from_zero_outputs_zeros(grow_cls):
+    """A shrink may keep only features still entering at factor 0 (keep="norm" after a zero_out
+    growth): every feature is then weighted 0, so nothing passes: zeros, not 0/0."""
+    from growdense import GrowLinear, Wiring
+
+    torch.manual_seed(0)
+    m = grow_cls(4, capacity=8, dtype=F64, eps=1e-5)
+    randomize(m, 4)
+    m._zero_outside()
+    writer = GrowLinear(3, 4, capacity_out=8, dtype=F64)
+    reader = GrowLinear(4, 3, capacity_in=8, dtype=F64)
+    wiring = Wiring()
+    wiring.add_width("stream", [(writer, "out"), m, (reader, "in")])
+    wiring.grow("stream", 2, init="zero_out", ramp_steps=3)
+    wiring.shrink("stream", 2, keep=[4, 5])  # the two new features only
+    assert m.ramping and m._ramp[:2].abs().max() == 0
+    y = m(torch.randn(3, 2, dtype=F64))
+    assert torch.equal(y, torch.zeros_like(y))
+    ramp_step(m)  # then they enter as any ramp does
+    x = torch.randn(3, 2, dtype=F64)
+    r = torch.full((2,), 1 / 3, dtype=F64)
+    w = m.weight[:2].detach()
+    b = m.bias[:2].detach() if getattr(m, "bias", None) is not None else torch.zeros(2, dtype=F64)
+    torch.testing.assert_close(m(x), ramp_reference(x, w, b, r, 1e-5, "layer" if grow_cls is GrowLayerNorm else "rms"),
+                               **TOL)
+
+
 def test_a_ramp_survives_a_checkpoint():
     m = GrowLayerNorm(4, capacity=8, dtype=F64)
     m.grow(2, "zero_out", ramp_steps=3)

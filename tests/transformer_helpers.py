@@ -86,6 +86,8 @@ def _a(t: Optional[Tensor]) -> Optional[Tensor]:
 def _norm_ref(m, x: Tensor) -> Tensor:
     n = m.features
     r = _a(m._ramp[:n]) if m.ramping else torch.ones(n, dtype=torch.float64)
+    if r.sum() == 0:  # every active feature enters with factor 0: nothing passes
+        return torch.zeros_like(x)
     w = _a(m.weight[:n]) if m.weight is not None else None
     b = _a(m.bias[:n]) if getattr(m, "bias", None) is not None else None
     if isinstance(m, GrowRMSNorm):

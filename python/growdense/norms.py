@@ -288,7 +288,7 @@ class GrowLayerNorm(_GrowNorm):
         if not self._ramping:
             return F.layer_norm(input, (n,), weight, bias, self.eps)
         r = self._ramp.narrow(0, 0, n).to(input.dtype)
-        total = r.sum()
+        total = r.sum().clamp_min(torch.finfo(r.dtype).tiny)  # every factor 0 (a shrink kept only new features): output 0
         mean = (input * r).sum(-1, keepdim=True) / total
         centred = input - mean
         var = (centred * centred * r).sum(-1, keepdim=True) / total
@@ -340,7 +340,7 @@ class GrowRMSNorm(_GrowNorm):
             return F.rms_norm(input, (n,), weight, self.eps)
         eps = torch.finfo(input.dtype).eps if self.eps is None else self.eps
         r = self._ramp.narrow(0, 0, n).to(input.dtype)
-        ms = (input * input * r).sum(-1, keepdim=True) / r.sum()
+        ms = (input * input * r).sum(-1, keepdim=True) / r.sum().clamp_min(torch.finfo(r.dtype).tiny)
         y = input * torch.rsqrt(ms + eps)
         if weight is not None:
             y = y * weight
