@@ -78,8 +78,8 @@ class _Event:
         self.writable: dict[int, tuple[Tensor, int]] = {}  # id -> (tensor, its version when checked)
 
     def _state_entry(self, optimizer: Optional[torch.optim.Optimizer], param: Tensor) -> list:
-        """``[keyed state tensors, fresh values or None]`` of ``param``, read again if its state
-        dict was replaced or changed size since (a strategy's closure may create state)."""
+        """``[state dict, its size, keyed state tensors, fresh values or None]`` of ``param``, read
+        again if its state dict was replaced or changed size since (a strategy's closure may create state)."""
         state = optimizer.state.get(param) if optimizer is not None else None
         entry = self._states.get(id(param))
         if entry is None or entry[0] is not state or entry[1] != (len(state) if state else 0):
