@@ -199,6 +199,9 @@ class _GrowModule(nn.Module):
 
     def active_width(self, width: str) -> int:
         """The active count, in units, of module-local ``width`` (the protocol's name)."""
+        value = self.__dict__.get(_PREFIX + width)  # a width by its own name (not an alias)
+        if value is not None and width in self._capacities:
+            return int(value)
         return int(getattr(self, _PREFIX + self._own_width(width)))
 
     def set_active_width_(self, width: str, units: int) -> None:
@@ -212,7 +215,11 @@ class _GrowModule(nn.Module):
         units = check_int("units", units)
         if not 0 <= units <= self._capacities[own]:
             raise ValueError(f"{width}={units} is outside 0..{self._capacities[own]}")
-        setattr(self, _PREFIX + own, units)
+        key = _PREFIX + own
+        if key in self.__dict__:  # what __setattr__ does for a width already set, without its questions
+            self.__dict__[key] = _Width(units)
+        else:
+            setattr(self, key, units)
 
     # ---- the layout ------------------------------------------------------------
     def _layout(self) -> Layout:  # pragma: no cover - every subclass implements it

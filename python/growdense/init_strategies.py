@@ -45,6 +45,7 @@ class HeInit:
     name = "he"
     outgoing_zero = False
     options: tuple[str, ...] = ()
+    writes_only_data = True
 
     def check(self, change: Change, **options: Any) -> None:
         _check_common(change)
@@ -85,6 +86,7 @@ class SplitInit:
     """``"split"``: Net2WiderNet. New units copy sources' producer and rider slices; consumers split."""
 
     name = "split"
+    writes_only_data = True
 
     def check(self, change: Change, **options: Any) -> None:
         _check_common(change)

@@ -113,7 +113,6 @@ class _GrowNorm(_GrowModule):
             p.TensorSpec("_ramp_rate", axes, fill=0.0),
         ))
 
-    @torch.no_grad()
     def on_grow_(self, width: str, start: int, stop: int, init: str, **options: Any) -> None:
         """Called by a :class:`~growdense.Wiring` after it wrote features ``[start, stop)``:
         under ``init="zero_out"`` they ramp in over ``options["ramp_steps"]`` steps (default
@@ -126,8 +125,9 @@ class _GrowNorm(_GrowModule):
     def _start_ramp(self, start: int, stop: int, steps: int) -> None:
         self._ramp[start:stop].zero_()
         self._ramp_rate[start:stop].fill_(1.0 / steps)
-        self._ramp_left = max(self._ramp_left, steps)
-        self._ramping = True
+        state = self.__dict__  # plain attributes: nn.Module.__setattr__ has nothing to check
+        state["_ramp_left"] = max(state["_ramp_left"], steps)
+        state["_ramping"] = True
 
     @property
     def normalized_shape(self) -> tuple[int]:

@@ -146,6 +146,11 @@ class OptimizerRules:
     required_state: Optional[Callable[[Mapping[str, Any]], set]] = None
     on_reset: Optional[Callable[[torch.optim.Optimizer], None]] = None
 
+    @property
+    def fresh_all_zero(self) -> bool:
+        """Whether every element-wise state tensor's fresh value is 0 (no hyperparameter to read)."""
+        return all(type(v) in (int, float) and v == 0 for v in self.state.values())
+
     def __post_init__(self) -> None:
         if not isinstance(self.step, str) and not callable(self.step):
             raise TypeError(f"step must be one of {STEP_COUNTS} or a function of the optimizer, got {self.step!r}")
@@ -354,11 +359,15 @@ def state_tensors(optimizer: Optional[torch.optim.Optimizer], param: Tensor) -> 
         yield tensor
 
 
-def _keyed_state_tensors(optimizer: Optional[torch.optim.Optimizer], param: Tensor) -> list[tuple[str, Tensor]]:
-    """``(key, tensor)`` for every state tensor of ``param`` shaped like it and not declared fixed."""
+def _keyed_state_tensors(
+    optimizer: Optional[torch.optim.Optimizer], param: Tensor, state: Optional[Mapping[str, Any]] = None
+) -> list[tuple[str, Tensor]]:
+    """``(key, tensor)`` for every state tensor of ``param`` shaped like it and not declared fixed
+    (``state``: ``optimizer.state.get(param)``, when the caller has it)."""
     if optimizer is None:
         return []
-    state = optimizer.state.get(param)
+    if state is None:
+        state = optimizer.state.get(param)
     if not state:
         return []
     fixed = optimizer_rules(optimizer).fixed

@@ -311,9 +311,12 @@ def _resolve(module: nn.Module, name: str) -> tuple[Optional[nn.Module], str]:
 
 def tensor_of(module: nn.Module, spec: Union[TensorSpec, str]) -> Optional[Tensor]:
     """The module's tensor at ``spec.name`` (a dotted path reaches into submodules); ``None`` if it has none."""
-    holder, name = _resolve(module, spec if isinstance(spec, str) else spec.name)
-    if holder is None:
-        return None
+    name = spec if isinstance(spec, str) else spec.name
+    holder: Optional[nn.Module] = module
+    if "." in name:
+        holder, name = _resolve(module, name)
+        if holder is None:
+            return None
     if name in holder._parameters:
         return holder._parameters[name]
     if name in holder._buffers:
@@ -492,7 +495,6 @@ def move_and_fill_units_(
 DRAW_CHUNK = 1 << 12
 
 
-@torch.no_grad()
 def draw_normal_(view: Tensor, std: float, generator: Optional[torch.Generator] = None) -> Tensor:
     """Fill ``view`` with N(0, std^2) in place; the order of the draws is growdense's definition of He values.
 
@@ -504,6 +506,9 @@ def draw_normal_(view: Tensor, std: float, generator: Optional[torch.Generator] 
     view is drawn by its own ``normal_`` (a ``Wiring`` draws sharded blocks through
     :func:`growdense.sharded.normal_` instead, into plain scratch tensors).
     """
+    if torch.is_grad_enabled():  # (a decorator would cost more than the draw of a small block)
+        with torch.no_grad():
+            return draw_normal_(view, std, generator)
     if view.numel() == 0 or view.dim() == 0 or view.is_contiguous() or sharded.is_sharded(view):
         return view.normal_(0.0, std, generator=generator)
     rows = view.shape[0]
@@ -517,9 +522,11 @@ def draw_normal_(view: Tensor, std: float, generator: Optional[torch.Generator] 
     return view
 
 
-@torch.no_grad()
 def normal_(tensor: Tensor, index: tuple, std: float, generator: Optional[torch.Generator] = None) -> None:
     """Pure-torch reference kernel: fill ``tensor[index]`` with N(0, std^2) in place (see :func:`draw_normal_`)."""
+    if torch.is_grad_enabled():
+        with torch.no_grad():
+            return draw_normal_(tensor[index], std, generator)
     draw_normal_(tensor[index], std, generator)
 
 
@@ -546,13 +553,15 @@ class Member:
         return "+".join(self.roles)
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False, slots=True)
 class Slice:
     """One tensor's new units in a growth: what an :class:`InitStrategy` writes.
 
     ``index`` selects the new units in every block restricted to the active extents of
     the other dimensions after the growth (one tuple of slices per block); ``fan_in``
     is the product of the active extents (after the growth) of ``spec.fan_in_dims``.
+    ``ranges`` are the new units' ``(first element, length)`` along the axis, one per
+    block; ``stacked`` the tensor's other axes that stack their width in several blocks.
     """
 
     member: Member
@@ -563,10 +572,16 @@ class Slice:
     stop: int  # one past the last new unit
     extent: tuple[int, ...]  # active extents after the growth, in elements
     capacity: int  # of the width along this axis, in units
+    role: str = field(init=False, repr=False)
+    ranges: list[tuple[int, int]] = field(init=False, repr=False)
+    stacked: tuple[Axis, ...] = field(init=False, repr=False)
 
-    @property
-    def role(self) -> str:
-        return self.axis.role
+    def __post_init__(self) -> None:
+        axis = self.axis
+        self.role = axis.role
+        self.ranges = element_ranges(axis, self.capacity, self.start, self.stop)
+        axes = self.spec.axes
+        self.stacked = () if len(axes) == 1 else tuple(a for a in axes if a.dim != axis.dim and a.blocks > 1)
 
     @property
     def module(self) -> nn.Module:
@@ -576,13 +591,21 @@ class Slice:
     def index(self) -> list[tuple[slice, ...]]:
         """One tuple of slices per rectangle of the new units: every block of this axis, and
         along another dimension whose width is stacked in blocks, each block's active units."""
+        dim_ = self.axis.dim
+        if not self.stacked:
+            rest = [slice(0, e) for e in self.extent]
+            out = []
+            for first, length in self.ranges:
+                rest[dim_] = slice(first, first + length)
+                out.append(tuple(rest))
+            return out
         per_dim: list[list[tuple[int, int]]] = []
         for dim, extent in enumerate(self.extent):
-            if dim == self.axis.dim:
-                per_dim.append(element_ranges(self.axis, self.capacity, self.start, self.stop))
+            if dim == dim_:
+                per_dim.append(self.ranges)
                 continue
-            other = next((a for a in self.spec.axes if a.dim == dim), None)
-            if other is not None and other.blocks > 1:
+            other = next((a for a in self.stacked if a.dim == dim), None)
+            if other is not None:
                 cap = self.tensor.shape[dim] // (other.unit * other.blocks)
                 per_dim.append(element_ranges(other, cap, 0, self.module.active_width(other.width)))  # type: ignore[attr-defined]
             else:
@@ -592,10 +615,9 @@ class Slice:
     def zero_stacked_outside_(self) -> None:
         """Zero the inactive units of this tensor's other stacked widths (blocks > 1): a safety
         net for strategies that write whole active extents (``split``)."""
-        for other in self.spec.axes:
-            if other.dim != self.axis.dim and other.blocks > 1:
-                cap = self.tensor.shape[other.dim] // (other.unit * other.blocks)
-                zero_units_(self.tensor, other, cap, self.module.active_width(other.width), cap)  # type: ignore[attr-defined]
+        for other in self.stacked:
+            cap = self.tensor.shape[other.dim] // (other.unit * other.blocks)
+            zero_units_(self.tensor, other, cap, self.module.active_width(other.width), cap)  # type: ignore[attr-defined]
 
     @property
     def fan_in(self) -> int:
@@ -666,7 +688,10 @@ class InitStrategy(Protocol):
     the extra keyword arguments of ``Wiring.grow`` (e.g. ``split_noise``, ``closure``).
     Optional: ``apply_many_(changes, **options)``, which ``Wiring.grow_many`` calls with
     every width's change at once (their new units all active) instead of ``apply_`` per
-    width (see docs/adding-a-growable-module.md).
+    width (see docs/adding-a-growable-module.md); ``writes_only_data = True``, a promise
+    that it writes nothing but the slices' tensors (no gradient, no optimizer state, no
+    user code that could): the wiring then leaves the new units' gradients and optimizer
+    state as they were (zero) without looking at them again.
     """
 
     name: str

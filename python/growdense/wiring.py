@@ -83,7 +83,7 @@ class _Event:
         state = optimizer.state.get(param) if optimizer is not None else None
         entry = self._states.get(id(param))
         if entry is None or entry[0] is not state or entry[1] != (len(state) if state else 0):
-            keyed = optim_state._keyed_state_tensors(optimizer, param)
+            keyed = optim_state._keyed_state_tensors(optimizer, param, state) if state else []
             entry = self._states[id(param)] = [state, len(state) if state else 0, keyed, None]
         return entry
 
@@ -115,12 +115,14 @@ class _Event:
         key = (id(module), width)
         found = self._riding.get(key)
         if found is None:
-            found = self._riding[key] = [
-                (spec, axis, tensor)
-                for spec, tensor in self.members_of(module)
-                for axis in (spec.axis(width),)
-                if axis is not None
-            ]
+            found = []
+            for spec, axis in module.growth_spec().riding(width):  # type: ignore[attr-defined]
+                if found and found[-1][0] is spec:
+                    continue  # a tensor rides a width along its first such axis (TensorSpec.axis)
+                tensor = protocol.tensor_of(module, spec)
+                if tensor is not None:
+                    found.append((spec, axis, tensor))
+            self._riding[key] = found
         return found
 
     def capacity(self, module: nn.Module, width: str) -> int:
@@ -128,15 +130,18 @@ class _Event:
         key = (id(module), width)
         cap = self._caps.get(key)
         if cap is None:
-            caps = [
-                tensor.shape[a.dim] // (a.unit * a.blocks)
-                for spec, tensor in self.members_of(module)
-                for a in spec.axes
-                if a.width == width
-            ]
+            caps = [tensor.shape[a.dim] // (a.unit * a.blocks) for _, a, tensor in self.riding(module, width)]
             if not caps:
                 raise ValueError(f"{type(module).__name__} has no tensor on width {width!r}")
             cap = self._caps[key] = min(caps)
+        return cap
+
+    def hidden_capacity(self, hidden: "_Hidden") -> int:
+        """The smallest capacity among the width's members."""
+        key = (id(hidden), None)
+        cap = self._caps.get(key)
+        if cap is None:
+            cap = self._caps[key] = min(self.capacity(m.module, m.width) for m in hidden.members)
         return cap
 
     def axes(self, hidden: "_Hidden"):
@@ -520,7 +525,7 @@ class Wiring:
         check_split_noise(options.get("split_noise", 1e-2))
         check_generator(generator)
         width = self.width(name)
-        cap = min(event.capacity(m.module, m.width) for m in hidden.members)
+        cap = event.hidden_capacity(hidden)
         if width + n > cap:
             limits = [
                 f"{_role_name(m.role)} {type(m.module).__name__}.{m.width} capacity={event.capacity(m.module, m.width)}"
@@ -534,7 +539,7 @@ class Wiring:
         strategy.check(change, **options)
         policy = self._growth_policy(optimizer_state, [name] if n > 0 else [], event, stacklevel + 1)
         if n > 0:
-            self._check_writable(name, hidden, event)
+            self._check_writable(name, hidden, event, change.slices)
         return _GrowPlan(hidden, change, strategy, options, policy)
 
     def _change(
@@ -567,33 +572,44 @@ class Wiring:
                 slices.append(Slice(m, spec, axis, tensor, start, stop, tuple(extent), cap))
         return Change(name, start, stop, hidden.members, tuple(slices), generator, init)
 
-    def _check_writable(self, name: str, hidden: _Hidden, event: Optional[_Event] = None) -> None:
+    def _check_writable(
+        self, name: str, hidden: _Hidden, event: Optional[_Event] = None, slices: Optional[Sequence[Slice]] = None
+    ) -> None:
         """Raise unless every tensor the change writes (data, gradients, optimizer state) can be
         written in place (nothing changed yet). Each tensor is checked once per call and noted
-        in ``event`` with its version (see :meth:`_Event.untouched`)."""
+        in ``event`` with its version (see :meth:`_Event.untouched`). ``slices``: the change's,
+        when planned (every tensor riding the width, with its member)."""
         event = _Event() if event is None else event
         checked = event.writable
         inference_mode = torch.is_inference_mode_enabled()
         optimizer = self.optimizer
-        for m in hidden.members:
-            for spec, _, tensor in event.riding(m.module, m.width):
-                if id(tensor) in checked:  # its gradient and state too: checked with it in this call
+        strided = torch.strided
+        if slices is None:
+            riding = [(m, spec, tensor) for m in hidden.members for spec, _, tensor in event.riding(m.module, m.width)]
+        else:
+            riding = [(s.member, s.spec, s.tensor) for s in slices]
+        for m, spec, tensor in riding:
+            if id(tensor) in checked:  # its gradient and state too: checked with it in this call
+                continue
+            written: list[tuple[Optional[str], Tensor]] = [(None, tensor)]
+            if isinstance(tensor, nn.Parameter):
+                grad = tensor.grad
+                if grad is not None:
+                    written.append((".grad", grad))
+                written += event.state_tensors(optimizer, tensor)
+            for what, t in written:
+                key = id(t)
+                if key in checked:
                     continue
-                written: list[tuple[Optional[str], Tensor]] = [(None, tensor)]
-                if isinstance(tensor, nn.Parameter):
-                    grad = tensor.grad
-                    if grad is not None:
-                        written.append((".grad", grad))
-                    written += event.state_tensors(optimizer, tensor)
-                for what, t in written:
-                    if id(t) in checked:
-                        continue
+                if not (t.layout == strided and t.dtype.is_floating_point and not t.is_inference()
+                        and t.is_contiguous()):  # else: _write_problem says whether and why not
                     problem = _write_problem(t, inference_mode)
                     if problem is not None:
                         raise RuntimeError(
-                            f"cannot resize {name!r}: {_describe(m.module, spec, what)} {problem}. Nothing was changed"
+                            f"cannot resize {name!r}: {_describe(m.module, spec, what)} {problem}. "
+                            f"Nothing was changed"
                         )
-                    checked[id(t)] = (t, t._version)
+                checked[key] = (t, t._version)
 
     def check_shrink(self, name: str, to: int, keep: Keep = "first", optimizer_state: Optional[str] = None) -> None:
         """Raise (and change nothing) unless ``shrink(name, to, keep=keep, optimizer_state=...)`` is valid."""
@@ -907,25 +923,31 @@ class Wiring:
         optimizer = self.optimizer
         keep_state = policy != "reset" and optimizer is not None
         births = keep_state and optim_state.counts_births(optimizer)
+        data_only = getattr(plan.strategy, "writes_only_data", False) is True
+        zero_state = keep_state and data_only and optim_state.optimizer_rules(optimizer).fresh_all_zero
+        if data_only and not births and (zero_state or not keep_state):
+            if policy == "reset":
+                optim_state.reset_(optimizer)
+            return  # nothing but the data was written: gradients and state are still zero there
         for s in change.slices:
             param = s.tensor
             if not isinstance(param, nn.Parameter):
                 continue
-            ranges = protocol.element_ranges(s.axis, s.capacity, change.start, change.stop)
+            ranges = s.ranges
             dim = s.axis.dim
             grad = param.grad
-            if grad is not None and not event.untouched(grad):
+            if grad is not None and not data_only and not event.untouched(grad):
                 for first, length in ranges:
                     grad.narrow(dim, first, length).zero_()
-            if keep_state:
+            if keep_state and not zero_state:
                 for state, value in event.fresh_state(optimizer, param):
-                    if value == 0 and event.untouched(state):
+                    if value == 0 and (data_only or event.untouched(state)):
                         continue
                     for first, length in ranges:
                         part = state.narrow(dim, first, length)
                         part.zero_() if value == 0 else part.fill_(value)
-                if births and (policy == "keep" or optim_state.has_births(optimizer, param)):
-                    optim_state.mark_born_ranges_(optimizer, param, dim, ranges, policy)
+            if births and (policy == "keep" or optim_state.has_births(optimizer, param)):
+                optim_state.mark_born_ranges_(optimizer, param, dim, ranges, policy)
         if policy == "reset":
             optim_state.reset_(optimizer)
 
@@ -1011,14 +1033,18 @@ class _GrowPlan:
         change = self.change
         for m in change.members:
             m.module.set_active_width_(m.width, change.stop)
+        init, generator = change.init, change.generator
         for s in change.slices:  # declared values: fills, and this init's entry of TensorSpec.inits
-            s.write_declared_(change.init, change.generator)
+            value = s.spec.declared(init)
+            if value is not None and not (type(value) in (int, float) and value == 0):  # new slices are zero already
+                s.write_declared_(init, generator)
 
     def finish(self) -> None:
         """After the strategy's writes: stacked units outside the active ones zero, the modules' own state."""
         change = self.change
         for s in change.slices:
-            s.zero_stacked_outside_()
+            if s.stacked:
+                s.zero_stacked_outside_()
         for m in change.members:  # state beyond the declared tensors (a norm's ramp)
             protocol.call_on_grow_(m.module, m.width, change.start, change.stop, change.init, self.options)
 
