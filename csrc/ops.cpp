@@ -78,6 +78,9 @@ TORCH_LIBRARY(growdense, m) {
   m.def("_cpu_capabilities_supported() -> str", &cpu_capabilities_supported);
   m.def("_cpu_capabilities_compiled() -> str", &cpu_capabilities_compiled);
   m.def("_set_cpu_capability(str name) -> str", &set_cpu_capability);
+  // Which kernel draws normal_block_'s float32 values on the CPU: a capability name
+  // (growdense's own, giving torch's values) or "torch".
+  m.def("_cpu_normal_draws() -> str", &cpu_normal_draws);
   // Per-image negative ELBO of a Bernoulli decoder and a Gaussian posterior:
   // mean over the L samples of sum_d BCE(sigmoid(logits[l, b, d]), target[b, d]) plus
   // KL(N(mu[b], exp(logvar[b])) || N(0, I)). logits (L, B, D); target (B, D), mu and

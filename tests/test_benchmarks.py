@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import growdense.ops
+
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
@@ -73,6 +75,15 @@ def test_bench_growth_quick(tmp_path):
             assert r["new_bytes"] == 0  # in place: nothing allocated
         else:
             assert r["new_bytes"] >= r["layer_bytes"]  # a whole new layer
+
+
+def test_bench_normal_quick(tmp_path):
+    data = run_quick("bench_normal", tmp_path)
+    assert data["draws"] == growdense.ops.cpu_normal_draws()
+    assert len(data["results"]) == 2
+    for r in data["results"]:
+        assert r["same_values_and_generator_state"] is True  # torch's values, bit for bit
+        assert positive(r["growdense_s"]) and positive(r["torch_s"]) and positive(r["speedup"])
 
 
 def test_bench_train_quick(tmp_path):

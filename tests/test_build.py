@@ -38,4 +38,6 @@ def test_info_command():
     out = subprocess.run(
         [sys.executable, "-m", "growdense", "info"], check=True, capture_output=True, text=True
     ).stdout
-    assert json.loads(out)["version"] == growdense.__version__
+    info = json.loads(out)
+    assert info["version"] == growdense.__version__
+    assert info["cpu_normal_draws"] in ["torch"] + growdense.ops.cpu_capabilities()

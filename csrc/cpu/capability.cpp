@@ -88,14 +88,6 @@ bool cpu_has(Capability cap) {
   }
 }
 
-// The capability ATen's own kernels use (ATEN_CPU_CAPABILITY lowers it).
-Capability aten_capability() {
-  const std::string aten = at::get_cpu_capability();
-  if (aten.rfind("AVX512", 0) == 0) return Capability::Avx512;
-  if (aten.rfind("AVX2", 0) == 0) return Capability::Avx2;
-  if (aten.rfind("SVE256", 0) == 0) return Capability::Sve256;
-  return Capability::Default;
-}
 
 bool parse(std::string name, Capability& cap) {
   std::transform(name.begin(), name.end(), name.begin(), [](unsigned char c) { return std::tolower(c); });
@@ -197,5 +189,18 @@ std::string set_capability(const std::string& name) {
 }
 
 const KernelTable& kernels() { return *table_of(active_capability()); }
+
+Capability aten_capability() {
+  const std::string aten = at::get_cpu_capability();
+  if (aten.rfind("AVX512", 0) == 0) return Capability::Avx512;
+  if (aten.rfind("AVX2", 0) == 0) return Capability::Avx2;
+  if (aten.rfind("SVE256", 0) == 0) return Capability::Sve256;
+  return Capability::Default;
+}
+
+const KernelTable* aten_kernels() {
+  const Capability cap = aten_capability();
+  return cpu_has(cap) ? table_of(cap) : nullptr;
+}
 
 }  // namespace growdense::cpu

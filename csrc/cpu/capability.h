@@ -12,6 +12,7 @@
 // then shares no inline tensor code with the rest of the library.
 #pragma once
 
+#include <ATen/core/MT19937RNGEngine.h>
 #include <c10/core/ScalarType.h>
 
 #include <cstdint>
@@ -87,6 +88,11 @@ struct KernelTable {
   void (*activation_backward)(const EpilogueArgs& args, const void* grad, const void* saved, void* out,
                               void* grad_bias);
   void (*adam_block)(const AdamBlock& block, const AdamHyper& hyper);
+  // data[0, n) = what torch's CPU normal_(mean, std) gives a contiguous float tensor of n >= 16
+  // elements when its generator's engine is `engine`, which it advances as torch does.
+  // Exact only in the table of the capability ATen's own kernels use (see
+  // normal_matches_torch()).
+  void (*normal_fill)(float* data, int64_t n, float mean, float std, at::mt19937_data_pod& engine);
 };
 
 // The capabilities compiled into this library, in increasing order.
@@ -101,5 +107,21 @@ Capability active_capability();
 std::string set_capability(const std::string& name);
 // The active capability's kernels.
 const KernelTable& kernels();
+// The capability ATen's own kernels use (ATEN_CPU_CAPABILITY lowers it), and its kernels when
+// this build has them and the CPU runs them (nullptr otherwise): the table whose normal_fill
+// can give torch's values.
+Capability aten_capability();
+const KernelTable* aten_kernels();
+
+}  // namespace growdense::cpu
+
+namespace growdense {
+// Which kernel draws normal_block_'s float32 values on the CPU: the capability name of
+// growdense's own (torch's values, checked once against torch; csrc/cpu/normal_block.cpp), or
+// "torch" where it does not give them.
+std::string cpu_normal_draws();
+}  // namespace growdense
+
+namespace growdense::cpu {
 
 }  // namespace growdense::cpu

@@ -30,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
         info["cpu_kernels"] = ops.cpu_capability()
         info["cpu_kernels_available"] = ops.cpu_capabilities()
         info["cpu_kernels_compiled"] = ops.cpu_capabilities(compiled=True)
+        # Who draws the He values of new weights on the CPU (growdense's kernel gives torch's values).
+        info["cpu_normal_draws"] = ops.cpu_normal_draws()
         print(json.dumps(info, indent=2))
     elif args.command == "reproduce":
         from .experiments.cli import run_from_args

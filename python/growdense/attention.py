@@ -184,20 +184,21 @@ class GrowMultiheadAttention(_GrowModule):
         own widths.
         """
         from . import protocol as p
+        from .ops import block_normal_ as normal
 
         d = self.head_dim
         heads = p.Axis(0, "heads", p.PRODUCER, unit=d)
         e_in = p.Axis(1, "embed_dim", p.CONSUMER)
         e_out = p.Axis(0, "embed_dim", p.PRODUCER)
         tensors = [
-            p.TensorSpec("in_proj_weight", (p.Axis(0, "heads", p.PRODUCER, unit=d, blocks=3), e_in)),
-            p.TensorSpec("q_proj_weight", (heads, e_in)),
-            p.TensorSpec("k_proj_weight", (heads, p.Axis(1, "kdim", p.CONSUMER))),
-            p.TensorSpec("v_proj_weight", (heads, p.Axis(1, "vdim", p.CONSUMER))),
+            p.TensorSpec("in_proj_weight", (p.Axis(0, "heads", p.PRODUCER, unit=d, blocks=3), e_in), normal=normal),
+            p.TensorSpec("q_proj_weight", (heads, e_in), normal=normal),
+            p.TensorSpec("k_proj_weight", (heads, p.Axis(1, "kdim", p.CONSUMER)), normal=normal),
+            p.TensorSpec("v_proj_weight", (heads, p.Axis(1, "vdim", p.CONSUMER)), normal=normal),
             p.TensorSpec("in_proj_bias", (p.Axis(0, "heads", p.PRODUCER, unit=d, blocks=3),), fill=0.0),
             p.TensorSpec("bias_k", (p.Axis(2, "heads", p.PRODUCER, unit=d),), fill=0.0),
             p.TensorSpec("bias_v", (p.Axis(2, "heads", p.PRODUCER, unit=d),), fill=0.0),
-            p.TensorSpec("out_proj.weight", (e_out, p.Axis(1, "heads", p.CONSUMER, unit=d))),
+            p.TensorSpec("out_proj.weight", (e_out, p.Axis(1, "heads", p.CONSUMER, unit=d)), normal=normal),
             p.TensorSpec("out_proj.bias", (e_out,), fill=0.0),
         ]
         widths = ("heads", "embed_dim") + (() if self._packed else ("kdim", "vdim"))

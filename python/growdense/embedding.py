@@ -99,10 +99,12 @@ class GrowEmbedding(_GrowModule):
         stays zero (:meth:`on_grow_`).
         """
         from . import protocol as p
+        from .ops import block_normal_
 
         return p.GrowthSpec(("embedding_dim",), (
             p.TensorSpec(
-                "weight", (p.Axis(1, "embedding_dim", p.RIDER),), inits=(("he", p.Normal(1.0)), ("zero_out", 0.0))
+                "weight", (p.Axis(1, "embedding_dim", p.RIDER),), inits=(("he", p.Normal(1.0)), ("zero_out", 0.0)),
+                normal=block_normal_,
             ),
         ))
 

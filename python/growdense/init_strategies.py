@@ -54,10 +54,11 @@ class HeInit:
 
     def apply_(self, change: Change, **options: Any) -> None:
         for s in change.slices:
-            if s.declared(self.name) is not None or s.role == RIDER:
-                continue  # written from the declaration (a rider without one stays zero)
-            if s.role == CONSUMER and self.outgoing_zero:
-                continue  # zero already (outside the active block)
+            role = s.role
+            if role == RIDER or role == CONSUMER and self.outgoing_zero:
+                continue  # a rider: its declared value or zero; zero outgoing weights: zero already
+            if s.declared(self.name) is not None:
+                continue  # written from the declaration
             s.normal_(_he_std(s.fan_in), change.generator)
 
 

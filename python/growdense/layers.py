@@ -97,19 +97,10 @@ def _block_in(layer: "GrowLinear", param: Tensor) -> Optional[tuple[slice, ...]]
 _check_count = check_int
 
 
-def _normal_kernel(tensor: Tensor, index: tuple, std: float, generator: Optional[torch.Generator]) -> None:
-    """The in-place normal kernel for a block of a weight (pure-torch twin: protocol.normal_)."""
-    if tensor.dim() == 2:
-        rows, cols = index
-        ops.normal_block_(tensor, (rows.start, rows.stop), (cols.start, cols.stop), std, generator)
-    else:
-        protocol.normal_(tensor, index, std, generator)
-
-
 _WEIGHT_SPEC = protocol.TensorSpec(
     "weight",
     (protocol.Axis(0, "out", protocol.PRODUCER), protocol.Axis(1, "in", protocol.CONSUMER)),
-    normal=_normal_kernel,
+    normal=ops.block_normal_,
 )
 _BIAS_SPEC = protocol.TensorSpec("bias", (protocol.Axis(0, "out", protocol.PRODUCER),), fill=0.0)
 _SPEC_BIAS = protocol.GrowthSpec(("in", "out"), (_WEIGHT_SPEC, _BIAS_SPEC))
@@ -398,7 +389,7 @@ class GrowLinear(nn.Module):
         start, stop = self._active_out, self._active_out + n
         if init == "he":
             index = (slice(start, stop), slice(0, self._active_in))  # sharded.normal_: a DTensor's local rows too
-            sharded.normal_(_normal_kernel, self.weight, index, he_std(self._active_in), generator)
+            sharded.normal_(ops.block_normal_, self.weight, index, he_std(self._active_in), generator)
         self._active_out = stop
 
     @torch.no_grad()
@@ -417,7 +408,7 @@ class GrowLinear(nn.Module):
         start, stop = self._active_in, self._active_in + n
         if init == "he":
             index = (slice(0, self._active_out), slice(start, stop))
-            sharded.normal_(_normal_kernel, self.weight, index, he_std(stop), generator)
+            sharded.normal_(ops.block_normal_, self.weight, index, he_std(stop), generator)
         self._active_in = stop
 
     @torch.no_grad()

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from . import _extension  # noqa: F401  (loads the operator library)
 
-__all__ = ["linear", "linear_reference", "normal_block_", "ACTIVATIONS"]
+__all__ = ["linear", "linear_reference", "normal_block_", "block_normal_", "ACTIVATIONS"]
 
 # The activations the ops fuse (csrc/activation.h), each with its torch.nn.functional
 # twin: the composite path computes it, the tests compare against it.
@@ -103,9 +103,29 @@ def normal_block_(
     std: float,
     generator: Optional[torch.Generator] = None,
 ) -> Tensor:
-    """Fill ``tensor[rows[0]:rows[1], cols[0]:cols[1]]`` with N(0, std²) in place."""
+    """Fill ``tensor[rows[0]:rows[1], cols[0]:cols[1]]`` with N(0, std²) in place.
+
+    The values are those of :func:`growdense.protocol.draw_normal_` (torch's ``normal_`` of
+    the block, drawn in contiguous chunks where it is not contiguous), and the generator
+    ends where that leaves it. On the CPU, float32 chunks of 16 values or more are drawn by
+    growdense's own kernel, several times faster than torch's, where it gives torch's values
+    exactly (checked against torch once per process; ``growdense info`` says whether it does).
+    """
     torch.ops.growdense.normal_block_(tensor, rows[0], rows[1], cols[0], cols[1], float(std), generator)
     return tensor
+
+
+def block_normal_(tensor: Tensor, index: tuple, std: float, generator: Optional[torch.Generator] = None) -> None:
+    """N(0, std²) into ``tensor[index]`` in place: :func:`normal_block_` for a block of a 2-D tensor, else
+    :func:`growdense.protocol.normal_`. The kernel growdense's modules declare for their weights
+    (``TensorSpec.normal``)."""
+    if tensor.dim() == 2 and len(index) == 2 and index[0].step in (None, 1) and index[1].step in (None, 1):
+        rows, cols = index
+        normal_block_(tensor, (rows.start, rows.stop), (cols.start, cols.stop), std, generator)
+    else:
+        from .protocol import normal_
+
+        normal_(tensor, index, std, generator)
 
 
 def adam_step_(
@@ -194,7 +214,7 @@ for _name in ("linear", "linear_reference"):
 # CUDA in csrc/cuda/elbo.cu, autograd in csrc/cpu/elbo_autograd.cpp, autocast in
 # csrc/cpu/autocast.cpp.
 
-__all__ += ["negative_elbo", "composite_negative_elbo", "cpu_capability", "cpu_capabilities"]
+__all__ += ["negative_elbo", "composite_negative_elbo", "cpu_capability", "cpu_capabilities", "cpu_normal_draws"]
 
 
 def composite_negative_elbo(logits: Tensor, target: Tensor, mu: Tensor, logvar: Tensor) -> Tensor:
@@ -250,6 +270,13 @@ def cpu_capabilities(compiled: bool = False) -> list[str]:
         else torch.ops.growdense._cpu_capabilities_supported()
     )
     return names.split()
+
+
+def cpu_normal_draws() -> str:
+    """Which kernel draws :func:`normal_block_`'s float32 values on the CPU: the capability name of
+    growdense's own kernel (torch's values, several times faster; checked against torch once
+    per process), or ``"torch"`` where it would not give torch's values (then torch draws them)."""
+    return torch.ops.growdense._cpu_normal_draws()
 
 
 def _set_cpu_capability(name: str) -> str:

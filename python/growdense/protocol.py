@@ -196,6 +196,17 @@ class TensorSpec:
                 return axis
         return None
 
+    def stacked_besides(self, dim: int) -> tuple[Axis, ...]:
+        """The axes on other dimensions than ``dim`` that stack their width in several blocks."""
+        cache = self.__dict__.get("_stacked_cache")
+        if cache is None:
+            cache = {}
+            object.__setattr__(self, "_stacked_cache", cache)
+        found = cache.get(dim)
+        if found is None:
+            found = cache[dim] = tuple(a for a in self.axes if a.dim != dim and a.blocks > 1)
+        return found
+
     def declared(self, init: str) -> Any:
         """What a new slice gets under ``init`` whatever the strategy: :attr:`fill`, else ``inits[init]``, else ``None``."""
         if self.fill is not None:
@@ -580,8 +591,7 @@ class Slice:
         axis = self.axis
         self.role = axis.role
         self.ranges = element_ranges(axis, self.capacity, self.start, self.stop)
-        axes = self.spec.axes
-        self.stacked = () if len(axes) == 1 else tuple(a for a in axes if a.dim != axis.dim and a.blocks > 1)
+        self.stacked = self.spec.stacked_besides(axis.dim)
 
     @property
     def module(self) -> nn.Module:

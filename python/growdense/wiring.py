@@ -1040,11 +1040,14 @@ class _GrowPlan:
                 s.write_declared_(init, generator)
 
     def finish(self) -> None:
-        """After the strategy's writes: stacked units outside the active ones zero, the modules' own state."""
+        """After the strategy's writes: the modules' own state, and stacked units outside the active
+        ones zero again where the strategy may have written whole extents (any strategy but those
+        writing through ``Slice.normal_`` and ``Slice.fill_`` only: ``sharded.SLICE_LOCAL_INITS``)."""
         change = self.change
-        for s in change.slices:
-            if s.stacked:
-                s.zero_stacked_outside_()
+        if change.init not in sharded.SLICE_LOCAL_INITS:  # those write the new units' rectangles only
+            for s in change.slices:
+                if s.stacked:
+                    s.zero_stacked_outside_()
         for m in change.members:  # state beyond the declared tensors (a norm's ramp)
             protocol.call_on_grow_(m.module, m.width, change.start, change.stop, change.init, self.options)
 

@@ -11,13 +11,14 @@
 #include "cpu/vec/adam_kernel.h"
 #include "cpu/vec/elbo_kernel.h"
 #include "cpu/vec/epilogue_kernel.h"
+#include "cpu/vec/normal_kernel.h"
 
 namespace growdense::cpu {
 inline namespace CPU_CAPABILITY {
 
 const KernelTable& kernel_table() {
   static const KernelTable table{&elbo_forward, &elbo_backward, &bias_activation, &activation_backward,
-                                     &adam_block};
+                                     &adam_block, &normal_fill};
   return table;
 }
 
