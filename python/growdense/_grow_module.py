@@ -133,6 +133,7 @@ class _GrowModule(nn.Module):
 
     def _tensors_changed(self) -> None:
         self.__dict__.pop("_growdense_spec", None)
+        self.__dict__.pop("_growdense_block_specs", None)
 
     def __setstate__(self, state: dict) -> None:  # copy.deepcopy and pickle come through here
         super().__setstate__(state)
@@ -186,9 +187,15 @@ class _GrowModule(nn.Module):
         raise NotImplementedError
 
     def _growth_block(self, param: Tensor) -> Optional[tuple[slice, ...]]:
-        """:func:`growdense.protocol.active_block` for this module's Parameters."""
+        """:func:`growdense.protocol.active_block` for this module's Parameters (asked at every
+        optimizer step: the declaration found last time for ``param`` is tried first)."""
+        found = self.__dict__.setdefault("_growdense_block_specs", {})
+        spec = found.get(id(param))
+        if spec is not None and protocol.tensor_of(self, spec) is param:
+            return protocol.bounding_block(self, spec, param)
         for spec in self.growth_spec().tensors:
             if protocol.tensor_of(self, spec) is param:
+                found[id(param)] = spec
                 return protocol.bounding_block(self, spec, param)
         return None
 

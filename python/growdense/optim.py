@@ -187,7 +187,8 @@ class _ActiveBlockSteps:
         *element_lists, state_steps = lists
         count = len(params)
         aligned = [params, grads] + [lst for lst in element_lists if count and len(lst) == count]
-        if not any(_partial_block(p) is not None or BIRTH_KEY in self.state[p] for p in params):  # type: ignore[attr-defined]
+        blocks = [_partial_block(p) for p in params]
+        if not any(b is not None or BIRTH_KEY in self.state[p] for p, b in zip(params, blocks)):  # type: ignore[attr-defined]
             return
         fused = group.get("fused") and not _steps_blocks_fused(self, group)  # torch's fused kernel
         new: tuple[list, ...] = tuple([] for _ in aligned)
@@ -195,7 +196,7 @@ class _ActiveBlockSteps:
         for i, p in enumerate(params):
             sources = tuple(lst[i] for lst in aligned)
             births = self.state[p].get(BIRTH_KEY)  # type: ignore[attr-defined]
-            block = _partial_block(p)
+            block = blocks[i]
             if births is None:
                 if block is None or fused:  # the fused kernels want whole tensors
                     views = [tuple(sharded.local(t) for t in sources)]  # DTensors: their local shards

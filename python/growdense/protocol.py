@@ -146,6 +146,18 @@ class Normal:
             raise ValueError(f"Normal std must be a finite number >= 0, got {self.std!r}")
 
 
+def _memo(owner: object, cache: str, key: Any, compute: Callable[[], Any]) -> Any:
+    """``compute()`` for ``key``, once: kept in ``owner.<cache>`` (a frozen declaration, whose answers never change)."""
+    found = owner.__dict__.get(cache)
+    if found is None:
+        found = {}
+        object.__setattr__(owner, cache, found)
+    value = found.get(key)
+    if value is None:
+        value = found[key] = compute()
+    return value
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     """One Parameter or buffer of a growable module and the widths its dimensions ride.
@@ -198,14 +210,7 @@ class TensorSpec:
 
     def stacked_besides(self, dim: int) -> tuple[Axis, ...]:
         """The axes on other dimensions than ``dim`` that stack their width in several blocks."""
-        cache = self.__dict__.get("_stacked_cache")
-        if cache is None:
-            cache = {}
-            object.__setattr__(self, "_stacked_cache", cache)
-        found = cache.get(dim)
-        if found is None:
-            found = cache[dim] = tuple(a for a in self.axes if a.dim != dim and a.blocks > 1)
-        return found
+        return _memo(self, "_stacked_cache", dim, lambda: tuple(a for a in self.axes if a.dim != dim and a.blocks > 1))
 
     def declared(self, init: str) -> Any:
         """What a new slice gets under ``init`` whatever the strategy: :attr:`fill`, else ``inits[init]``, else ``None``."""
@@ -234,16 +239,12 @@ class GrowthSpec:
 
     def _derived(self, width: str) -> tuple[tuple[tuple[TensorSpec, Axis], ...], tuple[str, ...]]:
         """``(riding, roles)`` of ``width``, computed once per width (the declaration is frozen)."""
-        cache = self.__dict__.get("_derived_cache")
-        if cache is None:
-            cache = {}
-            object.__setattr__(self, "_derived_cache", cache)
-        found = cache.get(width)
-        if found is None:
+        def derive() -> tuple[tuple[tuple[TensorSpec, Axis], ...], tuple[str, ...]]:
             riding = tuple((t, a) for t in self.tensors for a in t.axes if a.width == width)
             present = {a.role for _, a in riding}
-            found = cache[width] = (riding, tuple(r for r in ROLES if r in present))
-        return found
+            return riding, tuple(r for r in ROLES if r in present)
+
+        return _memo(self, "_derived_cache", width, derive)
 
     def role(self, width: str) -> str:
         """The role of module-local ``width`` when its tensors all play one (else ``ValueError``: see :meth:`roles`)."""
