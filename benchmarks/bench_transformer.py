@@ -21,10 +21,12 @@ and reported as medians and the median of the per-round ratios.
   weights copied, the new slices written, a new AdamW whose moments are the old ones
   zero-padded). Each event runs on a fresh copy (made outside the timing) of a model that
   has taken two AdamW steps. Goal: at most 1/3. Diagnostic sides: the same growth through
-  the modules' own grow methods; the floor (the new rows' He values drawn into contiguous
-  tensors); the same draws as the growth's, into blocks laid out as its (a block that is
-  not contiguous is drawn in contiguous chunks and copied in, ``protocol.draw_normal_``:
-  the least a growth with these random values costs); and, on the CPU, every side's time
+  the modules' own grow methods; the floor (the new rows' He values drawn by torch's
+  ``normal_`` into contiguous tensors); the same draws as the growth's, by torch, into
+  blocks laid out as its (a block that is not contiguous is drawn in contiguous chunks and
+  copied in, ``protocol.draw_normal_``: the least torch's ``normal_`` costs for these
+  values; growdense's own kernel draws the same values faster, see bench_normal.py); and,
+  on the CPU, every side's time
   in the calling thread's CPU time (``time.thread_time``), which what other jobs on a
   loaded machine take does not inflate.
 - **allocations of a growth**: the bytes the event allocates on the CPU, from
@@ -404,9 +406,9 @@ def main(argv=None) -> int:
     rows.append([f"(diagnostic) the same growth through the modules' own grow methods, no Wiring",
                  common.fmt_time(g["modules' own grow methods"]["median_s"]), "(rebuild, as above)",
                  f"{g['ratio_modules_directly']:.3f}", "-", "-"])
-    rows.append([f"(diagnostic) floor: drawing the new rows' He values into existing tensors",
+    rows.append([f"(diagnostic) torch drawing the new rows' He values into existing contiguous tensors",
                  common.fmt_time(g["floor"]["median_s"]), "(rebuild, as above)", f"{g['ratio_floor']:.3f}", "-", "-"])
-    rows.append([f"(diagnostic) the same draws into blocks laid out as the growth's (non-contiguous blocks "
+    rows.append([f"(diagnostic) torch's same draws into blocks laid out as the growth's (non-contiguous blocks "
                  f"staged in contiguous chunks)", common.fmt_time(g["same draws"]["median_s"]),
                  "(rebuild, as above)", f"{g['ratio_same_draws']:.3f}", "-", "-"])
     if "growth_cpu_time" in results:
