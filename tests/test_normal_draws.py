@@ -104,3 +104,16 @@ def test_with_aten_lowered_to_its_default_kernels_the_values_are_still_torchs():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() in ("default", "torch")
+
+
+@pytest.mark.parametrize("index", [(slice(3, 30), slice(5, 41)), (slice(None), slice(2, None)),
+                                   (slice(-10, None), slice(None, -4)), (slice(5, 5), slice(0, 9))])
+def test_block_normal_reads_an_index_as_tensor_indexing_does(index):
+    """growdense.ops.block_normal_ (the kernel modules declare) fills exactly ``tensor[index]``, with the
+    reference's values: open and negative bounds included, an empty block drawing nothing."""
+    g_ours, g_ref = torch.Generator().manual_seed(2), torch.Generator().manual_seed(2)
+    ours, ref = torch.zeros(37, 53), torch.zeros(37, 53)
+    ops.block_normal_(ours, index, 0.7, g_ours)
+    protocol.normal_(ref, index, 0.7, g_ref)
+    assert torch.equal(ours, ref)
+    assert torch.equal(g_ours.get_state(), g_ref.get_state())

@@ -88,7 +88,6 @@ bool cpu_has(Capability cap) {
   }
 }
 
-
 bool parse(std::string name, Capability& cap) {
   std::transform(name.begin(), name.end(), name.begin(), [](unsigned char c) { return std::tolower(c); });
   for (int i = 0; i < static_cast<int>(Capability::Count); ++i) {

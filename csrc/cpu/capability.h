@@ -90,8 +90,8 @@ struct KernelTable {
   void (*adam_block)(const AdamBlock& block, const AdamHyper& hyper);
   // data[0, n) = what torch's CPU normal_(mean, std) gives a contiguous float tensor of n >= 16
   // elements when its generator's engine is `engine`, which it advances as torch does.
-  // Exact only in the table of the capability ATen's own kernels use (see
-  // normal_matches_torch()).
+  // Exact only in the table of the capability ATen's own kernels use, and used only after a
+  // check against torch (csrc/cpu/normal_block.cpp).
   void (*normal_fill)(float* data, int64_t n, float mean, float std, at::mt19937_data_pod& engine);
 };
 
@@ -121,7 +121,3 @@ namespace growdense {
 // "torch" where it does not give them.
 std::string cpu_normal_draws();
 }  // namespace growdense
-
-namespace growdense::cpu {
-
-}  // namespace growdense::cpu

@@ -18,11 +18,12 @@ bool same_engine(const at::mt19937_data_pod& a, const at::mt19937_data_pod& b) {
          a.state_ == b.state_;
 }
 
-void fill_from(const cpu::KernelTable& table, const at::Tensor& t, double std, at::CPUGeneratorImpl* gen) {
+// t (contiguous float32, 16 values or more) = N(mean, std^2) by table's normal_fill from gen's engine.
+void fill_from(const cpu::KernelTable& table, const at::Tensor& t, float mean, float std, at::CPUGeneratorImpl* gen) {
   std::lock_guard<std::mutex> lock(gen->mutex_);
   at::mt19937 engine = gen->engine();
   at::mt19937_data_pod state = engine.data();
-  table.normal_fill(t.data_ptr<float>(), t.numel(), 0.0f, static_cast<float>(std), state);
+  table.normal_fill(t.data_ptr<float>(), t.numel(), mean, std, state);
   engine.set_data(state);
   gen->set_engine(engine);
 }
@@ -42,14 +43,7 @@ const cpu::KernelTable* exact_kernels() {
       expected.normal_(0.25, 1.5, theirs);
       at::Tensor got = at::empty({n}, at::kFloat);
       auto* gen = at::check_generator<at::CPUGeneratorImpl>(ours);
-      {
-        std::lock_guard<std::mutex> lock(gen->mutex_);
-        at::mt19937 engine = gen->engine();
-        at::mt19937_data_pod state = engine.data();
-        candidate->normal_fill(got.data_ptr<float>(), n, 0.25f, 1.5f, state);
-        engine.set_data(state);
-        gen->set_engine(engine);
-      }
+      fill_from(*candidate, got, 0.25f, 1.5f, gen);
       auto* their_gen = at::check_generator<at::CPUGeneratorImpl>(theirs);
       if (!at::equal(got, expected) || !same_engine(gen->engine().data(), their_gen->engine().data())) {
         return nullptr;
@@ -66,7 +60,7 @@ void draw_contiguous(const at::Tensor& t, double std, const std::optional<at::Ge
   if (t.scalar_type() == at::kFloat && t.numel() >= 16) {
     if (const cpu::KernelTable* table = exact_kernels()) {
       auto* gen = at::get_generator_or_default<at::CPUGeneratorImpl>(generator, at::detail::getDefaultCPUGenerator());
-      fill_from(*table, t, std, gen);
+      fill_from(*table, t, 0.0f, static_cast<float>(std), gen);
       return;
     }
   }

@@ -189,7 +189,9 @@ class _GrowModule(nn.Module):
     def _growth_block(self, param: Tensor) -> Optional[tuple[slice, ...]]:
         """:func:`growdense.protocol.active_block` for this module's Parameters (asked at every
         optimizer step: the declaration found last time for ``param`` is tried first)."""
-        found = self.__dict__.setdefault("_growdense_block_specs", {})
+        found = self.__dict__.get("_growdense_block_specs")
+        if found is None:
+            found = self.__dict__["_growdense_block_specs"] = {}
         spec = found.get(id(param))
         if spec is not None and protocol.tensor_of(self, spec) is param:
             return protocol.bounding_block(self, spec, param)

@@ -119,9 +119,10 @@ def block_normal_(tensor: Tensor, index: tuple, std: float, generator: Optional[
     """N(0, std²) into ``tensor[index]`` in place: :func:`normal_block_` for a block of a 2-D tensor, else
     :func:`growdense.protocol.normal_`. The kernel growdense's modules declare for their weights
     (``TensorSpec.normal``)."""
-    if tensor.dim() == 2 and len(index) == 2 and index[0].step in (None, 1) and index[1].step in (None, 1):
-        rows, cols = index
-        normal_block_(tensor, (rows.start, rows.stop), (cols.start, cols.stop), std, generator)
+    if (tensor.dim() == 2 and len(index) == 2 and all(isinstance(s, slice) for s in index)
+            and index[0].step in (None, 1) and index[1].step in (None, 1)):
+        (r0, r1, _), (c0, c1, _) = (s.indices(n) for s, n in zip(index, tensor.shape))
+        normal_block_(tensor, (r0, max(r0, r1)), (c0, max(c0, c1)), std, generator)
     else:
         from .protocol import normal_
 

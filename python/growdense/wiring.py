@@ -583,7 +583,6 @@ class Wiring:
         checked = event.writable
         inference_mode = torch.is_inference_mode_enabled()
         optimizer = self.optimizer
-        strided = torch.strided
         if slices is None:
             riding = [(m, spec, tensor) for m in hidden.members for spec, _, tensor in event.riding(m.module, m.width)]
         else:
@@ -601,14 +600,11 @@ class Wiring:
                 key = id(t)
                 if key in checked:
                     continue
-                if not (t.layout == strided and t.dtype.is_floating_point and not t.is_inference()
-                        and t.is_contiguous()):  # else: _write_problem says whether and why not
-                    problem = _write_problem(t, inference_mode)
-                    if problem is not None:
-                        raise RuntimeError(
-                            f"cannot resize {name!r}: {_describe(m.module, spec, what)} {problem}. "
-                            f"Nothing was changed"
-                        )
+                problem = _write_problem(t, inference_mode)
+                if problem is not None:
+                    raise RuntimeError(
+                        f"cannot resize {name!r}: {_describe(m.module, spec, what)} {problem}. Nothing was changed"
+                    )
                 checked[key] = (t, t._version)
 
     def check_shrink(self, name: str, to: int, keep: Keep = "first", optimizer_state: Optional[str] = None) -> None:
@@ -1033,11 +1029,8 @@ class _GrowPlan:
         change = self.change
         for m in change.members:
             m.module.set_active_width_(m.width, change.stop)
-        init, generator = change.init, change.generator
         for s in change.slices:  # declared values: fills, and this init's entry of TensorSpec.inits
-            value = s.spec.declared(init)
-            if value is not None and not (type(value) in (int, float) and value == 0):  # new slices are zero already
-                s.write_declared_(init, generator)
+            s.write_declared_(change.init, change.generator)
 
     def finish(self) -> None:
         """After the strategy's writes: the modules' own state, and stacked units outside the active
