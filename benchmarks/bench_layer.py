@@ -1,4 +1,4 @@
-"""GrowLinear(activation="relu") against nn.Linear + F.relu of the same active size.
+"""GrowLinear(activation=...) against nn.Linear + the activation of the same active size.
 
 Modes (each side interleaved with the other in one run, medians over many samples):
 
@@ -10,6 +10,10 @@ Modes (each side interleaved with the other in one run, medians over many sample
   ``torch.optim.Adam`` (which steps over the whole capacity) and with
   ``growdense.optim.Adam`` (which steps over the active block only), where it exists.
 
+``--activation`` picks the fused activation (relu, the default and the one the goals are
+set for; gelu, gelu_tanh, silu, none); the baseline applies the same torch function
+(``growdense.ops.ACTIVATION_FUNCTIONS``) after ``nn.Linear``.
+
 ``ratio`` is active/capacity: the GrowLinear is allocated at capacity = active / ratio in
 both dimensions and compared with an nn.Linear of the active size. On CUDA the table
 also gives achieved TFLOP/s and the fraction of a measured peak (a large ``torch.mm``
@@ -18,6 +22,7 @@ timed in the same run).
     python benchmarks/bench_layer.py                 # CPU, default sizes (~3 min)
     python benchmarks/bench_layer.py --device cuda   # GPU sweep
     python benchmarks/bench_layer.py --quick         # seconds
+    python benchmarks/bench_layer.py --activation gelu --sizes vae --modes fwd,fwd+bwd
 """
 
 from __future__ import annotations
@@ -29,7 +34,6 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -114,11 +118,14 @@ def part_is_sweep_only(cfg: Config, args) -> bool:
     return not (vae or large)
 
 
-def make_groups(cfg: Config, mode: str, device: str, dtype: torch.dtype, seed: int) -> list[dict]:
+def make_groups(cfg: Config, mode: str, device: str, dtype: torch.dtype, seed: int,
+                activation: str = "relu") -> list[dict]:
     """Groups of functions to time for one configuration and mode, keyed by side name.
 
     The sides of one group run interleaved; the first side of each group is the baseline.
     """
+    act = growdense.ops.ACTIVATION_FUNCTIONS[activation] or (lambda t: t)
+    plain = f"nn.Linear+{activation}"
     torch.manual_seed(seed)
     cap_in, cap_out = cfg.capacity
     lin = nn.Linear(cfg.d_in, cfg.d_out, device=device, dtype=dtype)
@@ -127,7 +134,7 @@ def make_groups(cfg: Config, mode: str, device: str, dtype: torch.dtype, seed: i
 
     def grow_layer() -> GrowLinear:
         layer = GrowLinear(
-            cfg.d_in, cfg.d_out, capacity_in=cap_in, capacity_out=cap_out, activation="relu",
+            cfg.d_in, cfg.d_out, capacity_in=cap_in, capacity_out=cap_out, activation=activation,
             device=device, dtype=dtype,
         )
         with torch.no_grad():
@@ -141,13 +148,13 @@ def make_groups(cfg: Config, mode: str, device: str, dtype: torch.dtype, seed: i
 
         def nn_fwd():
             with torch.no_grad():
-                return F.relu(lin(x0))
+                return act(lin(x0))
 
         def gd_fwd():
             with torch.no_grad():
                 return layer(x0)
 
-        sides["nn.Linear+relu"] = nn_fwd
+        sides[plain] = nn_fwd
         sides["GrowLinear"] = gd_fwd
         return [sides]
 
@@ -157,13 +164,13 @@ def make_groups(cfg: Config, mode: str, device: str, dtype: torch.dtype, seed: i
 
         def nn_fb():
             lin.weight.grad = lin.bias.grad = xa.grad = None
-            F.relu(lin(xa)).backward(gy)
+            act(lin(xa)).backward(gy)
 
         def gd_fb():
             layer.weight.grad = layer.bias.grad = xb.grad = None
             layer(xb).backward(gy)
 
-        sides["nn.Linear+relu"] = nn_fb
+        sides[plain] = nn_fb
         sides["GrowLinear"] = gd_fb
         return [sides]
 
@@ -192,8 +199,7 @@ def make_groups(cfg: Config, mode: str, device: str, dtype: torch.dtype, seed: i
         layer = grow_layer()
         xb = x0.clone().requires_grad_()
         groups.append({
-            "nn.Linear+relu, torch Adam": stepper(torch.optim.Adam(base.parameters()), xa,
-                                                  lambda x, m=base: F.relu(m(x))),
+            f"{plain}, torch Adam": stepper(torch.optim.Adam(base.parameters()), xa, lambda x, m=base: act(m(x))),
             name: stepper(make_opt(layer.parameters()), xb, layer),
         })
     return groups
@@ -223,8 +229,11 @@ def calibrate_inner(fn, device: str, target_s: float) -> int:
     return int(min(max(round(target_s / t), 1), 200))
 
 
-def goal_for(cfg: Config, mode: str, device: str, side: str) -> Optional[tuple[str, float]]:
-    """(kind, threshold) of the issue's goal that applies to this row, or None."""
+def goal_for(cfg: Config, mode: str, device: str, side: str, activation: str = "relu") -> Optional[tuple[str, float]]:
+    """(kind, threshold) of the issue's goal that applies to this row, or None (the goals
+    are set for ReLU layers)."""
+    if activation != "relu":
+        return None
     if device == "cpu":
         if mode == "fwd+bwd" and cfg.ratio == 1:
             return ("time ratio ≤", CPU_GOAL_FULL)
@@ -260,7 +269,7 @@ def measure_group(sides: dict, cfg: Config, mode: str, args, reps: int, warmup: 
             "batch": cfg.batch, "in": cfg.d_in, "out": cfg.d_out,
             "capacity_in": cfg.capacity[0], "capacity_out": cfg.capacity[1],
             "active_over_capacity": f"1/{cfg.ratio}", "mode": mode,
-            "baseline": ref_name, "side": side,
+            "activation": args.activation, "baseline": ref_name, "side": side,
             "baseline_median_s": t_ref, "median_s": t,
             "baseline_iqr_rel": common.spread(ref), "iqr_rel": common.spread(xs),
             "samples": len(xs), "calls_per_sample": inner,
@@ -271,7 +280,7 @@ def measure_group(sides: dict, cfg: Config, mode: str, args, reps: int, warmup: 
             row["tflops"] = f / t / 1e12
             row["baseline_tflops"] = f / t_ref / 1e12
             row["fraction_of_peak"] = row["tflops"] / peak["tflops"]
-        goal = goal_for(cfg, mode, "cuda" if cuda else "cpu", side)
+        goal = goal_for(cfg, mode, "cuda" if cuda else "cpu", side, args.activation)
         if goal is not None:
             kind, threshold = goal
             value = ratio if kind.startswith("time") else 1.0 / ratio
@@ -294,6 +303,8 @@ def main(argv=None) -> int:
                         "the CPU, vae,sweep on CUDA)")
     parser.add_argument("--ratios", default="1,2,8", help="capacity / active factors (default: %(default)s)")
     parser.add_argument("--modes", default=",".join(MODES), help="comma list of fwd, fwd+bwd, step")
+    parser.add_argument("--activation", default="relu", choices=sorted(growdense.ops.ACTIVATION_FUNCTIONS),
+                        help="the layer's fused activation (default: %(default)s)")
     parser.add_argument("--reps", type=int, default=None, help="samples per side (default 30 CPU, 50 CUDA)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--max-seconds", type=float, default=None,
@@ -322,7 +333,7 @@ def main(argv=None) -> int:
         for mode in modes:
             if mode == "step" and part_is_sweep_only(cfg, args):
                 continue  # the sweep's other sizes: kernels only (fwd, fwd+bwd)
-            for sides in make_groups(cfg, mode, args.device, dtype, args.seed):
+            for sides in make_groups(cfg, mode, args.device, dtype, args.seed, args.activation):
                 rows.extend(measure_group(sides, cfg, mode, args, reps, warmup, max_seconds, peak, cuda))
     common.finish(info)
 
@@ -348,7 +359,7 @@ def main(argv=None) -> int:
         table_rows.append(cells)
     common.report(
         "bench_layer", args, info, header, table_rows,
-        [f"Peak: torch.mm {peak['n']}² float32 = {peak['tflops']:.3f} TFLOP/s.",
+        [f"Activation: {args.activation}. Peak: torch.mm {peak['n']}² float32 = {peak['tflops']:.3f} TFLOP/s.",
          f"Medians of up to {reps} interleaved samples per side after {warmup} warm-up rounds; time ratio = "
          "median over rounds of growdense / nn.Linear (< 1: growdense faster)."],
         {"peak": peak, "reps": reps, "warmup": warmup, "dtype": str(dtype), "rows": rows},

@@ -131,6 +131,30 @@ def test_linear_epilogues_match_the_float64_reference(capability, activation, dt
                 assert not a[out_features:].any()
 
 
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "silu"])
+def test_linear_epilogues_at_extreme_pre_activations(capability, activation):
+    # Infinities, NaN, the exponentials' overflow and underflow points (|z| near 88), the
+    # far tails and signed zeros: the float32 epilogues (a fast exponential, GELU's tail
+    # written without cancellation) against torch in float64, forward and derivative.
+    # Tolerance: the activations' relative error near 1e-6, plus 1e-6 absolute for the
+    # erf polynomial's 1.5e-7 and values that underflow.
+    inf, nan = float("inf"), float("nan")
+    z = torch.tensor([-inf, -1e4, -100.0, -88.8, -87.0, -20.0, -9.0, -5.0, -3.0, -1e-3, -0.0, 0.0,
+                      1e-3, 0.7, 3.0, 5.0, 9.0, 20.0, 87.0, 88.8, 100.0, 1e4, inf, nan])
+    fn = ops.ACTIVATION_FUNCTIONS[activation]
+    # x = 1 and a zero weight: the pre-activation is the bias, so every z reaches the epilogue.
+    x = torch.ones(1, 1, requires_grad=True)
+    w = torch.zeros(z.numel(), 1)
+    b = z.clone().requires_grad_()
+    y = ops.linear(x, w, b, 1, z.numel(), activation)
+    zd = z.double().requires_grad_()
+    ref = fn(zd)
+    torch.testing.assert_close(y[0].double(), ref.detach(), rtol=1e-5, atol=1e-6, equal_nan=True)
+    (grad_b,) = torch.autograd.grad(y.sum(), b)
+    (want,) = torch.autograd.grad(ref.sum(), zd)
+    torch.testing.assert_close(grad_b.double(), want, rtol=1e-5, atol=1e-6, equal_nan=True)
+
+
 def test_capability_is_reported_and_consistent():
     compiled = ops.cpu_capabilities(compiled=True)
     assert compiled[0] == "default" and set(compiled) <= set(ALL_NAMES)

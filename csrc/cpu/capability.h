@@ -80,8 +80,10 @@ struct KernelTable {
   // out (B,) in the accumulation type
   void (*elbo_forward)(const ElboArgs& args, void* out);
   void (*elbo_backward)(const ElboArgs& args, const ElboGrads& grads);
-  // y[r, c] = act(y[r, c] + bias[c]) in place (bias may be nullptr); y's rows ld_y apart.
-  void (*bias_activation)(const EpilogueArgs& args, void* y, int64_t ld_y, const void* bias);
+  // y[r, c] = act(z[r, c] + bias[c]) (bias may be nullptr); z's rows ld_z apart, y's ld_y.
+  // y may be z (in place).
+  void (*bias_activation)(const EpilogueArgs& args, const void* z, int64_t ld_z, void* y, int64_t ld_y,
+                          const void* bias);
   // out = grad * act'(saved) (saved: the output for relu, the pre-activation for gelu and
   // silu, unused for none; all three (rows, cols) with rows `cols` apart), and, when
   // grad_bias is not nullptr, grad_bias[c] = sum_r out[r, c] (cols elements of dtype).

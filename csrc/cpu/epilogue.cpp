@@ -15,21 +15,33 @@ bool kernel_dtype(const at::Tensor& t) {
   return d == at::kFloat || d == at::kDouble || d == at::kBFloat16 || d == at::kHalf;
 }
 
+// A CPU matrix of a kernel dtype whose rows are contiguous.
+bool kernel_rows(const at::Tensor& t) {
+  return t.dim() == 2 && t.is_cpu() && kernel_dtype(t) && (t.size(1) <= 1 || t.stride(1) == 1) &&
+         t.stride(0) >= t.size(1);
+}
+
 }  // namespace
 
 void bias_activation_(at::Tensor& y, const std::optional<at::Tensor>& bias, Activation act) {
-  const bool rows_ok = y.dim() == 2 && y.is_cpu() && kernel_dtype(y) && (y.size(1) <= 1 || y.stride(1) == 1) &&
-                       y.stride(0) >= y.size(1);
   const bool bias_ok = !bias.has_value() || (bias->is_contiguous() && bias->scalar_type() == y.scalar_type());
-  if (!rows_ok || !bias_ok) {
+  if (!kernel_rows(y) || !bias_ok) {
     if (bias.has_value()) y.add_(*bias);
     aten_activation_(act, y);
     return;
   }
   if (y.numel() == 0) return;
   const EpilogueArgs args{y.scalar_type(), act, y.size(0), y.size(1)};
-  kernels().bias_activation(args, y.mutable_data_ptr(), y.stride(0),
+  kernels().bias_activation(args, y.const_data_ptr(), y.stride(0), y.mutable_data_ptr(), y.stride(0),
                             bias.has_value() ? bias->const_data_ptr() : nullptr);
+}
+
+at::Tensor activation(const at::Tensor& z, Activation act) {
+  if (!kernel_rows(z) || z.numel() == 0) return aten_activation(act, z);
+  at::Tensor y = at::empty(z.sizes(), z.options());
+  const EpilogueArgs args{z.scalar_type(), act, z.size(0), z.size(1)};
+  kernels().bias_activation(args, z.const_data_ptr(), z.stride(0), y.mutable_data_ptr(), y.stride(0), nullptr);
+  return y;
 }
 
 at::Tensor activation_backward(const at::Tensor& grad, const at::Tensor& saved, Activation act,

@@ -14,6 +14,9 @@ namespace growdense::cpu {
 // y = act(y + bias) in place, y a (rows, cols) matrix, bias (cols,) or none.
 void bias_activation_(at::Tensor& y, const std::optional<at::Tensor>& bias, Activation act);
 
+// act(z) as a new contiguous tensor, z a (rows, cols) matrix.
+at::Tensor activation(const at::Tensor& z, Activation act);
+
 // grad * act'(saved) for a (rows, cols) grad, `saved` as backward_needs(act) says (unused
 // for none). When grad_bias is given ((cols,), grad's dtype), it receives the column sums
 // of the result, from the same pass.

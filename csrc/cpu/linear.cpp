@@ -19,7 +19,6 @@
 #include <algorithm>
 #include <vector>
 
-#include "activation_aten.h"
 #include "args.h"
 #include "cpu/linear_cpu.h"
 #include "cpu/epilogue.h"
@@ -223,7 +222,8 @@ std::tuple<at::Tensor, at::Tensor> linear_forward_cpu(const at::Tensor& x, const
   at::Tensor z = pre_activation(x, weight, bias, rows, active_in, active_out, saves_z ? Activation::None : act);
   if (x.dim() != 2) z = z.view(with_last(x.sizes(), active_out));
   if (!saves_z) return {z, at::empty({0}, x.options())};
-  return {aten_activation(act, z), z};
+  const at::Tensor y = cpu::activation(as_matrix(z, rows, active_out), act);
+  return {x.dim() == 2 ? y : y.view(z.sizes()), z};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward_cpu(

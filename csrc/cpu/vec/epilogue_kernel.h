@@ -9,6 +9,7 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "activation.h"
@@ -20,14 +21,34 @@ inline namespace CPU_CAPABILITY {
 
 namespace act_vec {
 
-// Phi(z) = (1 + erf(z / sqrt 2)) / 2, as ATen's GELU kernels write it: at::vec's erf is a
-// polynomial, several times faster than its erfc; below z = -3 the cancellation costs
-// relative accuracy in Phi, not absolute accuracy in the GELU or its derivative.
+// Phi(z), the standard normal CDF, given e = exp(-z^2 / 2). In float: Abramowitz and
+// Stegun 7.1.26, the erf at::vec's float kernels use (absolute error below 1.5e-7), written
+// as Phi(-|z|) = t P(t) e / 2 with t = 1 / (1 + p |z| / sqrt 2), so that GELU's two
+// exponentials (erf's and the density's) are one. In double: erf itself.
 template <typename V>
-inline V normal_cdf(const V& z) {
+inline V normal_cdf(const V& z, const V& e) {
   using A = typename V::value_type;
-  const V half(A(0.5));
-  return half + half * (z * V(activation_detail::sqrt1_2<A>())).erf();
+  const V half(A(0.5)), one(A(1));
+  if constexpr (std::is_same_v<A, float>) {
+    const V t = one / (one + V(0.3275911f * activation_detail::sqrt1_2<float>()) * z.abs());
+    V poly = at::vec::fmadd(V(1.061405429f), t, V(-1.453152027f));
+    poly = at::vec::fmadd(poly, t, V(1.421413741f));
+    poly = at::vec::fmadd(poly, t, V(-0.284496736f));
+    poly = at::vec::fmadd(poly, t, V(0.254829592f));
+    const V tail = half * t * poly * e;
+    return V::blendv(one - tail, tail, z < V(A(0)));
+  } else {
+    (void)e;
+    return half + half * (z * V(activation_detail::sqrt1_2<A>())).erf();
+  }
+}
+
+// exp(-z^2 / 2). Every exponential here is elbo_kernel.h's fast_exp: within about 20 ulp in
+// float, a relative error near 1e-6 in the activations and their derivatives.
+template <typename V>
+inline V gauss(const V& z) {
+  using A = typename V::value_type;
+  return fast_exp(V(A(-0.5)) * z * z);
 }
 
 // (1 + tanh(u)) / 2 and 1 - tanh(u)^2 from e = exp(-2|u|) (activation.h's tanh_parts).
@@ -35,66 +56,77 @@ template <typename V>
 inline void tanh_parts(const V& u, V& half_one_plus, V& sech2) {
   using A = typename V::value_type;
   const V one(A(1));
-  const V e = (u.abs() * V(A(-2))).exp();
+  const V e = fast_exp(u.abs() * V(A(-2)));
   const V inv = one / (one + e);
   half_one_plus = V::blendv(inv, e * inv, u < V(A(0)));
   sech2 = V(A(4)) * e * inv * inv;
 }
 
-template <typename V>
-inline V forward(Activation act, const V& z) {
+template <Activation kAct, typename V>
+inline V forward(const V& z) {
   using A = typename V::value_type;
-  switch (act) {
-    case Activation::None:
-      return z;
-    case Activation::Relu:
-      return V::blendv(z, V(A(0)), z < V(A(0)));  // NaN passes, as torch.relu
-    case Activation::Gelu:
-      return z * normal_cdf(z);
-    case Activation::GeluTanh: {
-      V h, s;
-      tanh_parts(V(activation_detail::sqrt_2_pi<A>()) * (z + V(A(activation_detail::kGeluTanhCubic)) * z * z * z), h, s);
-      return z * h;
-    }
-    case Activation::Silu:
-      return z / (V(A(1)) + z.neg().exp());
+  if constexpr (kAct == Activation::Relu) {
+    return V::blendv(z, V(A(0)), z < V(A(0)));  // NaN passes, as torch.relu
+  } else if constexpr (kAct == Activation::Gelu) {
+    return z * normal_cdf(z, gauss(z));
+  } else if constexpr (kAct == Activation::GeluTanh) {
+    V h, s;
+    tanh_parts(V(activation_detail::sqrt_2_pi<A>()) * (z + V(A(activation_detail::kGeluTanhCubic)) * z * z * z), h, s);
+    return z * h;
+  } else if constexpr (kAct == Activation::Silu) {
+    return z / (V(A(1)) + fast_exp(z.neg()));
+  } else {
+    return z;
   }
-  return z;
 }
 
 // grad * act'(saved), saved as backward_needs(act) says (activation.h's activation_backward).
-template <typename V>
-inline V backward(Activation act, const V& grad, const V& saved) {
+template <Activation kAct, typename V>
+inline V backward(const V& grad, const V& saved) {
   using A = typename V::value_type;
   const V one(A(1)), zero(A(0));
-  switch (act) {
-    case Activation::None:
-      return grad;
-    case Activation::Relu:  // zero where the output is not positive; NaN passes the gradient
-      return V::blendv(grad, zero, saved <= zero);
-    case Activation::Gelu: {
-      const V& z = saved;
-      const V pdf = (V(A(-0.5)) * z * z).exp() * V(activation_detail::inv_sqrt_2pi<A>());
-      return grad * (normal_cdf(z) + z * pdf);
-    }
-    case Activation::GeluTanh: {
-      const V& z = saved;
-      const V z2 = z * z;
-      V h, s;
-      tanh_parts(V(activation_detail::sqrt_2_pi<A>()) * (z + V(A(activation_detail::kGeluTanhCubic)) * z2 * z), h, s);
-      const V d_inner = V(activation_detail::sqrt_2_pi<A>()) * (one + V(A(3 * activation_detail::kGeluTanhCubic)) * z2);
-      return grad * (h + V(A(0.5)) * z * s * d_inner);
-    }
-    case Activation::Silu: {
-      const V& z = saved;
-      const V e = V::blendv(z.neg(), z, z < zero).exp();  // exp(-|z|)
-      const V inv = one / (one + e);
-      const V neg = z < zero;
-      const V s = V::blendv(inv, e * inv, neg), one_minus_s = V::blendv(e * inv, inv, neg);
-      return grad * s * (one + z * one_minus_s);
-    }
+  if constexpr (kAct == Activation::Relu) {  // zero where the output is not positive; NaN passes the gradient
+    return V::blendv(grad, zero, saved <= zero);
+  } else if constexpr (kAct == Activation::Gelu) {
+    const V& z = saved;
+    const V e = gauss(z);
+    return grad * at::vec::fmadd(z * e, V(activation_detail::inv_sqrt_2pi<A>()), normal_cdf(z, e));
+  } else if constexpr (kAct == Activation::GeluTanh) {
+    const V& z = saved;
+    const V z2 = z * z;
+    V h, s;
+    tanh_parts(V(activation_detail::sqrt_2_pi<A>()) * (z + V(A(activation_detail::kGeluTanhCubic)) * z2 * z), h, s);
+    const V d_inner = V(activation_detail::sqrt_2_pi<A>()) * (one + V(A(3 * activation_detail::kGeluTanhCubic)) * z2);
+    return grad * (h + V(A(0.5)) * z * s * d_inner);
+  } else if constexpr (kAct == Activation::Silu) {
+    const V& z = saved;
+    const V e = fast_exp(V::blendv(z.neg(), z, z < zero));  // exp(-|z|)
+    const V inv = one / (one + e);
+    const V neg = z < zero;
+    const V s = V::blendv(inv, e * inv, neg), one_minus_s = V::blendv(e * inv, inv, neg);
+    return grad * s * (one + z * one_minus_s);
+  } else {
+    return grad;
   }
-  return grad;
+}
+
+// Calls f(std::integral_constant<Activation, act>{}): the row loops are compiled once per
+// activation, so no lane-wise pass branches on it.
+template <typename F>
+inline void with_activation(Activation act, F&& f) {
+  using C = Activation;
+  switch (act) {
+    case C::None:
+      return f(std::integral_constant<C, C::None>{});
+    case C::Relu:
+      return f(std::integral_constant<C, C::Relu>{});
+    case C::Gelu:
+      return f(std::integral_constant<C, C::Gelu>{});
+    case C::GeluTanh:
+      return f(std::integral_constant<C, C::GeluTanh>{});
+    case C::Silu:
+      return f(std::integral_constant<C, C::Silu>{});
+  }
 }
 
 }  // namespace act_vec
@@ -102,28 +134,30 @@ inline V backward(Activation act, const V& grad, const V& saved) {
 inline int64_t rows_grain(int64_t cols) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, cols)); }
 
 template <typename T>
-void bias_activation_impl(const EpilogueArgs& args, T* y, int64_t ld, const T* bias) {
+void bias_activation_impl(const EpilogueArgs& args, const T* z, int64_t ld_z, T* y, int64_t ld_y, const T* bias) {
   using LanesT = Lanes<T>;
   using A = typename LanesT::A;
   using V = typename LanesT::V;
   const int64_t cols = args.cols;
-  const Activation act = args.act;
+  act_vec::with_activation(args.act, [&](auto act) {
   at::parallel_for(0, args.rows, rows_grain(cols), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      T* row = y + r * ld;
+      const T* in = z + r * ld_z;
+      T* out = y + r * ld_y;
       for (int64_t c = 0; c < cols; c += LanesT::kStep) {
         const int64_t n = std::min(LanesT::kStep, cols - c);
         V z0, z1;
-        LanesT::load(row + c, n, z0, z1);
+        LanesT::load(in + c, n, z0, z1);
         if (bias != nullptr) {
           V b0, b1;
           LanesT::load(bias + c, n, b0, b1);
           z0 += b0;
           z1 += b1;
         }
-        LanesT::store(row + c, n, act_vec::forward(act, z0), act_vec::forward(act, z1));
+        LanesT::store(out + c, n, act_vec::forward<act()>(z0), act_vec::forward<act()>(z1));
       }
     }
+  });
   });
 }
 
@@ -133,7 +167,7 @@ void activation_backward_impl(const EpilogueArgs& args, const T* grad, const T* 
   using A = typename LanesT::A;
   using V = typename LanesT::V;
   const int64_t rows = args.rows, cols = args.cols;
-  const Activation act = args.act;
+  act_vec::with_activation(args.act, [&](auto act) {
   const auto rows_range = [&](int64_t begin, int64_t end, A* sums) {
     for (int64_t r = begin; r < end; ++r) {
       const T* g = grad + r * cols;
@@ -144,7 +178,7 @@ void activation_backward_impl(const EpilogueArgs& args, const T* grad, const T* 
         V g0, g1, s0(A(0)), s1(A(0));
         LanesT::load(g + c, n, g0, g1);
         if (s != nullptr) LanesT::load(s + c, n, s0, s1);
-        const V r0 = act_vec::backward(act, g0, s0), r1 = act_vec::backward(act, g1, s1);
+        const V r0 = act_vec::backward<act()>(g0, s0), r1 = act_vec::backward<act()>(g1, s1);
         LanesT::store(o + c, n, r0, r1);
         if (sums != nullptr) {
           V a0, a1;
@@ -174,11 +208,14 @@ void activation_backward_impl(const EpilogueArgs& args, const T* grad, const T* 
     }
     grad_bias[c] = static_cast<T>(total);
   }
+  });
 }
 
-inline void bias_activation(const EpilogueArgs& args, void* y, int64_t ld, const void* bias) {
+inline void bias_activation(const EpilogueArgs& args, const void* z, int64_t ld_z, void* y, int64_t ld_y,
+                            const void* bias) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, args.dtype, "growdense_bias_activation_cpu", [&] {
-    bias_activation_impl<scalar_t>(args, static_cast<scalar_t*>(y), ld, static_cast<const scalar_t*>(bias));
+    bias_activation_impl<scalar_t>(args, static_cast<const scalar_t*>(z), ld_z, static_cast<scalar_t*>(y), ld_y,
+                                   static_cast<const scalar_t*>(bias));
   });
 }
 
