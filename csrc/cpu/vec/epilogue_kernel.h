@@ -76,6 +76,7 @@ inline V forward(const V& z) {
   } else if constexpr (kAct == Activation::Silu) {
     return z / (V(A(1)) + fast_exp(z.neg()));
   } else {
+    static_assert(kAct == Activation::None, "an activation without its lane-wise forward");
     return z;
   }
 }
@@ -106,6 +107,7 @@ inline V backward(const V& grad, const V& saved) {
     const V s = V::blendv(inv, e * inv, neg), one_minus_s = V::blendv(e * inv, inv, neg);
     return grad * s * (one + z * one_minus_s);
   } else {
+    static_assert(kAct == Activation::None, "an activation without its lane-wise derivative");
     return grad;
   }
 }
@@ -127,6 +129,7 @@ inline void with_activation(Activation act, F&& f) {
     case C::Silu:
       return f(std::integral_constant<C, C::Silu>{});
   }
+  TORCH_CHECK(false, "growdense: activation ", static_cast<int>(act), " has no CPU epilogue");
 }
 
 }  // namespace act_vec
