@@ -1,5 +1,6 @@
 """The CPU backward of GrowLinear (float32, no activation or ReLU): the ReLU mask and the
-bias gradient in one pass, the weight's gradient added into ``.grad`` by its GEMM.
+bias gradient in one pass, the weight's gradient added into ``.grad`` by its GEMM; and, for
+the other activations, that adding into ``.grad`` gives the op's own bits.
 
 Each gradient is compared with the float64 formula (``F.linear`` on the active block).
 Tolerance: float32 sums of up to ~600 products of O(1) terms against float64 agree to
@@ -102,3 +103,27 @@ def test_op_backward_gives_the_same_gradients_as_the_reference_op():
         for name, a, b in zip(("x", "weight", "bias"), fast, ref):
             # float32 against the plain-loop float32 reference: sums of 9-70 terms
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m: f"{act} {name}: {m}")
+
+
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "silu"])
+@pytest.mark.parametrize("partial", [False, True], ids=["at-capacity", "below-capacity"])
+def test_accumulating_into_grad_gives_the_ops_own_bits(activation, partial):
+    # With a `.grad` there, the autograd kernel applies the activation's derivative itself and
+    # adds into the gradient's block in place; without one, the op's own backward runs. On the
+    # CPU both apply the same derivative kernel, so adding into a zero `.grad` gives exactly the
+    # gradients of a backward that starts from None (0 + v == v in float).
+    gen = torch.Generator().manual_seed(2)
+    layer = GrowLinear(30 if partial else 40, 33, capacity_in=40, capacity_out=48 if partial else 33,
+                       activation=activation)
+    x = torch.randn(4, 50, layer.in_features, generator=gen, requires_grad=True)
+    g = torch.randn(4, 50, layer.out_features, generator=gen)
+    layer(x).backward(g)
+    fresh = (x.grad.clone(), layer.weight.grad.clone(), layer.bias.grad.clone())
+    x.grad = None
+    layer.weight.grad = torch.zeros_like(layer.weight)
+    layer.bias.grad = torch.zeros_like(layer.bias)
+    kept = layer.weight.grad
+    layer(x).backward(g)
+    assert layer.weight.grad is kept  # the in-place path ran
+    for name, a, b in zip(("x", "weight", "bias"), (x.grad, layer.weight.grad, layer.bias.grad), fresh):
+        assert torch.equal(a, b), name

@@ -35,6 +35,7 @@
 
 #include "activation_aten.h"
 #include "args.h"
+#include "cpu/epilogue.h"
 #include "cpu/linear_cpu.h"
 #include "torch_internals.h"
 
@@ -165,11 +166,18 @@ struct LinearFunction : public torch::autograd::Function<LinearFunction<kReferen
       if (need_b) result[2] = gb;
       return result;
     }
-    // Apply the activation's derivative once here; the op then sees a plain linear.
-    const at::Tensor g = saved.defined() ? aten_activation_backward(act, grad_out, saved) : grad_out;
+    // Apply the activation's derivative once here (on the CPU by the kernel the op's own
+    // backward uses, so that both paths give the same bits); the op then sees a plain linear.
+    const int64_t rows = active_in == 0 ? 0 : x.numel() / active_in;
+    at::Tensor g = grad_out;
+    if (saved.defined()) {
+      g = grad_out.is_cpu() ? cpu::activation_backward(grad_out.reshape({rows, active_out}).contiguous(),
+                                                       saved.reshape({rows, active_out}).contiguous(), act, nullptr)
+                                  .view(grad_out.sizes())
+                            : aten_activation_backward(act, grad_out, saved);
+    }
     auto [gx, gw, gb] = Ops<kReference>::backward().call(g, x, weight, std::nullopt, active_in, active_out, "none",
                                                          {need_x, need_w && !in_place_w, need_b && !in_place_b});
-    const int64_t rows = active_in == 0 ? 0 : x.numel() / active_in;
     const at::Tensor g2 = g.reshape({rows, active_out});
     if (in_place_w) {
       at::Tensor block = weight.grad().narrow(0, 0, active_out).narrow(1, 0, active_in);

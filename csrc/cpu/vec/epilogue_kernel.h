@@ -1,7 +1,8 @@
 // The linear op's element-wise epilogues over at::vec::Vectorized: bias + activation after
 // the forward's GEMM, and the activation's derivative (with the bias gradient, the column
 // sums of its result, in the same pass) before the backward's GEMMs. Included only by
-// kernels.cpp (compiled per CPU capability); the formulas are activation.h's, lane-wise.
+// kernels.cpp (compiled per CPU capability); the formulas are activation.h's, lane-wise,
+// except the float GELU's normal CDF (normal_cdf below).
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -143,24 +144,24 @@ void bias_activation_impl(const EpilogueArgs& args, const T* z, int64_t ld_z, T*
   using V = typename LanesT::V;
   const int64_t cols = args.cols;
   act_vec::with_activation(args.act, [&](auto act) {
-  at::parallel_for(0, args.rows, rows_grain(cols), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const T* in = z + r * ld_z;
-      T* out = y + r * ld_y;
-      for (int64_t c = 0; c < cols; c += LanesT::kStep) {
-        const int64_t n = std::min(LanesT::kStep, cols - c);
-        V z0, z1;
-        LanesT::load(in + c, n, z0, z1);
-        if (bias != nullptr) {
-          V b0, b1;
-          LanesT::load(bias + c, n, b0, b1);
-          z0 += b0;
-          z1 += b1;
+    at::parallel_for(0, args.rows, rows_grain(cols), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const T* in = z + r * ld_z;
+        T* out = y + r * ld_y;
+        for (int64_t c = 0; c < cols; c += LanesT::kStep) {
+          const int64_t n = std::min(LanesT::kStep, cols - c);
+          V z0, z1;
+          LanesT::load(in + c, n, z0, z1);
+          if (bias != nullptr) {
+            V b0, b1;
+            LanesT::load(bias + c, n, b0, b1);
+            z0 += b0;
+            z1 += b1;
+          }
+          LanesT::store(out + c, n, act_vec::forward<act()>(z0), act_vec::forward<act()>(z1));
         }
-        LanesT::store(out + c, n, act_vec::forward<act()>(z0), act_vec::forward<act()>(z1));
       }
-    }
-  });
+    });
   });
 }
 
@@ -171,46 +172,46 @@ void activation_backward_impl(const EpilogueArgs& args, const T* grad, const T* 
   using V = typename LanesT::V;
   const int64_t rows = args.rows, cols = args.cols;
   act_vec::with_activation(args.act, [&](auto act) {
-  const auto rows_range = [&](int64_t begin, int64_t end, A* sums) {
-    for (int64_t r = begin; r < end; ++r) {
-      const T* g = grad + r * cols;
-      const T* s = saved != nullptr ? saved + r * cols : nullptr;
-      T* o = out + r * cols;
-      for (int64_t c = 0; c < cols; c += LanesT::kStep) {
-        const int64_t n = std::min(LanesT::kStep, cols - c);
-        V g0, g1, s0(A(0)), s1(A(0));
-        LanesT::load(g + c, n, g0, g1);
-        if (s != nullptr) LanesT::load(s + c, n, s0, s1);
-        const V r0 = act_vec::backward<act()>(g0, s0), r1 = act_vec::backward<act()>(g1, s1);
-        LanesT::store(o + c, n, r0, r1);
-        if (sums != nullptr) {
-          V a0, a1;
-          LanesT::load_acc(sums + c, n, a0, a1);
-          LanesT::store_acc(sums + c, n, a0 + r0, a1 + r1);
+    const auto rows_range = [&](int64_t begin, int64_t end, A* sums) {
+      for (int64_t r = begin; r < end; ++r) {
+        const T* g = grad + r * cols;
+        const T* s = saved != nullptr ? saved + r * cols : nullptr;
+        T* o = out + r * cols;
+        for (int64_t c = 0; c < cols; c += LanesT::kStep) {
+          const int64_t n = std::min(LanesT::kStep, cols - c);
+          V g0, g1, s0(A(0)), s1(A(0));
+          LanesT::load(g + c, n, g0, g1);
+          if (s != nullptr) LanesT::load(s + c, n, s0, s1);
+          const V r0 = act_vec::backward<act()>(g0, s0), r1 = act_vec::backward<act()>(g1, s1);
+          LanesT::store(o + c, n, r0, r1);
+          if (sums != nullptr) {
+            V a0, a1;
+            LanesT::load_acc(sums + c, n, a0, a1);
+            LanesT::store_acc(sums + c, n, a0 + r0, a1 + r1);
+          }
         }
       }
+    };
+    if (grad_bias == nullptr) {
+      at::parallel_for(0, rows, rows_grain(cols), [&](int64_t b, int64_t e) { rows_range(b, e, nullptr); });
+      return;
     }
-  };
-  if (grad_bias == nullptr) {
-    at::parallel_for(0, rows, rows_grain(cols), [&](int64_t b, int64_t e) { rows_range(b, e, nullptr); });
-    return;
-  }
-  // The column sums: one partial row of sums per thread, added up at the end.
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  std::vector<A> partial(static_cast<size_t>(threads * cols), A(0));
-  std::vector<char> used(static_cast<size_t>(threads), 0);
-  at::parallel_for(0, rows, std::max<int64_t>(rows_grain(cols), 64), [&](int64_t b, int64_t e) {
-    const int64_t t = std::min<int64_t>(at::get_thread_num(), threads - 1);
-    used[t] = 1;
-    rows_range(b, e, partial.data() + t * cols);
-  });
-  for (int64_t c = 0; c < cols; ++c) {
-    A total = 0;
-    for (int64_t t = 0; t < threads; ++t) {
-      if (used[t]) total += partial[t * cols + c];
+    // The column sums: one partial row of sums per thread, added up at the end.
+    const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+    std::vector<A> partial(static_cast<size_t>(threads * cols), A(0));
+    std::vector<char> used(static_cast<size_t>(threads), 0);
+    at::parallel_for(0, rows, std::max<int64_t>(rows_grain(cols), 64), [&](int64_t b, int64_t e) {
+      const int64_t t = std::min<int64_t>(at::get_thread_num(), threads - 1);
+      used[t] = 1;
+      rows_range(b, e, partial.data() + t * cols);
+    });
+    for (int64_t c = 0; c < cols; ++c) {
+      A total = 0;
+      for (int64_t t = 0; t < threads; ++t) {
+        if (used[t]) total += partial[t * cols + c];
+      }
+      grad_bias[c] = static_cast<T>(total);
     }
-    grad_bias[c] = static_cast<T>(total);
-  }
   });
 }
 
