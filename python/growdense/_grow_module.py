@@ -284,38 +284,35 @@ class _GrowModule(nn.Module):
         dims = self._layout()[path]
         return self.active_view(path).reshape(self._twin_shape(dims))
 
-    @torch.no_grad()
-    def _zero_outside(self) -> None:
-        """Zero everything outside the active part: tensors, and their gradients."""
+    def _width_axes(self):
+        """Yield ``(view, axis, size, width)`` for every axis of every tensor and its gradient.
+
+        ``view`` is the tensor in its factored shape, ``width`` the name the axis rides
+        (``None`` for a fixed axis).
+        """
         for path, dims in self.tensor_layout().items():
             tensor = self._tensor(path)
             for t in (tensor, tensor.grad):
                 if t is None or t.is_sparse:
                     continue
                 view = t.view(self._factored_shape(dims))
-                axis = 0
-                for dim in dims:
-                    for size, width in dim:
-                        if width is not None:
-                            active = int(getattr(self, _PREFIX + width))
-                            view.narrow(axis, active, size - active).zero_()
-                        axis += 1
+                for axis, (size, width) in enumerate(part for dim in dims for part in dim):
+                    yield view, axis, size, width
+
+    @torch.no_grad()
+    def _zero_outside(self) -> None:
+        """Zero everything outside the active part: tensors, and their gradients."""
+        for view, axis, size, width in self._width_axes():
+            if width is not None:
+                active = int(getattr(self, _PREFIX + width))
+                view.narrow(axis, active, size - active).zero_()
 
     @torch.no_grad()
     def _zero_slice(self, width: str, start: int, stop: int) -> None:
         """Zero [start, stop) of ``width`` in every tensor that rides it, and in their gradients."""
-        for path, dims in self.tensor_layout().items():
-            tensor = self._tensor(path)
-            for t in (tensor, tensor.grad):
-                if t is None or t.is_sparse:
-                    continue
-                view = t.view(self._factored_shape(dims))
-                axis = 0
-                for dim in dims:
-                    for size, w in dim:
-                        if w == width:
-                            view.narrow(axis, start, stop - start).zero_()
-                        axis += 1
+        for view, axis, _, w in self._width_axes():
+            if w == width:
+                view.narrow(axis, start, stop - start).zero_()
 
     def _new_slice(self, path: str, width: str, start: int, stop: int) -> Tensor:
         """The slice [start, stop) of ``width`` in tensor ``path`` within the other widths' active part (a view)."""
