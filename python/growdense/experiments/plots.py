@@ -111,8 +111,8 @@ def _curves(path: Path, results: Sequence[dict[str, Any]], approach: str, title:
     _elbo_limits(axes[1], chosen)
     unknown = [r["spec"].name for r in chosen if not r["steps"]]
     if unknown:
-        axes[1].text(0.02, 0.02, "mini-batch losses not kept: " + ", ".join(unknown), transform=axes[1].transAxes,
-                     fontsize=7, color="grey")
+        axes[1].text(0.02, 0.98, "mini-batch losses not kept: " + ", ".join(unknown), transform=axes[1].transAxes,
+                     fontsize=7, color="grey", va="top")
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
