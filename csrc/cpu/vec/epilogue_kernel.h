@@ -102,9 +102,9 @@ inline V backward(const V& grad, const V& saved) {
     return grad * (h + V(A(0.5)) * z * s * d_inner);
   } else if constexpr (kAct == Activation::Silu) {
     const V& z = saved;
-    const V e = fast_exp(V::blendv(z.neg(), z, z < zero));  // exp(-|z|)
-    const V inv = one / (one + e);
     const V neg = z < zero;
+    const V e = fast_exp(V::blendv(z.neg(), z, neg));  // exp(-|z|)
+    const V inv = one / (one + e);
     const V s = V::blendv(inv, e * inv, neg), one_minus_s = V::blendv(e * inv, inv, neg);
     return grad * s * (one + z * one_minus_s);
   } else {
